@@ -1,0 +1,379 @@
+//! The Gemma 3 forward pass (transformers' modeling_gemma3.py is the reference).
+//!
+//! `forward` runs a chunk of consecutive tokens through every layer, writing their keys and
+//! values into the cache and leaving the final-normed hidden states in `Scratch::x`; `lm_head`
+//! turns hidden states into logits with the tied embedding.
+
+use crate::config::{Config, LayerType};
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::ops;
+use crate::safetensors::{SafeTensors, TensorView};
+use crate::tensor::Matrix;
+use crate::threads::{SharedMut, Threads};
+
+/// Tokens per forward chunk: prefill runs as matrix × matrix on this many tokens at a time, so
+/// the scratch buffers have a fixed size whatever the prompt length.
+pub const CHUNK: usize = 64;
+
+/// How weights are held in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightType {
+    F32,
+    Bf16,
+}
+
+impl WeightType {
+    pub fn parse(s: &str) -> Result<WeightType> {
+        match s {
+            "f32" => Ok(WeightType::F32),
+            "bf16" => Ok(WeightType::Bf16),
+            _ => Err(Error::InvalidArgument(format!(
+                "weights must be \"bf16\" or \"f32\", got {s:?}"
+            ))),
+        }
+    }
+}
+
+pub struct Layer {
+    pub input_layernorm: Vec<f32>,            // (hidden) stored as 1 + w
+    pub q_proj: Matrix,                       // (heads * head_dim, hidden)
+    pub k_proj: Matrix,                       // (kv_heads * head_dim, hidden)
+    pub v_proj: Matrix,                       // (kv_heads * head_dim, hidden)
+    pub q_norm: Vec<f32>,                     // (head_dim) stored as 1 + w
+    pub k_norm: Vec<f32>,                     // (head_dim) stored as 1 + w
+    pub o_proj: Matrix,                       // (hidden, heads * head_dim)
+    pub post_attention_layernorm: Vec<f32>,   // (hidden) stored as 1 + w
+    pub pre_feedforward_layernorm: Vec<f32>,  // (hidden) stored as 1 + w
+    pub gate_proj: Matrix,                    // (intermediate, hidden)
+    pub up_proj: Matrix,                      // (intermediate, hidden)
+    pub down_proj: Matrix,                    // (hidden, intermediate)
+    pub post_feedforward_layernorm: Vec<f32>, // (hidden) stored as 1 + w
+}
+
+pub struct Model {
+    pub config: Config,
+    pub embed_tokens: Matrix, // (vocab, hidden), also the lm_head
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>, // (hidden) stored as 1 + w
+    /// `sqrt(hidden_size)` rounded to f32, the embedding multiplier.
+    embed_scale: f32,
+    /// `query_pre_attn_scalar ** -0.5`.
+    attn_scale: f32,
+    inv_freq_local: Vec<f32>,  // (head_dim / 2)
+    inv_freq_global: Vec<f32>, // (head_dim / 2)
+}
+
+/// Activations of one chunk, sized at load; nothing here grows.
+pub struct Scratch {
+    pub x: Vec<f32>,      // (CHUNK, hidden) residual stream; final-normed after `forward`
+    xb: Vec<f32>,         // (CHUNK, hidden) normed input / block output
+    q: Vec<f32>,          // (CHUNK, heads * head_dim)
+    k: Vec<f32>,          // (CHUNK, kv_dim)
+    v: Vec<f32>,          // (CHUNK, kv_dim)
+    att: Vec<f32>,        // (CHUNK, heads * head_dim)
+    gate: Vec<f32>,       // (CHUNK, intermediate)
+    up: Vec<f32>,         // (CHUNK, intermediate)
+    cos: [Vec<f32>; 2],   // [local, global] × (CHUNK, head_dim / 2)
+    sin: [Vec<f32>; 2],   // [local, global] × (CHUNK, head_dim / 2)
+    scores: Vec<f32>,     // (threads, capacity) attention weights of one query
+    pub logits: Vec<f32>, // (vocab)
+}
+
+impl Scratch {
+    pub fn new(c: &Config, capacity: usize, threads: usize) -> Scratch {
+        let half = c.head_dim / 2;
+        let z = |n: usize| vec![0f32; n];
+        Scratch {
+            x: z(CHUNK * c.hidden_size),
+            xb: z(CHUNK * c.hidden_size),
+            q: z(CHUNK * c.q_dim()),
+            k: z(CHUNK * c.kv_dim()),
+            v: z(CHUNK * c.kv_dim()),
+            att: z(CHUNK * c.q_dim()),
+            gate: z(CHUNK * c.intermediate_size),
+            up: z(CHUNK * c.intermediate_size),
+            cos: [z(CHUNK * half), z(CHUNK * half)],
+            sin: [z(CHUNK * half), z(CHUNK * half)],
+            scores: z(threads * capacity),
+            logits: z(c.vocab_size),
+        }
+    }
+
+    /// Bytes `Scratch::new` allocates.
+    pub fn bytes_for(c: &Config, capacity: usize, threads: usize) -> usize {
+        let floats = CHUNK * (2 * c.hidden_size + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.intermediate_size)
+            + 4 * CHUNK * (c.head_dim / 2)
+            + threads * capacity
+            + c.vocab_size;
+        floats * 4
+    }
+}
+
+impl Model {
+    /// Loads every weight from the checkpoint, checking names and shapes against `config`.
+    pub fn load(config: Config, st: &SafeTensors, wtype: WeightType) -> Result<Model> {
+        let prefix = ["model.", "language_model.model.", "model.language_model."]
+            .into_iter()
+            .find(|p| st.contains(&format!("{p}embed_tokens.weight")))
+            .unwrap_or("model.");
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
+            let name = format!("{prefix}{name}");
+            let t = checked(st, &name, &[rows, cols])?;
+            let path = st.path_of(&name);
+            Ok(match wtype {
+                WeightType::F32 => Matrix::F32 {
+                    data: t.to_f32(path)?,
+                    rows,
+                    cols,
+                },
+                WeightType::Bf16 => Matrix::Bf16 {
+                    data: t.to_bf16(path)?,
+                    rows,
+                    cols,
+                },
+            })
+        };
+        // Gemma's RMSNorm multiplies by (1 + weight): store the sum, computed in f32.
+        let norm = |name: &str, n: usize| -> Result<Vec<f32>> {
+            let name = format!("{prefix}{name}");
+            let t = checked(st, &name, &[n])?;
+            Ok(t.to_f32(st.path_of(&name))?.into_iter().map(|w| 1.0 + w).collect())
+        };
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let p = format!("layers.{i}.");
+                Ok(Layer {
+                    input_layernorm: norm(&format!("{p}input_layernorm.weight"), h)?,
+                    q_proj: matrix(&format!("{p}self_attn.q_proj.weight"), c.q_dim(), h)?,
+                    k_proj: matrix(&format!("{p}self_attn.k_proj.weight"), c.kv_dim(), h)?,
+                    v_proj: matrix(&format!("{p}self_attn.v_proj.weight"), c.kv_dim(), h)?,
+                    q_norm: norm(&format!("{p}self_attn.q_norm.weight"), hd)?,
+                    k_norm: norm(&format!("{p}self_attn.k_norm.weight"), hd)?,
+                    o_proj: matrix(&format!("{p}self_attn.o_proj.weight"), h, c.q_dim())?,
+                    post_attention_layernorm: norm(&format!("{p}post_attention_layernorm.weight"), h)?,
+                    pre_feedforward_layernorm: norm(&format!("{p}pre_feedforward_layernorm.weight"), h)?,
+                    gate_proj: matrix(&format!("{p}mlp.gate_proj.weight"), c.intermediate_size, h)?,
+                    up_proj: matrix(&format!("{p}mlp.up_proj.weight"), c.intermediate_size, h)?,
+                    down_proj: matrix(&format!("{p}mlp.down_proj.weight"), h, c.intermediate_size)?,
+                    post_feedforward_layernorm: norm(&format!("{p}post_feedforward_layernorm.weight"), h)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Model {
+            embed_tokens: matrix("embed_tokens.weight", c.vocab_size, h)?,
+            layers,
+            norm: norm("norm.weight", h)?,
+            embed_scale: (h as f64).sqrt() as f32,
+            attn_scale: c.query_pre_attn_scalar.powf(-0.5) as f32,
+            inv_freq_local: ops::rope_inv_freq(c.rope_local_base_freq, hd),
+            inv_freq_global: ops::rope_inv_freq(c.rope_theta, hd),
+            config,
+        })
+    }
+
+    /// Bytes of all weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let norms = |l: &Layer| {
+            4 * (l.input_layernorm.len()
+                + l.q_norm.len()
+                + l.k_norm.len()
+                + l.post_attention_layernorm.len()
+                + l.pre_feedforward_layernorm.len()
+                + l.post_feedforward_layernorm.len())
+        };
+        let mats = |l: &Layer| {
+            [
+                &l.q_proj,
+                &l.k_proj,
+                &l.v_proj,
+                &l.o_proj,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            ]
+            .iter()
+            .map(|m| m.bytes())
+            .sum::<usize>()
+        };
+        self.embed_tokens.bytes() + 4 * self.norm.len() + self.layers.iter().map(|l| norms(l) + mats(l)).sum::<usize>()
+    }
+
+    /// Runs `tokens` (at most `CHUNK`), at positions `start..start + tokens.len()`, through the
+    /// model. Positions before `start` must already be in `cache`. Afterwards `s.x` holds the
+    /// final-normed hidden state of each token, `(tokens.len(), hidden)`.
+    pub fn forward(&self, s: &mut Scratch, cache: &mut KvCache, tokens: &[u32], start: usize, threads: &Threads) {
+        let c = &self.config;
+        let n = tokens.len();
+        assert!(
+            n <= CHUNK && start + n <= cache.capacity(),
+            "forward: chunk out of range"
+        );
+        let (h, hd, half) = (c.hidden_size, c.head_dim, c.head_dim / 2);
+        let (q_dim, kv_dim, inter) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
+
+        // Embedding rows, scaled by sqrt(hidden_size).
+        for (t, &tok) in tokens.iter().enumerate() {
+            let row = &mut s.x[t * h..(t + 1) * h];
+            self.embed_tokens.row_to_f32(tok as usize, row);
+            row.iter_mut().for_each(|v| *v *= self.embed_scale);
+        }
+        // RoPE angles of these positions, for both bases.
+        for (b, inv_freq) in [&self.inv_freq_local, &self.inv_freq_global].into_iter().enumerate() {
+            for t in 0..n {
+                let r = t * half..(t + 1) * half;
+                ops::rope_cos_sin(start + t, inv_freq, &mut s.cos[b][r.clone()], &mut s.sin[b][r]);
+            }
+        }
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            let rope_table = match c.layer_types[l] {
+                LayerType::Sliding => 0,
+                LayerType::Global => 1,
+            };
+            // Attention block: input_layernorm → q/k/v → q_norm/k_norm → RoPE → attention → o_proj.
+            for t in 0..n {
+                ops::rms_norm(
+                    &mut s.xb[t * h..(t + 1) * h],
+                    &s.x[t * h..(t + 1) * h],
+                    &layer.input_layernorm,
+                    c.rms_norm_eps,
+                );
+            }
+            ops::matmul(&mut s.q, &s.xb, n, &layer.q_proj, 0..q_dim, threads);
+            ops::matmul(&mut s.k, &s.xb, n, &layer.k_proj, 0..kv_dim, threads);
+            ops::matmul(&mut s.v, &s.xb, n, &layer.v_proj, 0..kv_dim, threads);
+            for t in 0..n {
+                let (cos, sin) = (
+                    &s.cos[rope_table][t * half..(t + 1) * half],
+                    &s.sin[rope_table][t * half..(t + 1) * half],
+                );
+                for head in s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
+                    ops::rms_norm_inplace(head, &layer.q_norm, c.rms_norm_eps);
+                    ops::rope(head, cos, sin);
+                }
+                for head in s.k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd) {
+                    ops::rms_norm_inplace(head, &layer.k_norm, c.rms_norm_eps);
+                    ops::rope(head, cos, sin);
+                }
+                cache.store(
+                    l,
+                    start + t,
+                    &s.k[t * kv_dim..(t + 1) * kv_dim],
+                    &s.v[t * kv_dim..(t + 1) * kv_dim],
+                );
+            }
+            self.attention(s, cache, l, n, start, threads);
+            ops::matmul(&mut s.xb, &s.att, n, &layer.o_proj, 0..h, threads);
+            // post_attention_layernorm, then the residual.
+            for t in 0..n {
+                let out = &mut s.xb[t * h..(t + 1) * h];
+                ops::rms_norm_inplace(out, &layer.post_attention_layernorm, c.rms_norm_eps);
+                s.x[t * h..(t + 1) * h]
+                    .iter_mut()
+                    .zip(out.iter())
+                    .for_each(|(x, &o)| *x += o);
+            }
+
+            // MLP block: pre_feedforward_layernorm → down(gelu_tanh(gate(x)) * up(x)) →
+            // post_feedforward_layernorm → residual.
+            for t in 0..n {
+                ops::rms_norm(
+                    &mut s.xb[t * h..(t + 1) * h],
+                    &s.x[t * h..(t + 1) * h],
+                    &layer.pre_feedforward_layernorm,
+                    c.rms_norm_eps,
+                );
+            }
+            ops::matmul(&mut s.gate, &s.xb, n, &layer.gate_proj, 0..inter, threads);
+            ops::matmul(&mut s.up, &s.xb, n, &layer.up_proj, 0..inter, threads);
+            for (g, &u) in s.gate[..n * inter].iter_mut().zip(&s.up[..n * inter]) {
+                *g = ops::gelu_tanh(*g) * u;
+            }
+            ops::matmul(&mut s.xb, &s.gate, n, &layer.down_proj, 0..h, threads);
+            for t in 0..n {
+                let out = &mut s.xb[t * h..(t + 1) * h];
+                ops::rms_norm_inplace(out, &layer.post_feedforward_layernorm, c.rms_norm_eps);
+                s.x[t * h..(t + 1) * h]
+                    .iter_mut()
+                    .zip(out.iter())
+                    .for_each(|(x, &o)| *x += o);
+            }
+        }
+        // The final norm.
+        for t in 0..n {
+            ops::rms_norm_inplace(&mut s.x[t * h..(t + 1) * h], &self.norm, c.rms_norm_eps);
+        }
+    }
+
+    /// Grouped-query attention of the chunk's queries `s.q` over the cached keys and values,
+    /// into `s.att`. A query at position `p` sees keys `p - sliding_window < k <= p` on sliding
+    /// layers and `k <= p` on global ones. No soft-cap on the scores: transformers' Gemma 3
+    /// attention ignores `attn_logit_softcapping` (the tiny-mqa-softcap fixture sets it to 50 and
+    /// its reference logits are those of uncapped scores).
+    fn attention(&self, s: &mut Scratch, cache: &KvCache, layer: usize, n: usize, start: usize, threads: &Threads) {
+        let c = &self.config;
+        let (hd, heads) = (c.head_dim, c.num_attention_heads);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let group = heads / c.num_key_value_heads;
+        let capacity = cache.capacity();
+        let window = match c.layer_types[layer] {
+            LayerType::Sliding => c.sliding_window,
+            LayerType::Global => usize::MAX,
+        };
+        let att = SharedMut::new(&mut s.att);
+        let scores_all = SharedMut::new(&mut s.scores);
+        let q = &s.q;
+        let work = n * heads * (start + n).min(window) * hd * 2;
+        threads.for_ranges(n * heads, 1, work, |part, items| {
+            // SAFETY: each part owns its own `capacity`-long slice of the scores buffer.
+            let scores_buf = unsafe { scores_all.slice(part * capacity, capacity) };
+            for item in items {
+                let (t, head) = (item / heads, item % heads);
+                let pos = start + t;
+                let first = (pos + 1).saturating_sub(window);
+                let len = pos - first + 1;
+                let kv_off = (head / group) * hd;
+                let qh = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
+                let keys = cache.keys(layer, first, pos);
+                let scores = &mut scores_buf[..len];
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    *sc = ops::dot(qh, &keys[j * kv_dim + kv_off..j * kv_dim + kv_off + hd]) * self.attn_scale;
+                }
+                ops::softmax(scores);
+                // SAFETY: (t, head) items are disjoint between parts, so are their output rows.
+                let out = unsafe { att.slice(t * q_dim + head * hd, hd) };
+                out.fill(0.0);
+                let values = cache.values(layer, first, pos);
+                for (j, &p) in scores.iter().enumerate() {
+                    ops::axpy(out, p, &values[j * kv_dim + kv_off..j * kv_dim + kv_off + hd]);
+                }
+            }
+        });
+    }
+
+    /// Logits `(n, rows.len())` of the hidden states `x (n, hidden)` for vocabulary rows `rows`:
+    /// the tied lm_head, then the final soft-cap when the config has one.
+    pub fn lm_head(&self, out: &mut [f32], x: &[f32], n: usize, rows: std::ops::Range<usize>, threads: &Threads) {
+        let m = rows.len();
+        ops::matmul(out, x, n, &self.embed_tokens, rows, threads);
+        if let Some(cap) = self.config.final_logit_softcapping {
+            ops::softcap(&mut out[..n * m], cap);
+        }
+    }
+}
+
+/// The tensor `name`, checked to be a float of `shape`.
+fn checked<'a>(st: &'a SafeTensors, name: &str, shape: &[usize]) -> Result<TensorView<'a>> {
+    let t = st.get(name)?;
+    if t.shape != shape {
+        return Err(Error::ShapeMismatch {
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            found: t.shape.to_vec(),
+        });
+    }
+    Ok(t)
+}

@@ -1,0 +1,587 @@
+//! Pure kernels on slices: matrix products, rms_norm, RoPE, softmax, gelu_tanh. They know
+//! nothing of the model.
+//!
+//! Every dot product accumulates in `LANES` independent partial sums reduced in one fixed order,
+//! whatever the number of tokens in the batch: a token's result does not depend on the batch it
+//! was computed in, so prefill in one pass and token-by-token decoding give identical bits.
+
+use crate::tensor::Matrix;
+use crate::threads::{SharedMut, Threads};
+use std::ops::Range;
+
+/// Partial sums per dot product (two AVX2 vectors, four NEON vectors).
+const LANES: usize = 16;
+
+/// A weight element widened to f32.
+trait Elem: Copy + Send + Sync {
+    fn f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+/// bf16 bit pattern.
+impl Elem for u16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+
+/// Fixed-order reduction of the partial sums.
+#[inline(always)]
+fn reduce(a: &[f32; LANES]) -> f32 {
+    let mut h = [0f32; LANES / 2];
+    for j in 0..LANES / 2 {
+        h[j] = a[j] + a[j + LANES / 2];
+    }
+    let q = [h[0] + h[4], h[1] + h[5], h[2] + h[6], h[3] + h[7]];
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// `T` dot products of one weight row `w` with `T` activation rows, sharing each load of `w`.
+#[inline(always)]
+fn dot_rows<E: Elem, const T: usize>(w: &[E], xs: [&[f32]; T]) -> [f32; T] {
+    let n = w.len();
+    let full = n / LANES * LANES;
+    let mut acc = [[0f32; LANES]; T];
+    for c in (0..full).step_by(LANES) {
+        let wc: &[E; LANES] = w[c..c + LANES].try_into().expect("LANES");
+        for t in 0..T {
+            let xc: &[f32; LANES] = xs[t][c..c + LANES].try_into().expect("LANES");
+            for j in 0..LANES {
+                acc[t][j] += wc[j].f32() * xc[j];
+            }
+        }
+    }
+    let mut out = [0f32; T];
+    for t in 0..T {
+        let mut tail = 0f32;
+        for i in full..n {
+            tail += w[i].f32() * xs[t][i];
+        }
+        out[t] = reduce(&acc[t]) + tail;
+    }
+    out
+}
+
+/// Where a matrix product writes: `(n, stride)` row-major, weight row `r` in column `r - row0`.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: SharedMut<f32>,
+    stride: usize,
+    row0: usize,
+}
+
+/// Dot products of one weight row with four or one activation rows. Both give the same bits
+/// for a token: they share the lane structure and the reduction order.
+struct RowKernel<E> {
+    dot4: unsafe fn(&[E], [&[f32]; 4]) -> [f32; 4],
+    dot1: unsafe fn(&[E], &[f32]) -> f32,
+}
+
+impl<E: Elem> RowKernel<E> {
+    /// The portable kernel.
+    fn scalar() -> Self {
+        RowKernel {
+            dot4: |w, xs| dot_rows::<E, 4>(w, xs),
+            dot1: |w, x| dot_rows::<E, 1>(w, [x])[0],
+        }
+    }
+}
+
+impl RowKernel<f32> {
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            return RowKernel {
+                dot4: avx2::dot4_f32,
+                dot1: avx2::dot1_f32,
+            };
+        }
+        Self::scalar()
+    }
+}
+
+impl RowKernel<u16> {
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            return RowKernel {
+                dot4: avx2::dot4_bf16,
+                dot1: avx2::dot1_bf16,
+            };
+        }
+        Self::scalar()
+    }
+}
+
+/// Activation bytes kept in L1 per tile of tokens, weight bytes kept in L2 per tile of rows.
+const L1_TILE_BYTES: usize = 24 << 10;
+const L2_TILE_BYTES: usize = 256 << 10;
+
+/// `out[t][r - row0] = dot(w[r], x[t])` for `r` in `rows`, `t` in `0..n`, tiled so that a tile
+/// of weight rows stays in L2 while tiles of tokens pass over it from L1.
+fn matmul_rows<E: Elem>(k: &RowKernel<E>, out: Out, x: &[f32], n: usize, w: &[E], cols: usize, rows: Range<usize>) {
+    let Out { ptr, stride, row0 } = out;
+    let token_tile = (L1_TILE_BYTES / (4 * cols)).max(4) / 4 * 4;
+    let row_tile = (L2_TILE_BYTES / (std::mem::size_of::<E>() * cols)).max(1);
+    let xrow = |t: usize| &x[t * cols..(t + 1) * cols];
+    for rt in (rows.start..rows.end).step_by(row_tile) {
+        for tt in (0..n).step_by(token_tile) {
+            let t_end = (tt + token_tile).min(n);
+            for r in rt..(rt + row_tile).min(rows.end) {
+                let wr = &w[r * cols..(r + 1) * cols];
+                let o = r - row0;
+                let mut t = tt;
+                while t + 4 <= t_end {
+                    // SAFETY: the kernel was chosen for this CPU; slices have `cols` elements.
+                    let y = unsafe { (k.dot4)(wr, [xrow(t), xrow(t + 1), xrow(t + 2), xrow(t + 3)]) };
+                    for (i, v) in y.into_iter().enumerate() {
+                        // SAFETY: rows are split disjointly between threads; the index is in
+                        // bounds (checked in `matmul`).
+                        unsafe { ptr.write((t + i) * stride + o, v) };
+                    }
+                    t += 4;
+                }
+                for t in t..t_end {
+                    // SAFETY: as above.
+                    unsafe { ptr.write(t * stride + o, (k.dot1)(wr, xrow(t))) };
+                }
+            }
+        }
+    }
+}
+
+/// `out (n, rows.len()) = x (n, cols) · w[rows]ᵀ`: the rows `rows` of `w` applied to `n` tokens.
+pub fn matmul(out: &mut [f32], x: &[f32], n: usize, w: &Matrix, rows: Range<usize>, threads: &Threads) {
+    let (cols, m) = (w.cols(), rows.len());
+    assert!(
+        rows.end <= w.rows() && out.len() >= n * m && x.len() >= n * cols,
+        "matmul shapes"
+    );
+    let out = Out {
+        ptr: SharedMut::new(out),
+        stride: m,
+        row0: rows.start,
+    };
+    threads.for_ranges(m, 4, n * m * cols, |_, part| {
+        let part = rows.start + part.start..rows.start + part.end;
+        match w {
+            Matrix::F32 { data, .. } => matmul_rows(&RowKernel::<f32>::best(), out, x, n, data, cols, part),
+            Matrix::Bf16 { data, .. } => matmul_rows(&RowKernel::<u16>::best(), out, x, n, data, cols, part),
+        }
+    });
+}
+
+/// Plain f32 dot product, bit-identical to a matrix product row.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: `best` only returns kernels this CPU supports.
+    unsafe { (RowKernel::<f32>::best().dot1)(a, &b[..a.len()]) }
+}
+
+/// `out += a * x`.
+pub fn axpy(out: &mut [f32], a: f32, x: &[f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o += a * v;
+    }
+}
+
+/// Gemma's RMSNorm: `x / sqrt(mean(x²) + eps) * w1`, with `w1 = 1 + weight` precomputed.
+pub fn rms_norm(out: &mut [f32], x: &[f32], w1: &[f32], eps: f32) {
+    let scale = rms_scale(x, eps);
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(w1) {
+        *o = v * scale * w;
+    }
+}
+
+pub fn rms_norm_inplace(x: &mut [f32], w1: &[f32], eps: f32) {
+    let scale = rms_scale(x, eps);
+    for (v, &w) in x.iter_mut().zip(w1) {
+        *v = *v * scale * w;
+    }
+}
+
+fn rms_scale(x: &[f32], eps: f32) -> f32 {
+    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let mean = (ss / x.len() as f64) as f32;
+    1.0 / (mean + eps).sqrt()
+}
+
+/// Rotate-half RoPE on one head `x` (length `2 * cos.len()`).
+pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    let (lo, hi) = x.split_at_mut(half);
+    for i in 0..half {
+        let (a, b) = (lo[i], hi[i]);
+        lo[i] = a * cos[i] - b * sin[i];
+        hi[i] = b * cos[i] + a * sin[i];
+    }
+}
+
+/// The RoPE frequencies `1 / base^(2i / dim)`, in f32 as transformers computes them.
+pub fn rope_inv_freq(base: f64, dim: usize) -> Vec<f32> {
+    (0..dim / 2)
+        .map(|i| {
+            let exponent = (2 * i) as f32 / dim as f32;
+            1.0 / (base.powf(exponent as f64) as f32)
+        })
+        .collect()
+}
+
+/// cos and sin of `pos * inv_freq` (angle rounded to f32 first, as transformers does).
+pub fn rope_cos_sin(pos: usize, inv_freq: &[f32], cos: &mut [f32], sin: &mut [f32]) {
+    for ((c, s), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(inv_freq) {
+        let angle = (pos as f32 * f) as f64;
+        *c = angle.cos() as f32;
+        *s = angle.sin() as f32;
+    }
+}
+
+/// In-place softmax.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `cap * tanh(x / cap)`.
+pub fn softcap(x: &mut [f32], cap: f32) {
+    for v in x.iter_mut() {
+        *v = (*v / cap).tanh() * cap;
+    }
+}
+
+/// GELU, tanh approximation (PyTorch's `gelu(approximate="tanh")`).
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// Index of the first maximum (as `torch.argmax`).
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Running log-sum-exp over a stream of values, for log-probabilities without keeping all logits.
+#[derive(Clone, Copy, Debug)]
+pub struct LogSumExp {
+    max: f32,
+    sum: f64,
+}
+
+impl Default for LogSumExp {
+    fn default() -> Self {
+        LogSumExp {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+        }
+    }
+}
+
+impl LogSumExp {
+    pub fn add_all(&mut self, xs: &[f32]) {
+        let m = xs.iter().copied().fold(self.max, f32::max);
+        if m == f32::NEG_INFINITY {
+            return;
+        }
+        if m > self.max {
+            self.sum *= ((self.max - m) as f64).exp();
+            self.max = m;
+        }
+        self.sum += xs.iter().map(|&v| ((v - m) as f64).exp()).sum::<f64>();
+    }
+
+    pub fn value(&self) -> f64 {
+        self.max as f64 + self.sum.ln()
+    }
+}
+
+/// AVX2 + FMA kernels: the same 16 partial sums and reduction order as `dot_rows`, with fused
+/// multiply-adds (so within rounding of the portable kernel, not bit-equal to it).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_f32(p: *const f32) -> __m256 {
+        unsafe { _mm256_loadu_ps(p) }
+    }
+
+    /// Eight bf16 values widened to f32 (a 16-bit shift of each lane).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_bf16(p: *const u16) -> __m256 {
+        unsafe {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+
+    /// (a + b) over 8 lanes, then high + low 128 bits, then (q0 + q2) + (q1 + q3).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn reduce(a: __m256, b: __m256) -> f32 {
+        let h = _mm256_add_ps(a, b);
+        let q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+        let pair = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps::<0b01>(pair, pair)))
+    }
+
+    macro_rules! kernels {
+        ($dot4:ident, $dot1:ident, $elem:ty, $load:ident) => {
+            #[target_feature(enable = "avx2,fma")]
+            pub unsafe fn $dot4(w: &[$elem], xs: [&[f32]; 4]) -> [f32; 4] {
+                let n = w.len();
+                let full = n / 16 * 16;
+                assert!(xs.iter().all(|x| x.len() >= n));
+                let wp = w.as_ptr();
+                let xp = xs.map(|x| x.as_ptr());
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut c = 0;
+                while c < full {
+                    // SAFETY: c + 16 <= n, and every slice holds at least n elements.
+                    unsafe {
+                        let (w0, w1) = ($load(wp.add(c)), $load(wp.add(c + 8)));
+                        for i in 0..4 {
+                            acc[2 * i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp[i].add(c)), acc[2 * i]);
+                            acc[2 * i + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp[i].add(c + 8)), acc[2 * i + 1]);
+                        }
+                    }
+                    c += 16;
+                }
+                let mut out = [0f32; 4];
+                for i in 0..4 {
+                    let tail: f32 = (full..n).map(|j| super::Elem::f32(w[j]) * xs[i][j]).sum();
+                    out[i] = reduce(acc[2 * i], acc[2 * i + 1]) + tail;
+                }
+                out
+            }
+
+            #[target_feature(enable = "avx2,fma")]
+            pub unsafe fn $dot1(w: &[$elem], x: &[f32]) -> f32 {
+                let n = w.len();
+                let full = n / 16 * 16;
+                assert!(x.len() >= n);
+                let (wp, xp) = (w.as_ptr(), x.as_ptr());
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut c = 0;
+                while c < full {
+                    // SAFETY: c + 16 <= n for both slices.
+                    unsafe {
+                        a0 = _mm256_fmadd_ps($load(wp.add(c)), _mm256_loadu_ps(xp.add(c)), a0);
+                        a1 = _mm256_fmadd_ps($load(wp.add(c + 8)), _mm256_loadu_ps(xp.add(c + 8)), a1);
+                    }
+                    c += 16;
+                }
+                let tail: f32 = (full..n).map(|j| super::Elem::f32(w[j]) * x[j]).sum();
+                reduce(a0, a1) + tail
+            }
+        };
+    }
+
+    kernels!(dot4_f32, dot1_f32, f32, load_f32);
+    kernels!(dot4_bf16, dot1_bf16, u16, load_bf16);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn naive_matmul(x: &[f32], n: usize, w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n * rows];
+        for t in 0..n {
+            for r in 0..rows {
+                out[t * rows + r] = (0..cols)
+                    .map(|i| w[r * cols + i] as f64 * x[t * cols + i] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matmul_matches_naive_for_odd_shapes_and_threads() {
+        let mut s = 7u64;
+        for &(n, rows, cols) in &[(1, 1, 1), (3, 5, 17), (4, 9, 64), (7, 33, 100), (9, 130, 640)] {
+            let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut s)).collect();
+            let want = naive_matmul(&x, n, &w, rows, cols);
+            for threads in [1, 3] {
+                let m = Matrix::F32 {
+                    data: w.clone(),
+                    rows,
+                    cols,
+                };
+                let mut out = vec![0f32; n * rows];
+                matmul(&mut out, &x, n, &m, 0..rows, &Threads::new(threads));
+                for (a, b) in out.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-4 * (cols as f32).sqrt(), "{a} {b}");
+                }
+                // A sub-range of rows lands at the start of `out`.
+                let k = rows.min(2);
+                let mut part = vec![0f32; n * k];
+                matmul(&mut part, &x, n, &m, rows - k..rows, &Threads::new(threads));
+                for t in 0..n {
+                    assert_eq!(&part[t * k..(t + 1) * k], &out[(t + 1) * rows - k..(t + 1) * rows]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_kernels_match_the_portable_kernel() {
+        let mut s = 5u64;
+        for cols in [1, 15, 16, 17, 100, 640, 2048] {
+            let w: Vec<f32> = (0..cols).map(|_| lcg(&mut s)).collect();
+            let wb: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+            let xs: Vec<Vec<f32>> = (0..4).map(|_| (0..cols).map(|_| lcg(&mut s)).collect()).collect();
+            let xr = [&xs[0][..], &xs[1][..], &xs[2][..], &xs[3][..]];
+            let tol = 1e-5 * (cols as f32).sqrt();
+            // SAFETY: `best` returns kernels this CPU supports.
+            unsafe {
+                let (a, b) = (RowKernel::<f32>::best(), RowKernel::<f32>::scalar());
+                let (y, z) = ((a.dot4)(&w, xr), (b.dot4)(&w, xr));
+                for i in 0..4 {
+                    assert!((y[i] - z[i]).abs() <= tol, "f32 cols {cols}: {} vs {}", y[i], z[i]);
+                    assert_eq!(y[i], (a.dot1)(&w, xr[i]));
+                }
+                let (a, b) = (RowKernel::<u16>::best(), RowKernel::<u16>::scalar());
+                let (y, z) = ((a.dot4)(&wb, xr), (b.dot4)(&wb, xr));
+                for i in 0..4 {
+                    assert!((y[i] - z[i]).abs() <= tol, "bf16 cols {cols}: {} vs {}", y[i], z[i]);
+                    assert_eq!(y[i], (a.dot1)(&wb, xr[i]));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_matmul_is_f32_matmul_of_widened_weights() {
+        let mut s = 3u64;
+        let (n, rows, cols) = (5, 7, 75);
+        let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut s)).collect();
+        let bits: Vec<u16> = (0..rows * cols).map(|_| (lcg(&mut s).to_bits() >> 16) as u16).collect();
+        let wide: Vec<f32> = bits.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
+        let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+        matmul(
+            &mut a,
+            &x,
+            n,
+            &Matrix::Bf16 { data: bits, rows, cols },
+            0..rows,
+            &Threads::new(1),
+        );
+        matmul(
+            &mut b,
+            &x,
+            n,
+            &Matrix::F32 { data: wide, rows, cols },
+            0..rows,
+            &Threads::new(1),
+        );
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_token_gives_the_same_bits_alone_or_in_a_batch() {
+        let mut s = 11u64;
+        let (n, rows, cols) = (7, 6, 640);
+        let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut s)).collect();
+        let m = Matrix::F32 {
+            data: (0..rows * cols).map(|_| lcg(&mut s)).collect(),
+            rows,
+            cols,
+        };
+        let mut all = vec![0f32; n * rows];
+        matmul(&mut all, &x, n, &m, 0..rows, &Threads::new(1));
+        for t in 0..n {
+            let mut one = vec![0f32; rows];
+            matmul(&mut one, &x[t * cols..(t + 1) * cols], 1, &m, 0..rows, &Threads::new(1));
+            assert_eq!(one, all[t * rows..(t + 1) * rows]);
+            for r in 0..rows {
+                let d = dot(
+                    &x[t * cols..(t + 1) * cols],
+                    match &m {
+                        Matrix::F32 { data, .. } => &data[r * cols..(r + 1) * cols],
+                        _ => unreachable!(),
+                    },
+                );
+                assert_eq!(d, one[r]);
+            }
+        }
+    }
+
+    #[test]
+    fn norms_and_activations_match_their_formulas() {
+        let x = [1.0f32, -2.0, 3.0, 0.5];
+        let w1 = [1.0f32, 0.5, 2.0, 1.0];
+        let mut out = [0f32; 4];
+        rms_norm(&mut out, &x, &w1, 1e-6);
+        let rms = ((1.0 + 4.0 + 9.0 + 0.25) / 4.0f64 + 1e-6).sqrt();
+        for i in 0..4 {
+            assert!((out[i] as f64 - x[i] as f64 / rms * w1[i] as f64).abs() < 1e-6);
+        }
+        let mut y = x;
+        rms_norm_inplace(&mut y, &w1, 1e-6);
+        assert_eq!(y, out);
+
+        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-6);
+        assert_eq!(gelu_tanh(0.0), 0.0);
+
+        let mut p = [1.0f32, 2.0, 3.0];
+        softmax(&mut p);
+        let z = 1f64.exp() + 2f64.exp() + 3f64.exp();
+        assert!((p[2] as f64 - 3f64.exp() / z).abs() < 1e-6);
+
+        let mut c = [100.0f32, -1.0];
+        softcap(&mut c, 30.0);
+        assert!((c[0] - 30.0 * (100.0f32 / 30.0).tanh()).abs() < 1e-5);
+
+        let mut l = LogSumExp::default();
+        l.add_all(&[1.0, 2.0]);
+        l.add_all(&[3.0]);
+        assert!((l.value() - z.ln()).abs() < 1e-9);
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_half_a_head_apart() {
+        let inv = rope_inv_freq(10_000.0, 4);
+        assert_eq!(inv[0], 1.0);
+        assert!((inv[1] - 0.01).abs() < 1e-9);
+        let (mut c, mut s) = ([0f32; 2], [0f32; 2]);
+        rope_cos_sin(3, &inv, &mut c, &mut s);
+        let mut x = [1.0f32, 0.0, 0.0, 1.0];
+        rope(&mut x, &c, &s);
+        assert!((x[0] - 3f32.cos()).abs() < 1e-6 && (x[2] - 3f32.sin()).abs() < 1e-6);
+        assert!((x[1] + 0.03f32.sin()).abs() < 1e-6 && (x[3] - 0.03f32.cos()).abs() < 1e-6);
+    }
+}
