@@ -1,0 +1,475 @@
+//! Unit tests on small hand-made tokenizer.json files (expected ids and text checked against HF
+//! `tokenizers` 0.23), plus the real Gemma 3 file when the shared fixtures are present.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::*;
+
+const GEMMA_DECODER: &str = r#"{"type": "Sequence", "decoders": [
+    {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+    {"type": "ByteFallback"}, {"type": "Fuse"}]}"#;
+
+/// A tokenizer.json whose vocabulary is `tokens` (id = index) with `merges` as "a b" strings.
+fn file(tokens: &[&str], merges: &[&str]) -> Value {
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+        "decoder": serde_json::from_str::<Value>(GEMMA_DECODER).unwrap(),
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": false, "vocab": vocab, "merges": merges,
+        }
+    })
+}
+
+fn added(id: u32, content: &str, special: bool) -> Value {
+    json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+           "normalized": false, "special": special})
+}
+
+fn load(v: &Value) -> Tokenizer {
+    Tokenizer::from_json(v.to_string().as_bytes(), Path::new("test.json")).unwrap()
+}
+
+fn load_err(text: &str) -> String {
+    match Tokenizer::from_json(text.as_bytes(), Path::new("bad.json")) {
+        Err(e @ Error::Format { .. }) => e.to_string(),
+        Err(e) => panic!("expected a format error, got {e:?}"),
+        Ok(_) => panic!("expected an error for {text}"),
+    }
+}
+
+const ABCD: &[&str] = &["a", "b", "c", "ab", "bc", "abc", "d", "cd", "bcd", "abcd"];
+
+#[test]
+fn merges_apply_lowest_rank_first() {
+    assert_eq!(load(&file(ABCD, &["b c", "a b"])).encode("abc", false), [0, 4]);
+    assert_eq!(load(&file(ABCD, &["a b", "b c"])).encode("abc", false), [3, 2]);
+    assert_eq!(load(&file(ABCD, &["b c", "a b", "a bc"])).encode("abc", false), [5]);
+    assert_eq!(load(&file(ABCD, &["a b", "b c", "ab c"])).encode("abc", false), [5]);
+}
+
+#[test]
+fn merge_ties_go_leftmost() {
+    let tok = load(&file(&["a", "aa", "aaa"], &["a a"]));
+    assert_eq!(tok.encode("aaa", false), [1, 0]);
+    assert_eq!(tok.encode("aaaaa", false), [1, 1, 0]);
+    // After "a a" at 0 and 2, the entry (aa, a) at 0 is stale: the pair there is now (aa, aa).
+    let tok = load(&file(&["a", "aa", "aaa"], &["a a", "aa a"]));
+    assert_eq!(tok.encode("aaa", false), [2]);
+    assert_eq!(tok.encode("aaaaa", false), [1, 2]);
+}
+
+#[test]
+fn stale_heap_entries_are_skipped() {
+    // "b c" merges first; the queued (a, b) at 0 now sees (a, bc) and (c, d) lost its left symbol.
+    let tok = load(&file(ABCD, &["b c", "a b", "c d", "a bc", "bc d"]));
+    assert_eq!(tok.encode("abcd", false), [5, 6]);
+    assert_eq!(tok.encode("abcdabcd", false), [5, 6, 5, 6]);
+}
+
+#[test]
+fn a_pair_listed_twice_keeps_its_last_rank() {
+    let tok = load(&file(ABCD, &["b c", "a b", "b c"]));
+    assert_eq!(tok.encode("abc", false), [3, 2]);
+}
+
+#[test]
+fn merges_as_pairs_and_before_vocab_and_type_last() {
+    let text = r#"{"decoder": {"type": "Fuse"}, "model": {"merges": [["a", "b"], ["ab", "c"]],
+        "vocab": {"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 4}, "type": "BPE"}}"#;
+    let tok = Tokenizer::from_json(text.as_bytes(), Path::new("t.json")).unwrap();
+    assert_eq!(tok.encode("abcab", false), [4, 3]);
+    assert_eq!(tok.bos_id(), None);
+}
+
+#[test]
+fn long_words_merge() {
+    let tok = load(&file(&["a", "aa", "aaaa"], &["a a", "aa aa"]));
+    let ids = tok.encode(&"a".repeat(10_001), false);
+    assert_eq!(ids.len(), 2500 + 1);
+    assert_eq!(tok.decode(&ids, false).unwrap(), "a".repeat(10_001));
+}
+
+#[test]
+fn byte_fallback_and_fused_unk() {
+    let vocab = ["<unk>", "a", "<0xC3>", "<0xA9>", "b"];
+    let mut f = file(&vocab, &[]);
+    f["model"]["unk_token"] = json!("<unk>");
+    f["model"]["byte_fallback"] = json!(true);
+    f["model"]["fuse_unk"] = json!(true);
+    let tok = load(&f);
+    // 'x' has no token and '😀' lacks byte tokens: unk. As in HF, a pending unk is emitted after
+    // the byte-fallback tokens that follow it.
+    assert_eq!(tok.encode("xéa", false), [2, 3, 0, 1]);
+    assert_eq!(tok.encode("xyéb", false), [2, 3, 0, 4]);
+    assert_eq!(tok.encode("axxéxa", false), [1, 2, 3, 0, 1]);
+    assert_eq!(tok.encode("😀", false), [0]);
+    f["model"]["fuse_unk"] = json!(false);
+    let tok = load(&f);
+    assert_eq!(tok.encode("xyéb", false), [0, 2, 3, 0, 4]);
+    assert_eq!(tok.encode("axxéxa", false), [1, 0, 2, 3, 0, 0, 1]);
+}
+
+#[test]
+fn added_tokens_match_leftmost_then_longest() {
+    let mut f = file(&["a", "b", "c", "d", "z", "ab", "abc", "bcd", "x"], &[]);
+    f["added_tokens"] = json!([
+        added(5, "ab", true),
+        added(6, "abc", true),
+        added(7, "bcd", true),
+        added(8, "x", false)
+    ]);
+    let tok = load(&f);
+    assert_eq!(tok.encode("abcd", false), [6, 3]);
+    assert_eq!(tok.encode("zbcdab", false), [4, 7, 5]);
+    assert_eq!(tok.encode("xabx", false), [8, 5, 8]);
+    assert_eq!(tok.encode("zabcdx", false), [4, 6, 3, 8]);
+    assert_eq!(tok.decode(&[4, 7, 5], false).unwrap(), "zbcdab");
+    assert_eq!(tok.decode(&[4, 7, 5], true).unwrap(), "z");
+    assert_eq!(tok.decode(&[8, 5, 8], true).unwrap(), "xx");
+    assert!(tok.is_special(5) && !tok.is_special(8) && !tok.is_special(0));
+}
+
+#[test]
+fn added_tokens_outside_the_vocab_get_the_next_ids() {
+    let mut f = file(&["a", "b"], &[]);
+    f["added_tokens"] = json!([added(2, "<s>", true), added(0, "a", true), added(3, "<t>", false)]);
+    let tok = load(&f);
+    assert_eq!(tok.vocab_size(), 4);
+    assert_eq!(tok.encode("<s>a<t>b", false), [2, 0, 3, 1]);
+    assert_eq!(tok.token_to_id("<t>"), Some(3));
+    assert_eq!(tok.id_to_token(2), Some("<s>"));
+    f["added_tokens"] = json!([added(7, "<s>", true)]);
+    assert!(load_err(&f.to_string()).contains("declared with id 7 but gets id 2"));
+}
+
+/// Gemma's layout in miniature: " " → "▁", Split on " ", a `<bos>` template, byte fallback.
+fn gemma_like() -> Tokenizer {
+    let vocab = [
+        "<unk>", "<bos>", "▁", "a", "b", "▁a", "<0xC3>", "<0xA9>", "<0xE2>", "<0x82>", "<0xAC>", "<start>", "\n",
+    ];
+    let mut f = file(&vocab, &["▁ a"]);
+    f["added_tokens"] = json!([
+        added(0, "<unk>", true),
+        added(1, "<bos>", true),
+        added(11, "<start>", true),
+        added(12, "\n", false)
+    ]);
+    f["model"]["unk_token"] = json!("<unk>");
+    f["model"]["byte_fallback"] = json!(true);
+    f["model"]["fuse_unk"] = json!(true);
+    f["normalizer"] = json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"});
+    f["pre_tokenizer"] = json!({"type": "Split", "pattern": {"String": " "},
+        "behavior": "MergedWithPrevious", "invert": false});
+    f["post_processor"] = json!({"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}},
+                   {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [],
+        "special_tokens": {"<bos>": {"id": "<bos>", "ids": [1], "tokens": ["<bos>"]}}});
+    load(&f)
+}
+
+#[test]
+fn gemma_like_pipeline() {
+    let tok = gemma_like();
+    assert_eq!(tok.bos_id(), Some(1));
+    assert_eq!(tok.encode("a b", true), [1, 3, 2, 4]);
+    assert_eq!(tok.encode(" a\n<start>é€x", true), [1, 5, 12, 11, 6, 7, 8, 9, 10, 0]);
+    assert_eq!(tok.encode("", true), [1]);
+    assert_eq!(tok.encode("", false), Vec::<u32>::new());
+    let ids = [1, 5, 12, 11, 6, 7, 8, 9, 10, 0];
+    assert_eq!(tok.decode(&ids, false).unwrap(), "<bos> a\n<start>é€<unk>");
+    assert_eq!(tok.decode(&ids, true).unwrap(), " a\né€");
+}
+
+#[test]
+fn byte_runs_decode_whole_or_as_replacement_chars() {
+    let tok = gemma_like();
+    let cases: &[(&[u32], &str, &str)] = &[
+        (&[6, 7], "é", "é"),
+        (&[6, 3], "\u{FFFD}a", "\u{FFFD}a"),
+        (
+            &[8, 9, 10, 8],
+            "\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}",
+            "\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}",
+        ),
+        (&[9, 6, 7], "\u{FFFD}\u{FFFD}\u{FFFD}", "\u{FFFD}\u{FFFD}\u{FFFD}"),
+        // A skipped special token does not end a byte run.
+        (&[6, 11, 7], "\u{FFFD}<start>\u{FFFD}", "é"),
+        (&[7], "\u{FFFD}", "\u{FFFD}"),
+    ];
+    for &(ids, with, without) in cases {
+        assert_eq!(tok.decode(ids, false).unwrap(), with, "{ids:?}");
+        assert_eq!(tok.decode(ids, true).unwrap(), without, "{ids:?}");
+    }
+}
+
+#[test]
+fn byte_tokens_are_recognized_as_hf_does() {
+    let tok = load(&file(
+        &["<0x41>", "<0x+A>", "<0xc3>", "<0xA9>", "x", "<0x4G>", "▁", "<0x-1>"],
+        &[],
+    ));
+    assert_eq!(tok.decode(&[1, 0], false).unwrap(), "\nA");
+    assert_eq!(tok.decode(&[2, 3], false).unwrap(), "é");
+    assert_eq!(tok.decode(&[5, 6, 0, 7], false).unwrap(), "<0x4G> A<0x-1>");
+}
+
+#[test]
+fn stream_decoder_equals_decode() {
+    let tok = gemma_like();
+    let mut state = 12345u64;
+    for _ in 0..500 {
+        let ids: Vec<u32> = (0..20)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) % tok.vocab_size() as u64) as u32
+            })
+            .collect();
+        for skip in [false, true] {
+            let mut stream = StreamDecoder::new(skip);
+            let mut text: String = ids.iter().map(|&id| stream.push(&tok, id)).collect();
+            text += &stream.finish(&tok);
+            assert_eq!(text, tok.decode(&ids, skip).unwrap(), "{ids:?}");
+        }
+    }
+    // A character made of byte tokens comes out whole, once complete.
+    let mut stream = StreamDecoder::default();
+    assert_eq!(stream.push(&tok, 8), "");
+    assert_eq!(stream.push(&tok, 9), "");
+    assert_eq!(stream.push(&tok, 10), "");
+    assert_eq!(stream.push(&tok, 3), "€a");
+    assert_eq!(stream.finish(&tok), "");
+}
+
+#[test]
+fn decode_rejects_unknown_ids() {
+    let tok = gemma_like();
+    match tok.decode(&[3, 13], false) {
+        Err(Error::InvalidArgument(msg)) => {
+            assert!(msg.contains("13") && msg.contains("13)"), "{msg}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn split_behaviors_match_hf() {
+    let cases = [
+        ("Removed", false, vec![0, 1, 0, 1]),
+        ("Removed", true, vec![2; 6]),
+        ("Isolated", false, vec![2, 2, 0, 2, 1, 2, 2, 0, 1, 2]),
+        ("MergedWithPrevious", false, vec![2, 2, 0, 2, 1, 2, 2, 0, 1, 2]),
+        ("MergedWithNext", true, vec![2, 2, 0, 2, 1, 2, 2, 0, 1, 2]),
+        ("Contiguous", false, vec![2, 2, 0, 2, 1, 2, 2, 0, 1, 2]),
+    ];
+    for (behavior, invert, ids) in cases {
+        let mut f = file(&["a", "b", " ", "-"], &[]);
+        f["pre_tokenizer"] = json!({"type": "Split", "pattern": {"String": " "},
+            "behavior": behavior, "invert": invert});
+        assert_eq!(load(&f).encode("  a b  ab ", false), ids, "{behavior} {invert}");
+    }
+    let split = |behavior, invert| Split {
+        pattern: " ".into(),
+        behavior,
+        invert,
+    };
+    let pieces = |s: &Split| -> Vec<&str> { s.pieces("  a b  ab ").into_iter().map(|r| &"  a b  ab "[r]).collect() };
+    use SplitBehavior::*;
+    assert_eq!(
+        pieces(&split(MergedWithPrevious, false)),
+        [" ", " ", "a ", "b ", " ", "ab "]
+    );
+    assert_eq!(
+        pieces(&split(MergedWithPrevious, true)),
+        [" ", " a", " b", " ", " ab", " "]
+    );
+    assert_eq!(
+        pieces(&split(MergedWithNext, false)),
+        [" ", " a", " b", " ", " ab", " "]
+    );
+    assert_eq!(pieces(&split(Contiguous, true)), ["  ", "a", " ", "b", "  ", "ab", " "]);
+    assert_eq!(pieces(&split(Removed, false)), ["a", "b", "ab"]);
+}
+
+#[test]
+fn malformed_or_unsupported_files_are_format_errors() {
+    let good = file(&["a", "b", "ab"], &["a b"]).to_string();
+    assert!(load_err("").contains("unexpected end"));
+    assert!(load_err(&good[..good.len() / 2]).contains("(at byte"));
+    assert!(load_err(&format!("{good} x")).contains("trailing"));
+    assert!(load_err("[1, 2]").contains("expected '{'"));
+    assert!(load_err(&"[".repeat(100_000)).contains("expected '{'"));
+    assert!(load_err(&format!("{{\"x\": {}}}", "[".repeat(100_000))).contains("nested too deeply"));
+    assert!(load_err(r#"{"x": "\ud800"}"#).contains("surrogate"));
+    assert!(load_err(r#"{"x": "\q"}"#).contains("invalid escape"));
+    assert!(load_err("{\"x\": \"\u{1}\"}").contains("control character"));
+    assert!(load_err(r#"{"x": 01}"#).contains("invalid number"));
+    let bad_utf8 = [&b"{\"x\": \""[..], &[0xff], b"\"}"].concat();
+    assert!(matches!(
+        Tokenizer::from_json(&bad_utf8, Path::new("b")),
+        Err(Error::Format { .. })
+    ));
+    assert!(load_err(r#"{"decoder": {"type": "Fuse"}}"#).contains("no \"model\""));
+
+    let with = |edit: &dyn Fn(&mut Value)| {
+        let mut f = file(&["a", "b", "ab"], &["a b"]);
+        edit(&mut f);
+        load_err(&f.to_string())
+    };
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(|f| f["model"]["type"] = json!("WordPiece")),
+            "model type \"WordPiece\"",
+        ),
+        (
+            Box::new(|f| f["model"]["merges"] = json!(["a c"])),
+            "token \"c\" is not in the vocabulary",
+        ),
+        (
+            Box::new(|f| f["model"]["merges"] = json!(["b a"])),
+            "token \"ba\" is not in the vocabulary",
+        ),
+        (Box::new(|f| f["model"]["merges"] = json!(["a  b"])), "not two tokens"),
+        (
+            Box::new(|f| f["model"]["merges"] = json!([["a", "b", "c"]])),
+            "not a pair",
+        ),
+        (Box::new(|f| f["model"]["merges"] = json!(["a b", ["a", "b"]])), "mix"),
+        (Box::new(|f| f["model"]["vocab"]["c"] = json!(0)), "id 0 to two tokens"),
+        (
+            Box::new(|f| f["model"]["vocab"]["c"] = json!(-1)),
+            "non-negative integer",
+        ),
+        (
+            Box::new(|f| f["model"]["vocab"]["c"] = json!(1u64 << 40)),
+            "out of range",
+        ),
+        (Box::new(|f| f["model"]["vocab"]["c"] = json!(1u64 << 30)), "too large"),
+        (Box::new(|f| f["model"]["unk_token"] = json!("<unk>")), "unk_token"),
+        (Box::new(|f| f["model"]["dropout"] = json!(0.1)), "dropout"),
+        (
+            Box::new(|f| f["model"]["continuing_subword_prefix"] = json!("##")),
+            "continuing_subword_prefix",
+        ),
+        (
+            Box::new(|f| f["model"].as_object_mut().unwrap().remove("merges").map(drop).unwrap()),
+            "no \"merges\"",
+        ),
+        (Box::new(|f| f["truncation"] = json!({"max_length": 5})), "truncation"),
+        (
+            Box::new(|f| f["normalizer"] = json!({"type": "NFKC"})),
+            "normalizer \"NFKC\"",
+        ),
+        (
+            Box::new(|f| f["normalizer"] = json!({"type": "Replace", "pattern": {"Regex": " +"}, "content": "▁"})),
+            "pattern \"Regex\"",
+        ),
+        (
+            Box::new(|f| f["pre_tokenizer"] = json!({"type": "ByteLevel"})),
+            "pre-tokenizer \"ByteLevel\"",
+        ),
+        (
+            Box::new(|f| f["post_processor"] = json!({"type": "BertProcessing"})),
+            "post-processor",
+        ),
+        (Box::new(|f| f["decoder"] = json!(null)), "no \"decoder\""),
+        (
+            Box::new(|f| f["decoder"] = json!({"type": "Metaspace"})),
+            "decoder \"Metaspace\"",
+        ),
+        (
+            Box::new(|f| {
+                f["decoder"] = json!({"type": "Sequence",
+                        "decoders": [{"type": "Fuse"}, {"type": "ByteFallback"}]})
+            }),
+            "decoder steps",
+        ),
+        (
+            Box::new(|f| f["added_tokens"] = json!([{"id": 0, "content": "a"}])),
+            "no \"special\"",
+        ),
+        (
+            Box::new(|f| {
+                f["added_tokens"] = json!([added(0, "a", true)]);
+                f["added_tokens"][0]["lstrip"] = json!(true);
+            }),
+            "\"lstrip\": true",
+        ),
+        (
+            Box::new(|f| f["added_tokens"] = json!([added(0, "a", true), added(0, "a", false)])),
+            "listed twice",
+        ),
+        (
+            Box::new(|f| f["added_tokens"] = json!([added(2, "a", true)])),
+            "declared with id 2 but gets id 0",
+        ),
+        (Box::new(|f| f["added_tokens"] = json!([added(3, "", true)])), "empty"),
+    ];
+    for (edit, expected) in cases {
+        let msg = with(&*edit);
+        assert!(msg.contains(expected), "{msg:?} should contain {expected:?}");
+        assert!(msg.starts_with("bad.json: "), "{msg}");
+    }
+}
+
+#[test]
+fn missing_file_is_not_found() {
+    let err = Tokenizer::from_file(Path::new("/nonexistent/tokenizer.json")).unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+}
+
+/// The real Gemma 3 tokenizer against the fixture's reference ids and text (from transformers).
+#[test]
+fn gemma3_reference_cases() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/gemma-3-270m");
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{} is missing",
+            path.display()
+        );
+        eprintln!(
+            "note: {} is absent; skipping the Gemma 3 tokenizer test",
+            path.display()
+        );
+        return;
+    }
+    let tok = Tokenizer::from_file(&path).unwrap();
+    assert_eq!(tok.vocab_size(), 262_144);
+    assert_eq!(tok.bos_id(), Some(2));
+    assert_eq!(tok.token_to_id("<start_of_turn>"), Some(105));
+    assert!(tok.is_special(105) && !tok.is_special(107));
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference-f32.json")).unwrap()).unwrap();
+    let cases = reference["tokenizer"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let ids: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text, true), ids, "{text:?}");
+        assert_eq!(
+            tok.decode(&ids, true).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+    }
+}
