@@ -1,0 +1,247 @@
+"""gemma_rs: Gemma 3 270M-class models on small CPUs, from Python.
+
+>>> import gemma_rs
+>>> model = gemma_rs.load("path/to/gemma-3-270m")          # doctest: +SKIP
+>>> model.generate("The capital of France is", max_new_tokens=8)  # doctest: +SKIP
+' Paris, and the capital of Germany'
+
+The weights, the KV cache, the tokenizer and the sampler live in Rust (``gemma_rs._gemma_rs``);
+this module is the typed facade. Every call releases the GIL while it computes; calls on one
+model are serialized (it has one KV cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Union
+
+from . import _gemma_rs
+from ._gemma_rs import GemmaError, __version__
+
+if TYPE_CHECKING:  # numpy is imported only where an array is returned
+    import numpy as np
+
+__all__ = ["Completion", "GemmaError", "Model", "Stream", "__version__", "load"]
+
+Prompt = Union[str, Sequence[int]]
+Stop = Union[str, Sequence[str], None]
+FinishReason = Literal["eos", "stop", "length"]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The result of :meth:`Model.complete`."""
+
+    text: str
+    """The generated text (cut before a stop string; without the end-of-sequence token)."""
+    token_ids: list[int]
+    """The new token ids (without the end-of-sequence id that ended them)."""
+    finish_reason: FinishReason
+    """``"eos"`` (end-of-sequence id), ``"stop"`` (a stop string) or ``"length"``
+    (``max_new_tokens`` or ``max_inference_len``)."""
+    prompt_tokens: int
+    reused_tokens: int
+    """Prompt tokens served from the KV cache of the previous call (a shared prefix)."""
+    prefill_seconds: float
+    """Time from the call to the first new token's logits."""
+    decode_seconds: float
+    """Time of the forward passes after the first new token."""
+
+
+class Stream(Iterator[str]):
+    """Text pieces as they are generated; never splits a UTF-8 character.
+
+    After exhaustion, :attr:`completion` holds the same :class:`Completion` that
+    :meth:`Model.complete` would have returned.
+    """
+
+    def __init__(self, inner: _gemma_rs.Stream) -> None:
+        self._inner = inner
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._inner)
+
+    @property
+    def completion(self) -> Completion:
+        return Completion(**self._inner.completion())
+
+
+class Model:
+    """A loaded Gemma 3 model. Create it with :func:`load`."""
+
+    def __init__(self, inner: _gemma_rs.Model) -> None:
+        self._inner = inner
+        self._config: dict | None = None
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"<gemma_rs.Model {c.get('num_hidden_layers')} layers, hidden {c.get('hidden_size')}, "
+            f"vocab {self.vocab_size}, max_inference_len {self.max_inference_len}>"
+        )
+
+    def complete(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 256,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Stop = None,
+    ) -> Completion:
+        """Generates a continuation of ``prompt`` and reports how it went.
+
+        ``prompt`` is a ``str`` (tokenized with BOS) or a list of token ids. ``temperature=0`` is
+        greedy decoding; otherwise tokens are sampled after the repetition penalty,
+        temperature, top-k, top-p and min-p, in that order (as transformers does). Generation
+        stops at an end-of-sequence id, a ``stop`` string, ``max_new_tokens``, or when the
+        sequence reaches ``max_inference_len``. A prompt longer than ``max_inference_len`` is a
+        ``ValueError``.
+        """
+        d = self._inner.complete(
+            prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop
+        )
+        return Completion(**d)
+
+    def generate(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 256,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Stop = None,
+    ) -> str:
+        """The text of :meth:`complete` (same arguments)."""
+        return self.complete(
+            prompt,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop,
+        ).text
+
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 256,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Stop = None,
+    ) -> Stream:
+        """Like :meth:`generate`, as an iterator of text pieces."""
+        inner = self._inner.stream(
+            prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop
+        )
+        return Stream(inner)
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of ``text``, as transformers gives them. Special tokens written in the
+        text (``<start_of_turn>``) are parsed as such."""
+        return self._inner.tokenize(text, add_bos)
+
+    def detokenize(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """The text of ``ids``; invalid UTF-8 from byte tokens becomes U+FFFD."""
+        return self._inner.detokenize(ids, skip_special_tokens)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Float32 logits of shape ``(len(ids), vocab_size)`` from a fresh forward pass."""
+        import numpy as np
+
+        buf, rows, vocab = self._inner.logits(ids)
+        return np.frombuffer(buf, dtype=np.float32).reshape(rows, vocab)
+
+    def logprobs(self, ids: Sequence[int]) -> np.ndarray:
+        """``log p(ids[i] | ids[:i])`` for ``i`` in ``1..len(ids)``: shape ``(len(ids) - 1,)``,
+        teacher-forced, without materialising all logits at once."""
+        import numpy as np
+
+        return np.frombuffer(self._inner.logprobs(ids), dtype=np.float32)
+
+    @property
+    def config(self) -> dict:
+        """config.json as read (the ``text_config`` of a multimodal config)."""
+        if self._config is None:
+            self._config = json.loads(self._inner.config_json)
+        return self._config
+
+    @property
+    def max_inference_len(self) -> int:
+        """The most tokens (prompt + generated) one sequence may hold."""
+        return self._inner.max_inference_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self._inner.vocab_size
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Ids that end generation (generation_config.json, else config.json)."""
+        return self._inner.eos_token_ids
+
+    @property
+    def threads(self) -> int:
+        return self._inner.threads
+
+    @property
+    def has_tokenizer(self) -> bool:
+        """False when the model directory had no tokenizer.json: text methods then raise."""
+        return self._inner.has_tokenizer
+
+    @property
+    def memory(self) -> dict[str, int]:
+        """Bytes held: ``weights``, ``kv_cache``, ``scratch`` (activations) and ``tokenizer``."""
+        return self._inner.memory
+
+
+def load(
+    path: str | os.PathLike[str],
+    max_inference_len: int | None = None,
+    *,
+    weights: Literal["bf16", "f32"] = "bf16",
+    threads: int | None = None,
+) -> Model:
+    """Loads a Hugging Face Gemma 3 model directory.
+
+    ``path`` holds config.json, model.safetensors (or a sharded model.safetensors.index.json)
+    and optionally tokenizer.json and generation_config.json.
+
+    ``max_inference_len`` caps prompt + generated tokens of one sequence; the KV cache is sized
+    from it once, here. ``None`` means ``min(max_position_embeddings, 4096)``.
+
+    ``weights`` is how the matmul weights are held: ``"bf16"`` (half the memory of f32) or
+    ``"f32"``. ``threads`` is the number of worker threads (``None``: every CPU this process may
+    use).
+
+    Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for bad arguments and
+    :class:`GemmaError` for a malformed model.
+    """
+    for name, value in (("max_inference_len", max_inference_len), ("threads", threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if not isinstance(weights, str):
+        raise TypeError(f"weights must be a str, got {type(weights).__name__}")
+    return Model(_gemma_rs.load(os.fspath(path), max_inference_len, weights, threads))

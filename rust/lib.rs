@@ -1,0 +1,21 @@
+//! gemma_rs: Gemma 3 270M-class inference on small CPUs.
+//!
+//! Layers, each knowing only those below it (see DESIGN.md):
+//! `config` → `safetensors` (loader) → `ops` → `kv_cache` → `model` → `tokenizer`, `sampler`,
+//! `generate` → `python` (the only module that knows PyO3).
+
+pub mod error;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub mod config;
+pub mod generate;
+pub mod kv_cache;
+pub mod model;
+pub mod ops;
+#[cfg(feature = "python")]
+mod python;
+pub mod safetensors;
+pub mod sampler;
+pub mod tensor;
+pub mod threads;

@@ -1,0 +1,368 @@
+//! The Python binding, the only module that knows PyO3: convert arguments, release the GIL,
+//! map errors. The typed, documented API is python/gemma_rs/__init__.py.
+
+use crate::error::Error;
+use crate::generate::{Completion, Engine, GenerateParams, Generation, LoadOptions};
+use crate::model::WeightType;
+use crate::sampler::SamplingParams;
+use pyo3::exceptions::{PyException, PyFileNotFoundError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyDict, PyList, PyString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+pyo3::create_exception!(
+    _gemma_rs,
+    GemmaError,
+    PyException,
+    "A bad model file or an internal fault."
+);
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        let msg = e.to_string();
+        match e {
+            Error::NotFound(_) => PyFileNotFoundError::new_err(msg),
+            Error::InvalidArgument(_) => PyValueError::new_err(msg),
+            _ => GemmaError::new_err(msg),
+        }
+    }
+}
+
+/// Runs `f` without the GIL; a panic becomes `GemmaError`, never a crash.
+fn compute<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
+    py.detach(|| {
+        catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+            let what = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("panic");
+            Err(Error::Internal(what.to_string()))
+        })
+    })
+    .map_err(PyErr::from)
+}
+
+fn value_error(msg: String) -> PyErr {
+    PyValueError::new_err(msg)
+}
+
+/// Token ids from a Python sequence of ints; negative ids are a `ValueError`.
+fn ids_from(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    if obj.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err("expected a list of token ids, got str"));
+    }
+    let ids: Vec<i64> = obj
+        .extract()
+        .map_err(|_| PyTypeError::new_err(format!("expected a list of int token ids, got {}", type_name(obj))))?;
+    ids.into_iter()
+        .map(|i| u32::try_from(i).map_err(|_| value_error(format!("token id {i} is outside the vocabulary"))))
+        .collect()
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, max_inference_len, weights, threads))]
+fn load(
+    py: Python<'_>,
+    path: PathBuf,
+    max_inference_len: Option<i64>,
+    weights: &str,
+    threads: Option<i64>,
+) -> PyResult<Model> {
+    let positive = |name: &str, v: Option<i64>| -> PyResult<Option<usize>> {
+        match v {
+            Some(n) if n <= 0 => Err(value_error(format!("{name} must be a positive integer, got {n}"))),
+            Some(n) => Ok(Some(n as usize)),
+            None => Ok(None),
+        }
+    };
+    let opts = LoadOptions {
+        max_inference_len: positive("max_inference_len", max_inference_len)?,
+        weights: WeightType::parse(weights)?,
+        threads: positive("threads", threads)?,
+    };
+    let engine = compute(py, || Engine::load(&path, &opts))?;
+    Ok(Model {
+        engine: Arc::new(engine),
+    })
+}
+
+#[pyclass(frozen, module = "gemma_rs._gemma_rs")]
+struct Model {
+    engine: Arc<Engine>,
+}
+
+/// The sampling arguments shared by `complete` and `stream`, positional (the Python facade
+/// gives them names and defaults).
+#[allow(clippy::too_many_arguments)]
+fn request(
+    engine: &Engine,
+    prompt: &Bound<'_, PyAny>,
+    max_new_tokens: i64,
+    temperature: f32,
+    top_k: i64,
+    top_p: f32,
+    min_p: f32,
+    repetition_penalty: f32,
+    seed: Option<u64>,
+    stop: Option<&Bound<'_, PyAny>>,
+) -> PyResult<(Vec<u32>, GenerateParams)> {
+    if max_new_tokens < 0 {
+        return Err(value_error(format!(
+            "max_new_tokens must be >= 0, got {max_new_tokens}"
+        )));
+    }
+    if top_k < 0 {
+        return Err(value_error(format!("top_k must be >= 0, got {top_k}")));
+    }
+    let ids = match prompt.cast::<PyString>() {
+        Ok(s) => engine.tokenize(&s.to_cow()?, true)?,
+        Err(_) if prompt.is_instance_of::<PyList>() || prompt.hasattr("__len__")? => ids_from(prompt)?,
+        Err(_) => {
+            return Err(PyTypeError::new_err(format!(
+                "prompt must be a str or a list of token ids, got {}",
+                type_name(prompt)
+            )))
+        }
+    };
+    let stop: Vec<String> = match stop {
+        None => Vec::new(),
+        Some(s) if s.is_none() => Vec::new(),
+        Some(s) => match s.cast::<PyString>() {
+            Ok(one) => vec![one.to_cow()?.into_owned()],
+            Err(_) => s.extract().map_err(|_| {
+                PyTypeError::new_err(format!("stop must be a str or a list of str, got {}", type_name(s)))
+            })?,
+        },
+    };
+    let sampling = SamplingParams {
+        temperature,
+        top_k: top_k as usize,
+        top_p,
+        min_p,
+        repetition_penalty,
+        seed,
+    };
+    Ok((
+        ids,
+        GenerateParams {
+            max_new_tokens: max_new_tokens as usize,
+            sampling,
+            stop,
+        },
+    ))
+}
+
+fn completion_dict<'py>(py: Python<'py>, c: &Completion) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("text", &c.text)?;
+    d.set_item("token_ids", &c.token_ids)?;
+    d.set_item("finish_reason", c.finish_reason.as_str())?;
+    d.set_item("prompt_tokens", c.prompt_tokens)?;
+    d.set_item("reused_tokens", c.reused_tokens)?;
+    d.set_item("prefill_seconds", c.prefill_seconds)?;
+    d.set_item("decode_seconds", c.decode_seconds)?;
+    Ok(d)
+}
+
+/// Float32 values as a bytearray (the facade views it as a numpy array without copying).
+fn f32_bytes<'py>(py: Python<'py>, v: &[f32]) -> PyResult<Bound<'py, PyByteArray>> {
+    PyByteArray::new_with(py, v.len() * 4, |buf| {
+        for (dst, x) in buf.chunks_exact_mut(4).zip(v) {
+            dst.copy_from_slice(&x.to_le_bytes());
+        }
+        Ok(())
+    })
+}
+
+#[pymethods]
+impl Model {
+    #[allow(clippy::too_many_arguments)]
+    fn complete<'py>(
+        &self,
+        py: Python<'py>,
+        prompt: &Bound<'py, PyAny>,
+        max_new_tokens: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        repetition_penalty: f32,
+        seed: Option<u64>,
+        stop: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (ids, params) = request(
+            &self.engine,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            stop,
+        )?;
+        let engine = Arc::clone(&self.engine);
+        let completion = compute(py, move || {
+            let mut g = Generation::new(engine, ids, params)?;
+            g.run()?;
+            Ok(g.completion())
+        })?;
+        completion_dict(py, &completion)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stream(
+        &self,
+        py: Python<'_>,
+        prompt: &Bound<'_, PyAny>,
+        max_new_tokens: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        repetition_penalty: f32,
+        seed: Option<u64>,
+        stop: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Stream> {
+        let (ids, params) = request(
+            &self.engine,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            stop,
+        )?;
+        let engine = Arc::clone(&self.engine);
+        let generation = compute(py, move || Generation::new(engine, ids, params))?;
+        Ok(Stream {
+            generation: Mutex::new(generation),
+        })
+    }
+
+    fn tokenize(&self, py: Python<'_>, text: &str, add_bos: bool) -> PyResult<Vec<u32>> {
+        let text = text.to_string();
+        compute(py, || self.engine.tokenize(&text, add_bos))
+    }
+
+    fn detokenize(&self, py: Python<'_>, ids: &Bound<'_, PyAny>, skip_special_tokens: bool) -> PyResult<String> {
+        let ids = ids_from(ids)?;
+        compute(py, || self.engine.detokenize(&ids, skip_special_tokens))
+    }
+
+    /// `(bytes of float32 logits, rows, vocab)`.
+    fn logits<'py>(
+        &self,
+        py: Python<'py>,
+        ids: &Bound<'py, PyAny>,
+    ) -> PyResult<(Bound<'py, PyByteArray>, usize, usize)> {
+        let ids = ids_from(ids)?;
+        let out = compute(py, || self.engine.logits(&ids))?;
+        Ok((f32_bytes(py, &out)?, ids.len(), self.engine.config().vocab_size))
+    }
+
+    /// Bytes of float32 log-probabilities, `len(ids) - 1` of them.
+    fn logprobs<'py>(&self, py: Python<'py>, ids: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyByteArray>> {
+        let ids = ids_from(ids)?;
+        let out = compute(py, || self.engine.logprobs(&ids))?;
+        f32_bytes(py, &out)
+    }
+
+    /// config.json as read, as a JSON string.
+    #[getter]
+    fn config_json(&self) -> String {
+        self.engine.config().raw.to_string()
+    }
+
+    #[getter]
+    fn max_inference_len(&self) -> usize {
+        self.engine.max_inference_len
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.engine.config().vocab_size
+    }
+
+    #[getter]
+    fn has_tokenizer(&self) -> bool {
+        self.engine.tokenizer.is_some()
+    }
+
+    #[getter]
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.engine.eos_token_ids.clone()
+    }
+
+    #[getter]
+    fn threads(&self) -> usize {
+        self.engine.threads.count()
+    }
+
+    #[getter]
+    fn memory<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let m = self.engine.memory();
+        let d = PyDict::new(py);
+        d.set_item("weights", m.weights)?;
+        d.set_item("kv_cache", m.kv_cache)?;
+        d.set_item("scratch", m.scratch)?;
+        d.set_item("tokenizer", m.tokenizer)?;
+        Ok(d)
+    }
+}
+
+/// An iterator of text pieces; each `__next__` generates one token without the GIL.
+#[pyclass(module = "gemma_rs._gemma_rs")]
+struct Stream {
+    generation: Mutex<Generation>,
+}
+
+#[pymethods]
+impl Stream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        // Skip empty pieces (a token that completes no character, or text held for a stop string).
+        compute(py, || {
+            let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                match g.step()? {
+                    Some(piece) if piece.is_empty() => continue,
+                    other => return Ok(other),
+                }
+            }
+        })
+    }
+
+    /// The finished generation as `complete` returns it (after the iterator is exhausted).
+    fn completion<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = self.generation.lock().unwrap_or_else(|e| e.into_inner()).completion();
+        completion_dict(py, &c)
+    }
+}
+
+#[pymodule]
+fn _gemma_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("GemmaError", m.py().get_type::<GemmaError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_class::<Model>()?;
+    m.add_class::<Stream>()?;
+    Ok(())
+}
