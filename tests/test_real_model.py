@@ -1,0 +1,107 @@
+"""The real Gemma 3 270M against transformers' golden outputs (fixtures/gemma-3-270m)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gemma_rs
+
+KINDS = ["f32", "bf16"]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def real(request, fixtures_dir: Path):
+    """(model, reference) for one weight file, loaded with the matching `weights=`."""
+    kind = request.param
+    d = request.getfixturevalue(f"real_model_{kind}_dir")
+    ref = json.loads((fixtures_dir / "gemma-3-270m" / f"reference-{kind}.json").read_text())
+    return gemma_rs.load(d, weights=kind), ref
+
+
+def _case_names():
+    return ["capital", "recipe", "code", "chat", "long_apache"]
+
+
+@pytest.mark.parametrize("name", _case_names())
+def test_greedy_generation_and_top10_logits(real, name):
+    model, ref = real
+    case = next(g for g in ref["generate"] if g["name"] == name)
+    prompt_ids = model.tokenize(case["prompt"])
+    assert prompt_ids == case["prompt_ids"]
+
+    want = case["greedy_ids"]
+    got = model.complete(case["prompt"], max_new_tokens=len(want)).token_ids
+    steps = case["steps"]
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            gap = steps[i]["top_logits"][0] - steps[i]["top_logits"][1]
+            assert gap < 1e-2, f"{name}: step {i} chose {g}, reference {w} (top-2 gap {gap:.4f})"
+            break
+    else:
+        assert len(got) == len(want), f"{name}: stopped after {len(got)} of {len(want)} tokens"
+
+    # Teacher-forced on the reference continuation: every step's top-10 logits within 5e-3.
+    seq = case["prompt_ids"] + want[:-1]
+    start = len(case["prompt_ids"]) - 1
+    logits = model.logits(seq)[start:]
+    for i, step in enumerate(steps):
+        ours = logits[i][step["top_ids"]]
+        np.testing.assert_allclose(
+            ours, step["top_logits"], atol=5e-3, rtol=0, err_msg=f"{name} step {i}"
+        )
+        lse = np.log(np.exp(logits[i].astype(np.float64) - logits[i].max()).sum()) + logits[i].max()
+        assert abs(lse - step["logsumexp"]) < 5e-3
+
+
+def test_perplexity(real, fixtures_dir):
+    model, ref = real
+    case = ref["perplexity"][0]
+    text = (fixtures_dir / case["file"]).read_text()
+    assert model.tokenize(text)[: case["n_tokens"]] == case["ids"]
+    nll = -model.logprobs(case["ids"]).astype(np.float64).mean()
+    assert abs(nll - case["mean_nll"]) < 2e-3, (nll, case["mean_nll"])
+
+
+def test_default_cap_and_small_cap(real_model_bf16_dir):
+    assert gemma_rs.load(real_model_bf16_dir).max_inference_len == 4096
+    model = gemma_rs.load(real_model_bf16_dir, max_inference_len=64)
+    assert model.max_inference_len == 64
+    ids = model.tokenize("word " * 200)
+    with pytest.raises(ValueError, match=r"100 tokens.*\(64\)"):
+        model.generate(ids[:100])
+    c = model.complete(ids[:60], max_new_tokens=50)
+    assert len(c.token_ids) <= 4
+    assert c.finish_reason in ("length", "eos")
+    assert c.prompt_tokens == 60
+
+
+def test_stream_equals_complete_and_stops(real_model_bf16_dir):
+    model = gemma_rs.load(real_model_bf16_dir, max_inference_len=256)
+    prompt = "The capital of France is"
+    full = model.complete(prompt, max_new_tokens=24)
+    stream = model.stream(prompt, max_new_tokens=24)
+    pieces = list(stream)
+    assert "".join(pieces) == full.text == stream.completion.text
+    assert stream.completion.token_ids == full.token_ids
+    assert full.text == model.detokenize(full.token_ids)
+
+    # A stop string inside the greedy text: the text ends right before it, in both paths.
+    stop = full.text[10:14]
+    cut = full.text[: full.text.index(stop)]
+    c = model.complete(prompt, max_new_tokens=24, stop=[stop, "zzzz"])
+    assert (c.text, c.finish_reason) == (cut, "stop")
+    assert "".join(model.stream(prompt, max_new_tokens=24, stop=stop)) == cut
+    assert model.generate(prompt, max_new_tokens=24, stop="zzzz") == full.text
+
+
+def test_timings_and_prefix_reuse(real_model_bf16_dir):
+    model = gemma_rs.load(real_model_bf16_dir, max_inference_len=256)
+    a = model.complete("The capital of France is", max_new_tokens=8)
+    assert a.prefill_seconds > 0 and a.decode_seconds > 0 and a.reused_tokens == 0
+    b = model.complete("The capital of France is", max_new_tokens=8)
+    assert b.reused_tokens == a.prompt_tokens - 1
+    assert b.token_ids == a.token_ids
