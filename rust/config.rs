@@ -52,18 +52,14 @@ impl Config {
     /// Builds the config from the parsed JSON of a `Gemma3ForCausalLM` / `gemma3_text` config.
     /// A multimodal `gemma3` config is accepted through its `text_config`.
     pub fn from_json(raw: Value) -> Result<Config> {
-        let obj = raw
-            .as_object()
-            .ok_or_else(|| Error::Config("config.json is not an object".into()))?;
+        let obj = raw.as_object().ok_or_else(|| Error::Config("config.json is not an object".into()))?;
         let text = match obj.get("text_config") {
             Some(t @ Value::Object(_)) => t,
             _ => &raw,
         };
         if let Some(mt) = text.get("model_type").and_then(Value::as_str) {
             if !matches!(mt, "gemma3_text" | "gemma3") {
-                return Err(Error::Config(format!(
-                    "model_type {mt:?} is not Gemma 3 (expected \"gemma3_text\")"
-                )));
+                return Err(Error::Config(format!("model_type {mt:?} is not Gemma 3 (expected \"gemma3_text\")")));
             }
         }
         let c = Fields(text);
@@ -91,15 +87,10 @@ impl Config {
 
         // RoPE bases: transformers >= 5 writes `rope_parameters` per layer type, older configs
         // write `rope_theta` and `rope_local_base_freq`.
-        let (mut rope_theta, mut rope_local) = (
-            c.f64("rope_theta", Some(1_000_000.0))?,
-            c.f64("rope_local_base_freq", Some(10_000.0))?,
-        );
+        let (mut rope_theta, mut rope_local) =
+            (c.f64("rope_theta", Some(1_000_000.0))?, c.f64("rope_local_base_freq", Some(10_000.0))?);
         if let Some(params) = c.0.get("rope_parameters").and_then(Value::as_object) {
-            for (key, slot) in [
-                ("full_attention", &mut rope_theta),
-                ("sliding_attention", &mut rope_local),
-            ] {
+            for (key, slot) in [("full_attention", &mut rope_theta), ("sliding_attention", &mut rope_local)] {
                 if let Some(p) = params.get(key) {
                     let kind = p.get("rope_type").and_then(Value::as_str).unwrap_or("default");
                     if kind != "default" {
@@ -130,17 +121,10 @@ impl Config {
                 })
                 .collect::<Result<Vec<_>>>()?,
             _ => {
-                let pattern = c
-                    .usize("sliding_window_pattern", None)
-                    .or_else(|_| c.usize("_sliding_window_pattern", Some(6)))?;
+                let pattern =
+                    c.usize("sliding_window_pattern", None).or_else(|_| c.usize("_sliding_window_pattern", Some(6)))?;
                 (0..num_hidden_layers)
-                    .map(|i| {
-                        if (i + 1) % pattern == 0 {
-                            LayerType::Global
-                        } else {
-                            LayerType::Sliding
-                        }
-                    })
+                    .map(|i| if (i + 1) % pattern == 0 { LayerType::Global } else { LayerType::Sliding })
                     .collect()
             }
         };
@@ -175,9 +159,7 @@ impl Config {
             raw: text.clone(),
         };
         if config.query_pre_attn_scalar <= 0.0 || config.rms_norm_eps < 0.0 {
-            return Err(Error::Config(
-                "query_pre_attn_scalar must be > 0 and rms_norm_eps >= 0".into(),
-            ));
+            return Err(Error::Config("query_pre_attn_scalar must be > 0 and rms_norm_eps >= 0".into()));
         }
         Ok(config)
     }
@@ -203,10 +185,7 @@ impl Config {
 pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).into_iter().collect(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok())).collect(),
         _ => Vec::new(),
     }
 }
@@ -227,9 +206,7 @@ impl Fields<'_> {
     }
 
     fn f64(&self, key: &str, default: Option<f64>) -> Result<f64> {
-        self.opt_f64(key)?
-            .or(default)
-            .ok_or_else(|| Error::Config(format!("{key} is missing")))
+        self.opt_f64(key)?.or(default).ok_or_else(|| Error::Config(format!("{key} is missing")))
     }
 
     fn opt_f64(&self, key: &str) -> Result<Option<f64>> {

@@ -18,11 +18,7 @@ pub enum Error {
     /// A tensor absent from the checkpoint (Python: `GemmaError`).
     MissingTensor(String),
     /// A tensor whose shape is not what the config implies (Python: `GemmaError`).
-    ShapeMismatch {
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
     /// A caller's argument out of range (Python: `ValueError`).
     InvalidArgument(String),
     /// A text method called on a model loaded without tokenizer.json (Python: `GemmaError`).
@@ -33,10 +29,7 @@ pub enum Error {
 
 impl Error {
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Format {
-            path: path.into(),
-            msg: msg.into(),
-        }
+        Error::Format { path: path.into(), msg: msg.into() }
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

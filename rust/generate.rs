@@ -26,11 +26,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions {
-            max_inference_len: None,
-            weights: WeightType::Bf16,
-            threads: None,
-        }
+        LoadOptions { max_inference_len: None, weights: WeightType::Bf16, threads: None }
     }
 }
 
@@ -101,31 +97,19 @@ impl Engine {
         let config = Config::from_file(&config_path)?;
         let max_inference_len = resolve_max_inference_len(&config, opts.max_inference_len)?;
         let threads = match opts.threads {
-            Some(0) => {
-                return Err(Error::InvalidArgument(
-                    "threads must be a positive integer, got 0".into(),
-                ))
-            }
+            Some(0) => return Err(Error::InvalidArgument("threads must be a positive integer, got 0".into())),
             Some(n) => Threads::new(n),
             None => Threads::new(Threads::available()),
         };
         let eos_token_ids = generation_eos(path)?.unwrap_or_else(|| config.eos_token_ids.clone());
 
         let tokenizer_path = path.join("tokenizer.json");
-        let tokenizer = if tokenizer_path.exists() {
-            Some(Tokenizer::from_file(&tokenizer_path)?)
-        } else {
-            None
-        };
+        let tokenizer = if tokenizer_path.exists() { Some(Tokenizer::from_file(&tokenizer_path)?) } else { None };
         if let Some(t) = &tokenizer {
             if t.vocab_size() > config.vocab_size {
                 return Err(Error::format(
                     &tokenizer_path,
-                    format!(
-                        "tokenizer has {} tokens, the model's vocab_size is {}",
-                        t.vocab_size(),
-                        config.vocab_size
-                    ),
+                    format!("tokenizer has {} tokens, the model's vocab_size is {}", t.vocab_size(), config.vocab_size),
                 ));
             }
         }
@@ -139,14 +123,7 @@ impl Engine {
             scratch: Scratch::new(c, max_inference_len, threads.count()),
             tokens: Vec::new(),
         };
-        Ok(Engine {
-            model,
-            tokenizer,
-            max_inference_len,
-            eos_token_ids,
-            threads,
-            session: Mutex::new(session),
-        })
+        Ok(Engine { model, tokenizer, max_inference_len, eos_token_ids, threads, session: Mutex::new(session) })
     }
 
     pub fn config(&self) -> &Config {
@@ -195,9 +172,7 @@ impl Engine {
         }
         let vocab = self.model.config.vocab_size;
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::InvalidArgument(format!(
-                "token id {bad} is outside the vocabulary (size {vocab})"
-            )));
+            return Err(Error::InvalidArgument(format!("token id {bad} is outside the vocabulary (size {vocab})")));
         }
         Ok(())
     }
@@ -260,9 +235,7 @@ impl Engine {
 fn resolve_max_inference_len(c: &Config, requested: Option<usize>) -> Result<usize> {
     match requested {
         None => Ok(c.max_position_embeddings.min(DEFAULT_MAX_INFERENCE_LEN)),
-        Some(0) => Err(Error::InvalidArgument(
-            "max_inference_len must be a positive integer, got 0".into(),
-        )),
+        Some(0) => Err(Error::InvalidArgument("max_inference_len must be a positive integer, got 0".into())),
         Some(n) if n > c.max_position_embeddings => Err(Error::InvalidArgument(format!(
             "max_inference_len {n} is above the model's max_position_embeddings ({})",
             c.max_position_embeddings
@@ -434,19 +407,12 @@ impl Generation {
         self.text.push_str(&piece);
         let stops = &self.params.stop;
         // A stop string cannot start inside text already sent (that tail was held back).
-        let found = stops
-            .iter()
-            .filter_map(|s| self.text[self.sent..].find(s.as_str()))
-            .min();
+        let found = stops.iter().filter_map(|s| self.text[self.sent..].find(s.as_str())).min();
         if let Some(at) = found {
             self.text.truncate(self.sent + at);
             self.finish = Some(FinishReason::Stop);
         }
-        let held = if self.finish.is_some() {
-            0
-        } else {
-            held_back(&self.text[self.sent..], stops)
-        };
+        let held = if self.finish.is_some() { 0 } else { held_back(&self.text[self.sent..], stops) };
         let end = self.text.len() - held;
         let out = self.text[self.sent..end].to_string();
         self.sent = end;
@@ -507,11 +473,7 @@ mod tests {
         if dir.is_dir() {
             return Some(dir);
         }
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "fixtures missing at {}",
-            dir.display()
-        );
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "fixtures missing at {}", dir.display());
         eprintln!("skipped: no fixtures at {}", dir.display());
         None
     }
@@ -537,19 +499,11 @@ mod tests {
             let dir = fx.join("tiny").join(name);
             let (ids, want) = reference(&dir);
             for threads in [1, 2] {
-                let opts = LoadOptions {
-                    weights: WeightType::F32,
-                    threads: Some(threads),
-                    ..Default::default()
-                };
+                let opts = LoadOptions { weights: WeightType::F32, threads: Some(threads), ..Default::default() };
                 let engine = Engine::load(&dir, &opts).unwrap();
                 let vocab = engine.config().vocab_size;
                 let full = engine.logits(&ids).unwrap();
-                assert!(
-                    max_abs_diff(&full, &want) < 1e-3,
-                    "{name}: one pass off by {}",
-                    max_abs_diff(&full, &want)
-                );
+                assert!(max_abs_diff(&full, &want) < 1e-3, "{name}: one pass off by {}", max_abs_diff(&full, &want));
 
                 // One token at a time through the KV cache: each call reuses all but the new token.
                 let mut s = engine.session();
@@ -579,17 +533,10 @@ mod tests {
         let Some(fx) = fixtures() else { return };
         let dir = fx.join("tiny").join("tiny-gqa");
         let (ids, _) = reference(&dir);
-        let opts = LoadOptions {
-            max_inference_len: Some(12),
-            weights: WeightType::F32,
-            threads: Some(1),
-        };
+        let opts = LoadOptions { max_inference_len: Some(12), weights: WeightType::F32, threads: Some(1) };
         let engine = Arc::new(Engine::load(&dir, &opts).unwrap());
         assert!(Generation::new(engine.clone(), ids[..13].to_vec(), GenerateParams::default()).is_err());
-        let params = GenerateParams {
-            max_new_tokens: 100,
-            ..Default::default()
-        };
+        let params = GenerateParams { max_new_tokens: 100, ..Default::default() };
         let mut g = Generation::new(engine.clone(), ids[..9].to_vec(), params.clone()).unwrap();
         g.run().unwrap();
         let c = g.completion();
@@ -602,15 +549,9 @@ mod tests {
                 seed: Some(seed),
                 ..Default::default()
             };
-            let mut g = Generation::new(
-                engine.clone(),
-                ids[..2].to_vec(),
-                GenerateParams {
-                    sampling,
-                    ..params.clone()
-                },
-            )
-            .unwrap();
+            let mut g =
+                Generation::new(engine.clone(), ids[..2].to_vec(), GenerateParams { sampling, ..params.clone() })
+                    .unwrap();
             g.run().unwrap();
             g.completion().token_ids
         };

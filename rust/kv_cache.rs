@@ -13,13 +13,7 @@ impl KvCache {
     /// The memory is reserved zeroed; the OS backs pages only as positions are written.
     pub fn new(n_layers: usize, capacity: usize, kv_dim: usize) -> KvCache {
         let len = n_layers * capacity * kv_dim;
-        KvCache {
-            k: vec![0.0; len],
-            v: vec![0.0; len],
-            n_layers,
-            capacity,
-            kv_dim,
-        }
+        KvCache { k: vec![0.0; len], v: vec![0.0; len], n_layers, capacity, kv_dim }
     }
 
     /// Bytes of K and V together.

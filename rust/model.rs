@@ -28,9 +28,7 @@ impl WeightType {
         match s {
             "f32" => Ok(WeightType::F32),
             "bf16" => Ok(WeightType::Bf16),
-            _ => Err(Error::InvalidArgument(format!(
-                "weights must be \"bf16\" or \"f32\", got {s:?}"
-            ))),
+            _ => Err(Error::InvalidArgument(format!("weights must be \"bf16\" or \"f32\", got {s:?}"))),
         }
     }
 }
@@ -123,18 +121,12 @@ impl Model {
             let name = format!("{prefix}{name}");
             let t = checked(st, &name, &[rows, cols])?;
             let path = st.path_of(&name);
-            Ok(match wtype {
-                WeightType::F32 => Matrix::F32 {
-                    data: t.to_f32(path)?,
-                    rows,
-                    cols,
-                },
-                WeightType::Bf16 => Matrix::Bf16 {
-                    data: t.to_bf16(path)?,
-                    rows,
-                    cols,
-                },
-            })
+            let m = match wtype {
+                WeightType::F32 => Matrix::F32 { data: t.to_f32(path)?, rows, cols },
+                WeightType::Bf16 => Matrix::Bf16 { data: t.to_bf16(path)?, rows, cols },
+            };
+            st.release(&name);
+            Ok(m)
         };
         // Gemma's RMSNorm multiplies by (1 + weight): store the sum, computed in f32.
         let norm = |name: &str, n: usize| -> Result<Vec<f32>> {
@@ -185,18 +177,10 @@ impl Model {
                 + l.post_feedforward_layernorm.len())
         };
         let mats = |l: &Layer| {
-            [
-                &l.q_proj,
-                &l.k_proj,
-                &l.v_proj,
-                &l.o_proj,
-                &l.gate_proj,
-                &l.up_proj,
-                &l.down_proj,
-            ]
-            .iter()
-            .map(|m| m.bytes())
-            .sum::<usize>()
+            [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
+                .iter()
+                .map(|m| m.bytes())
+                .sum::<usize>()
         };
         self.embed_tokens.bytes() + 4 * self.norm.len() + self.layers.iter().map(|l| norms(l) + mats(l)).sum::<usize>()
     }
@@ -207,10 +191,7 @@ impl Model {
     pub fn forward(&self, s: &mut Scratch, cache: &mut KvCache, tokens: &[u32], start: usize, threads: &Threads) {
         let c = &self.config;
         let n = tokens.len();
-        assert!(
-            n <= CHUNK && start + n <= cache.capacity(),
-            "forward: chunk out of range"
-        );
+        assert!(n <= CHUNK && start + n <= cache.capacity(), "forward: chunk out of range");
         let (h, hd, half) = (c.hidden_size, c.head_dim, c.head_dim / 2);
         let (q_dim, kv_dim, inter) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
 
@@ -246,10 +227,8 @@ impl Model {
             ops::matmul(&mut s.k, &s.xb, n, &layer.k_proj, 0..kv_dim, threads);
             ops::matmul(&mut s.v, &s.xb, n, &layer.v_proj, 0..kv_dim, threads);
             for t in 0..n {
-                let (cos, sin) = (
-                    &s.cos[rope_table][t * half..(t + 1) * half],
-                    &s.sin[rope_table][t * half..(t + 1) * half],
-                );
+                let (cos, sin) =
+                    (&s.cos[rope_table][t * half..(t + 1) * half], &s.sin[rope_table][t * half..(t + 1) * half]);
                 for head in s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
                     ops::rms_norm_inplace(head, &layer.q_norm, c.rms_norm_eps);
                     ops::rope(head, cos, sin);
@@ -258,12 +237,7 @@ impl Model {
                     ops::rms_norm_inplace(head, &layer.k_norm, c.rms_norm_eps);
                     ops::rope(head, cos, sin);
                 }
-                cache.store(
-                    l,
-                    start + t,
-                    &s.k[t * kv_dim..(t + 1) * kv_dim],
-                    &s.v[t * kv_dim..(t + 1) * kv_dim],
-                );
+                cache.store(l, start + t, &s.k[t * kv_dim..(t + 1) * kv_dim], &s.v[t * kv_dim..(t + 1) * kv_dim]);
             }
             self.attention(s, cache, l, n, start, threads);
             ops::matmul(&mut s.xb, &s.att, n, &layer.o_proj, 0..h, threads);
@@ -271,10 +245,7 @@ impl Model {
             for t in 0..n {
                 let out = &mut s.xb[t * h..(t + 1) * h];
                 ops::rms_norm_inplace(out, &layer.post_attention_layernorm, c.rms_norm_eps);
-                s.x[t * h..(t + 1) * h]
-                    .iter_mut()
-                    .zip(out.iter())
-                    .for_each(|(x, &o)| *x += o);
+                s.x[t * h..(t + 1) * h].iter_mut().zip(out.iter()).for_each(|(x, &o)| *x += o);
             }
 
             // MLP block: pre_feedforward_layernorm → down(gelu_tanh(gate(x)) * up(x)) →
@@ -296,10 +267,7 @@ impl Model {
             for t in 0..n {
                 let out = &mut s.xb[t * h..(t + 1) * h];
                 ops::rms_norm_inplace(out, &layer.post_feedforward_layernorm, c.rms_norm_eps);
-                s.x[t * h..(t + 1) * h]
-                    .iter_mut()
-                    .zip(out.iter())
-                    .for_each(|(x, &o)| *x += o);
+                s.x[t * h..(t + 1) * h].iter_mut().zip(out.iter()).for_each(|(x, &o)| *x += o);
             }
         }
         // The final norm.
@@ -369,11 +337,7 @@ impl Model {
 fn checked<'a>(st: &'a SafeTensors, name: &str, shape: &[usize]) -> Result<TensorView<'a>> {
     let t = st.get(name)?;
     if t.shape != shape {
-        return Err(Error::ShapeMismatch {
-            name: name.to_string(),
-            expected: shape.to_vec(),
-            found: t.shape.to_vec(),
-        });
+        return Err(Error::ShapeMismatch { name: name.to_string(), expected: shape.to_vec(), found: t.shape.to_vec() });
     }
     Ok(t)
 }

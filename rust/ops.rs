@@ -87,10 +87,7 @@ struct RowKernel<E> {
 impl<E: Elem> RowKernel<E> {
     /// The portable kernel.
     fn scalar() -> Self {
-        RowKernel {
-            dot4: |w, xs| dot_rows::<E, 4>(w, xs),
-            dot1: |w, x| dot_rows::<E, 1>(w, [x])[0],
-        }
+        RowKernel { dot4: |w, xs| dot_rows::<E, 4>(w, xs), dot1: |w, x| dot_rows::<E, 1>(w, [x])[0] }
     }
 }
 
@@ -98,10 +95,7 @@ impl RowKernel<f32> {
     fn best() -> Self {
         #[cfg(target_arch = "x86_64")]
         if avx2::available() {
-            return RowKernel {
-                dot4: avx2::dot4_f32,
-                dot1: avx2::dot1_f32,
-            };
+            return RowKernel { dot4: avx2::dot4_f32, dot1: avx2::dot1_f32 };
         }
         Self::scalar()
     }
@@ -111,10 +105,7 @@ impl RowKernel<u16> {
     fn best() -> Self {
         #[cfg(target_arch = "x86_64")]
         if avx2::available() {
-            return RowKernel {
-                dot4: avx2::dot4_bf16,
-                dot1: avx2::dot1_bf16,
-            };
+            return RowKernel { dot4: avx2::dot4_bf16, dot1: avx2::dot1_bf16 };
         }
         Self::scalar()
     }
@@ -160,15 +151,8 @@ fn matmul_rows<E: Elem>(k: &RowKernel<E>, out: Out, x: &[f32], n: usize, w: &[E]
 /// `out (n, rows.len()) = x (n, cols) · w[rows]ᵀ`: the rows `rows` of `w` applied to `n` tokens.
 pub fn matmul(out: &mut [f32], x: &[f32], n: usize, w: &Matrix, rows: Range<usize>, threads: &Threads) {
     let (cols, m) = (w.cols(), rows.len());
-    assert!(
-        rows.end <= w.rows() && out.len() >= n * m && x.len() >= n * cols,
-        "matmul shapes"
-    );
-    let out = Out {
-        ptr: SharedMut::new(out),
-        stride: m,
-        row0: rows.start,
-    };
+    assert!(rows.end <= w.rows() && out.len() >= n * m && x.len() >= n * cols, "matmul shapes");
+    let out = Out { ptr: SharedMut::new(out), stride: m, row0: rows.start };
     threads.for_ranges(m, 4, n * m * cols, |_, part| {
         let part = rows.start + part.start..rows.start + part.end;
         match w {
@@ -289,10 +273,7 @@ pub struct LogSumExp {
 
 impl Default for LogSumExp {
     fn default() -> Self {
-        LogSumExp {
-            max: f32::NEG_INFINITY,
-            sum: 0.0,
-        }
+        LogSumExp { max: f32::NEG_INFINITY, sum: 0.0 }
     }
 }
 
@@ -419,9 +400,8 @@ mod tests {
         let mut out = vec![0f32; n * rows];
         for t in 0..n {
             for r in 0..rows {
-                out[t * rows + r] = (0..cols)
-                    .map(|i| w[r * cols + i] as f64 * x[t * cols + i] as f64)
-                    .sum::<f64>() as f32;
+                out[t * rows + r] =
+                    (0..cols).map(|i| w[r * cols + i] as f64 * x[t * cols + i] as f64).sum::<f64>() as f32;
             }
         }
         out
@@ -435,11 +415,7 @@ mod tests {
             let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut s)).collect();
             let want = naive_matmul(&x, n, &w, rows, cols);
             for threads in [1, 3] {
-                let m = Matrix::F32 {
-                    data: w.clone(),
-                    rows,
-                    cols,
-                };
+                let m = Matrix::F32 { data: w.clone(), rows, cols };
                 let mut out = vec![0f32; n * rows];
                 matmul(&mut out, &x, n, &m, 0..rows, &Threads::new(threads));
                 for (a, b) in out.iter().zip(&want) {
@@ -491,22 +467,8 @@ mod tests {
         let bits: Vec<u16> = (0..rows * cols).map(|_| (lcg(&mut s).to_bits() >> 16) as u16).collect();
         let wide: Vec<f32> = bits.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
         let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
-        matmul(
-            &mut a,
-            &x,
-            n,
-            &Matrix::Bf16 { data: bits, rows, cols },
-            0..rows,
-            &Threads::new(1),
-        );
-        matmul(
-            &mut b,
-            &x,
-            n,
-            &Matrix::F32 { data: wide, rows, cols },
-            0..rows,
-            &Threads::new(1),
-        );
+        matmul(&mut a, &x, n, &Matrix::Bf16 { data: bits, rows, cols }, 0..rows, &Threads::new(1));
+        matmul(&mut b, &x, n, &Matrix::F32 { data: wide, rows, cols }, 0..rows, &Threads::new(1));
         assert_eq!(a, b);
     }
 
@@ -515,11 +477,7 @@ mod tests {
         let mut s = 11u64;
         let (n, rows, cols) = (7, 6, 640);
         let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut s)).collect();
-        let m = Matrix::F32 {
-            data: (0..rows * cols).map(|_| lcg(&mut s)).collect(),
-            rows,
-            cols,
-        };
+        let m = Matrix::F32 { data: (0..rows * cols).map(|_| lcg(&mut s)).collect(), rows, cols };
         let mut all = vec![0f32; n * rows];
         matmul(&mut all, &x, n, &m, 0..rows, &Threads::new(1));
         for t in 0..n {

@@ -12,12 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-pyo3::create_exception!(
-    _gemma_rs,
-    GemmaError,
-    PyException,
-    "A bad model file or an internal fault."
-);
+pyo3::create_exception!(_gemma_rs, GemmaError, PyException, "A bad model file or an internal fault.");
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -63,10 +58,7 @@ fn ids_from(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "?".into())
+    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
 }
 
 #[pyfunction]
@@ -91,9 +83,7 @@ fn load(
         threads: positive("threads", threads)?,
     };
     let engine = compute(py, || Engine::load(&path, &opts))?;
-    Ok(Model {
-        engine: Arc::new(engine),
-    })
+    Ok(Model { engine: Arc::new(engine) })
 }
 
 #[pyclass(frozen, module = "gemma_rs._gemma_rs")]
@@ -117,9 +107,7 @@ fn request(
     stop: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<(Vec<u32>, GenerateParams)> {
     if max_new_tokens < 0 {
-        return Err(value_error(format!(
-            "max_new_tokens must be >= 0, got {max_new_tokens}"
-        )));
+        return Err(value_error(format!("max_new_tokens must be >= 0, got {max_new_tokens}")));
     }
     if top_k < 0 {
         return Err(value_error(format!("top_k must be >= 0, got {top_k}")));
@@ -144,22 +132,8 @@ fn request(
             })?,
         },
     };
-    let sampling = SamplingParams {
-        temperature,
-        top_k: top_k as usize,
-        top_p,
-        min_p,
-        repetition_penalty,
-        seed,
-    };
-    Ok((
-        ids,
-        GenerateParams {
-            max_new_tokens: max_new_tokens as usize,
-            sampling,
-            stop,
-        },
-    ))
+    let sampling = SamplingParams { temperature, top_k: top_k as usize, top_p, min_p, repetition_penalty, seed };
+    Ok((ids, GenerateParams { max_new_tokens: max_new_tokens as usize, sampling, stop }))
 }
 
 fn completion_dict<'py>(py: Python<'py>, c: &Completion) -> PyResult<Bound<'py, PyDict>> {
@@ -249,9 +223,7 @@ impl Model {
         )?;
         let engine = Arc::clone(&self.engine);
         let generation = compute(py, move || Generation::new(engine, ids, params))?;
-        Ok(Stream {
-            generation: Mutex::new(generation),
-        })
+        Ok(Stream { generation: Mutex::new(generation) })
     }
 
     fn tokenize(&self, py: Python<'_>, text: &str, add_bos: bool) -> PyResult<Vec<u32>> {

@@ -69,23 +69,11 @@ impl TensorView<'_> {
     pub fn to_f32(&self, path: &Path) -> Result<Vec<f32>> {
         let d = self.data;
         Ok(match self.dtype {
-            Dtype::F32 => d
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => d
-                .chunks_exact(2)
-                .map(|b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]])))
-                .collect(),
-            Dtype::F16 => d
-                .chunks_exact(2)
-                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
-                .collect(),
+            Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::BF16 => d.chunks_exact(2).map(|b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
+            Dtype::F16 => d.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
             Dtype::Other(_) => {
-                return Err(Error::format(
-                    path,
-                    format!("tensor {} has a dtype that is not a float", self.name),
-                ))
+                return Err(Error::format(path, format!("tensor {} has a dtype that is not a float", self.name)))
             }
         })
     }
@@ -93,11 +81,7 @@ impl TensorView<'_> {
     /// The values as bf16 bits: BF16 as stored, F32 and F16 rounded to nearest even.
     pub fn to_bf16(&self, path: &Path) -> Result<Vec<u16>> {
         Ok(match self.dtype {
-            Dtype::BF16 => self
-                .data
-                .chunks_exact(2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]))
-                .collect(),
+            Dtype::BF16 => self.data.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect(),
             _ => self.to_f32(path)?.into_iter().map(f32_to_bf16).collect(),
         })
     }
@@ -149,10 +133,7 @@ impl SafeTensors {
             return SafeTensors::open_files(&[single]);
         }
         if !index.exists() {
-            return Err(Error::format(
-                dir,
-                "no model.safetensors or model.safetensors.index.json here",
-            ));
+            return Err(Error::format(dir, "no model.safetensors or model.safetensors.index.json here"));
         }
         let bytes = std::fs::read(&index).map_err(|e| Error::io(&index, e))?;
         let json: Value =
@@ -177,10 +158,7 @@ impl SafeTensors {
     }
 
     pub fn open_files(paths: &[PathBuf]) -> Result<SafeTensors> {
-        let mut st = SafeTensors {
-            files: Vec::new(),
-            entries: HashMap::new(),
-        };
+        let mut st = SafeTensors { files: Vec::new(), entries: HashMap::new() };
         for path in paths {
             let file = File::open(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: the map is read-only; a checkpoint modified while mapped is outside the
@@ -207,16 +185,26 @@ impl SafeTensors {
 
     /// The tensor `name`, or `Error::MissingTensor`.
     pub fn get(&self, name: &str) -> Result<TensorView<'_>> {
-        let (key, e) = self
-            .entries
-            .get_key_value(name)
-            .ok_or_else(|| Error::MissingTensor(name.to_string()))?;
-        Ok(TensorView {
-            name: key,
-            dtype: e.dtype,
-            shape: &e.shape,
-            data: &self.files[e.file].1[e.start..e.end],
-        })
+        let (key, e) = self.entries.get_key_value(name).ok_or_else(|| Error::MissingTensor(name.to_string()))?;
+        Ok(TensorView { name: key, dtype: e.dtype, shape: &e.shape, data: &self.files[e.file].1[e.start..e.end] })
+    }
+
+    /// Tells the OS that the pages of tensor `name` are no longer needed, once it was copied out,
+    /// so that loading never holds the whole file resident next to the copy. A later read of the
+    /// tensor faults the pages back in from the file.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(e) = self.entries.get(name) {
+            // SAFETY: the map is read-only and backed by the file: dropped pages read back the
+            // same bytes, so no reference into the map observes a change.
+            let _ = unsafe {
+                self.files[e.file].1.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    e.start,
+                    e.end - e.start,
+                )
+            };
+        }
     }
 
     /// The file holding `name` (for error messages).
@@ -232,27 +220,17 @@ impl SafeTensors {
 fn parse_header(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
     let bad = |msg: String| Error::format(path, msg);
     if map.len() < 8 {
-        return Err(bad(format!(
-            "file is {} bytes, too short for a safetensors header",
-            map.len()
-        )));
+        return Err(bad(format!("file is {} bytes, too short for a safetensors header", map.len())));
     }
     let n = u64::from_le_bytes(map[..8].try_into().expect("8 bytes"));
     let data_start = usize::try_from(n)
         .ok()
         .and_then(|n| n.checked_add(8))
         .filter(|&end| end <= map.len())
-        .ok_or_else(|| {
-            bad(format!(
-                "header length {n} runs past the end of the file ({} bytes)",
-                map.len()
-            ))
-        })?;
+        .ok_or_else(|| bad(format!("header length {n} runs past the end of the file ({} bytes)", map.len())))?;
     let header: Value =
         serde_json::from_slice(&map[8..data_start]).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
-    let obj = header
-        .as_object()
-        .ok_or_else(|| bad("header is not a JSON object".into()))?;
+    let obj = header.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
     let data_len = map.len() - data_start;
     let mut out = Vec::with_capacity(obj.len());
     for (name, info) in obj {
@@ -265,20 +243,12 @@ fn parse_header(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Ent
         let shape: Vec<usize> = info
             .get("shape")
             .and_then(Value::as_array)
-            .and_then(|a| {
-                a.iter()
-                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
-                    .collect()
-            })
+            .and_then(|a| a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect())
             .ok_or_else(|| bad(format!("tensor {name} has no valid shape")))?;
         let offsets: Vec<usize> = info
             .get("data_offsets")
             .and_then(Value::as_array)
-            .and_then(|a| {
-                a.iter()
-                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
-                    .collect()
-            })
+            .and_then(|a| a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect())
             .filter(|o: &Vec<usize>| o.len() == 2)
             .ok_or_else(|| bad(format!("tensor {name} has no valid data_offsets")))?;
         let (begin, end) = (offsets[0], offsets[1]);
@@ -297,16 +267,7 @@ fn parse_header(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Ent
                 end - begin
             )));
         }
-        out.push((
-            name.clone(),
-            Entry {
-                file,
-                dtype,
-                shape,
-                start: data_start + begin,
-                end: data_start + end,
-            },
-        ));
+        out.push((name.clone(), Entry { file, dtype, shape, start: data_start + begin, end: data_start + end }));
     }
     Ok(out)
 }
@@ -351,10 +312,8 @@ mod tests {
         assert!(parse_header(p, truncated, 0).is_err());
         let wrong_shape = file_with_header(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]);
         assert!(parse_header(p, &wrong_shape, 0).is_err());
-        let overflow = file_with_header(
-            r#"{"a":{"dtype":"F32","shape":[4611686018427387904,8],"data_offsets":[0,8]}}"#,
-            &[0; 8],
-        );
+        let overflow =
+            file_with_header(r#"{"a":{"dtype":"F32","shape":[4611686018427387904,8],"data_offsets":[0,8]}}"#, &[0; 8]);
         assert!(parse_header(p, &overflow, 0).is_err());
         let mut long = ok.clone();
         long[..8].copy_from_slice(&u64::MAX.to_le_bytes());

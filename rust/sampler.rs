@@ -22,14 +22,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            seed: None,
-        }
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: None }
     }
 }
 
@@ -46,10 +39,7 @@ impl SamplingParams {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!(
-                "repetition_penalty must be > 0, got {}",
-                self.repetition_penalty
-            ));
+            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
         }
         Ok(())
     }
@@ -76,11 +66,7 @@ impl Rng {
     pub fn entropy_seed() -> u64 {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
         h.finish()
     }
 
@@ -117,11 +103,7 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Sampler> {
         params.validate()?;
         let seed = params.seed.unwrap_or_else(Rng::entropy_seed);
-        Ok(Sampler {
-            params,
-            rng: Rng::new(seed),
-            candidates: Vec::new(),
-        })
+        Ok(Sampler { params, rng: Rng::new(seed), candidates: Vec::new() })
     }
 
     /// The next token given `logits` (modified in place) and the sequence so far.
@@ -132,11 +114,7 @@ impl Sampler {
             let mut seen = std::collections::HashSet::with_capacity(history.len());
             for &t in history {
                 if let Some(l) = logits.get_mut(t as usize).filter(|_| seen.insert(t)) {
-                    *l = if *l > 0.0 {
-                        *l / p.repetition_penalty
-                    } else {
-                        *l * p.repetition_penalty
-                    };
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
                 }
             }
         }
@@ -227,11 +205,7 @@ mod tests {
 
     #[test]
     fn same_seed_same_draws_other_seed_other_draws() {
-        let p = SamplingParams {
-            temperature: 1.0,
-            seed: Some(42),
-            ..Default::default()
-        };
+        let p = SamplingParams { temperature: 1.0, seed: Some(42), ..Default::default() };
         let a = draw(p.clone(), 50);
         assert_eq!(a, draw(p.clone(), 50));
         assert_ne!(a, draw(SamplingParams { seed: Some(43), ..p }, 50));
@@ -243,48 +217,19 @@ mod tests {
         let mut order: Vec<u32> = (0..5000).collect();
         order.sort_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]));
         let top3 = &order[..3];
-        let k = draw(
-            SamplingParams {
-                temperature: 1.0,
-                top_k: 3,
-                seed: Some(1),
-                ..Default::default()
-            },
-            300,
-        );
+        let k = draw(SamplingParams { temperature: 1.0, top_k: 3, seed: Some(1), ..Default::default() }, 300);
         assert!(k.iter().all(|t| top3.contains(t)));
         // A tiny top_p keeps only the most likely token.
-        let p = draw(
-            SamplingParams {
-                temperature: 1.0,
-                top_p: 1e-6,
-                seed: Some(1),
-                ..Default::default()
-            },
-            50,
-        );
+        let p = draw(SamplingParams { temperature: 1.0, top_p: 1e-6, seed: Some(1), ..Default::default() }, 50);
         assert!(p.iter().all(|&t| t == order[0]));
         // min_p = 1 keeps only the maximum.
-        let m = draw(
-            SamplingParams {
-                temperature: 1.0,
-                min_p: 1.0,
-                seed: Some(1),
-                ..Default::default()
-            },
-            50,
-        );
+        let m = draw(SamplingParams { temperature: 1.0, min_p: 1.0, seed: Some(1), ..Default::default() }, 50);
         assert!(m.iter().all(|&t| t == order[0]));
     }
 
     #[test]
     fn sampling_follows_the_distribution() {
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 1.0,
-            seed: Some(7),
-            ..Default::default()
-        })
-        .unwrap();
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed: Some(7), ..Default::default() }).unwrap();
         let base = [0.0f32, (3.0f32).ln()]; // probabilities 1/4, 3/4
         let ones = (0..4000).filter(|_| s.sample(&mut base.clone(), &[]) == 1).count();
         assert!((2850..3150).contains(&ones), "{ones}");
@@ -292,11 +237,7 @@ mod tests {
 
     #[test]
     fn repetition_penalty_divides_positive_and_multiplies_negative() {
-        let mut s = Sampler::new(SamplingParams {
-            repetition_penalty: 2.0,
-            ..Default::default()
-        })
-        .unwrap();
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() }).unwrap();
         let mut l = [3.0f32, 2.0, -1.0];
         assert_eq!(s.sample(&mut l, &[0, 0, 2]), 1);
         assert_eq!(l, [1.5, 2.0, -2.0]);
@@ -305,30 +246,12 @@ mod tests {
     #[test]
     fn invalid_parameters_are_rejected() {
         for p in [
-            SamplingParams {
-                temperature: -1.0,
-                ..Default::default()
-            },
-            SamplingParams {
-                top_p: 0.0,
-                ..Default::default()
-            },
-            SamplingParams {
-                top_p: 1.5,
-                ..Default::default()
-            },
-            SamplingParams {
-                min_p: -0.1,
-                ..Default::default()
-            },
-            SamplingParams {
-                repetition_penalty: 0.0,
-                ..Default::default()
-            },
-            SamplingParams {
-                temperature: f32::NAN,
-                ..Default::default()
-            },
+            SamplingParams { temperature: -1.0, ..Default::default() },
+            SamplingParams { top_p: 0.0, ..Default::default() },
+            SamplingParams { top_p: 1.5, ..Default::default() },
+            SamplingParams { min_p: -0.1, ..Default::default() },
+            SamplingParams { repetition_penalty: 0.0, ..Default::default() },
+            SamplingParams { temperature: f32::NAN, ..Default::default() },
         ] {
             assert!(Sampler::new(p).is_err());
         }

@@ -31,11 +31,7 @@ impl Threads {
     /// (about the number of multiply-adds) makes it worth it; `part < self.count()` numbers the
     /// sub-range. Each sub-range starts at a multiple of `align`.
     pub fn for_ranges(&self, len: usize, align: usize, work: usize, f: impl Fn(usize, Range<usize>) + Sync) {
-        let parts = self
-            .n
-            .min(work / MIN_WORK_PER_THREAD)
-            .min(len.div_ceil(align.max(1)))
-            .max(1);
+        let parts = self.n.min(work / MIN_WORK_PER_THREAD).min(len.div_ceil(align.max(1))).max(1);
         if parts == 1 {
             f(0, 0..len);
             return;

@@ -25,11 +25,7 @@ impl<'a> Reader<'a> {
 
     /// A reader over the same text, starting at byte `pos` (from [`Reader::pos`]).
     pub fn at(&self, pos: usize) -> Self {
-        Reader {
-            buf: self.buf,
-            pos,
-            path: self.path,
-        }
+        Reader { buf: self.buf, pos, path: self.path }
     }
 
     /// The offset of the next value, past any whitespace.
@@ -213,15 +209,10 @@ impl<'a> Reader<'a> {
     }
 
     fn hex4(&mut self) -> Result<u32> {
-        let digits = self
-            .buf
-            .get(self.pos..self.pos + 4)
-            .ok_or_else(|| self.error("truncated \\u escape"))?;
+        let digits = self.buf.get(self.pos..self.pos + 4).ok_or_else(|| self.error("truncated \\u escape"))?;
         let mut v = 0;
         for &d in digits {
-            let x = (d as char)
-                .to_digit(16)
-                .ok_or_else(|| self.error("invalid \\u escape"))?;
+            let x = (d as char).to_digit(16).ok_or_else(|| self.error("invalid \\u escape"))?;
             v = v * 16 + x;
         }
         self.pos += 4;

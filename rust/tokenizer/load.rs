@@ -96,9 +96,7 @@ pub(super) fn load(bytes: &[u8], path: &Path) -> Result<Tokenizer> {
     let unk_id = match &model.unk_token {
         None => None,
         Some(unk) => Some(
-            vocab
-                .model_id(unk.as_bytes())
-                .ok_or_else(|| bad(format!("unk_token {unk:?} is not in the vocabulary")))?,
+            vocab.model_id(unk.as_bytes()).ok_or_else(|| bad(format!("unk_token {unk:?} is not in the vocabulary")))?,
         ),
     };
     let byte_ids = std::array::from_fn(|b| vocab.model_id(format!("<0x{b:02X}>").as_bytes()));
@@ -108,9 +106,7 @@ pub(super) fn load(bytes: &[u8], path: &Path) -> Result<Tokenizer> {
     };
     let bos_id = match template_bos {
         Some(id) if vocab.get(id).is_none() => {
-            return Err(bad(format!(
-                "the post-processor's BOS id {id} is not in the vocabulary"
-            )))
+            return Err(bad(format!("the post-processor's BOS id {id} is not in the vocabulary")))
         }
         Some(id) => Some(id),
         None => vocab.find(b"<bos>"),
@@ -210,23 +206,11 @@ fn read_vocab(r: &mut Reader) -> Result<(String, Vec<(u32, u32)>)> {
 }
 
 fn read_added_tokens<'a>(r: &mut Reader<'a>) -> Result<Vec<AddedToken<'a>>> {
-    const FIELDS: [&str; 7] = [
-        "id",
-        "content",
-        "special",
-        "single_word",
-        "lstrip",
-        "rstrip",
-        "normalized",
-    ];
+    const FIELDS: [&str; 7] = ["id", "content", "special", "single_word", "lstrip", "rstrip", "normalized"];
     let mut tokens = Vec::new();
     r.array(|r| {
         let mut seen = [false; 7];
-        let mut token = AddedToken {
-            id: 0,
-            content: Cow::Borrowed(""),
-            special: false,
-        };
+        let mut token = AddedToken { id: 0, content: Cow::Borrowed(""), special: false };
         r.object(|r, key| {
             let Some(field) = FIELDS.iter().position(|f| *f == key) else {
                 return r.skip();
@@ -312,11 +296,7 @@ fn read_merges(r: &mut Reader, vocab: &Vocab) -> Result<Merges> {
             let mut parts = line.split(' ');
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(a), Some(b), None) => (a, b),
-                _ => {
-                    return Err(r.error(format!(
-                        "merge {rank} ({line:?}) is not two tokens separated by one space"
-                    )))
-                }
+                _ => return Err(r.error(format!("merge {rank} ({line:?}) is not two tokens separated by one space"))),
             }
         } else {
             let mut pair_of = [None, None];
@@ -337,9 +317,7 @@ fn read_merges(r: &mut Reader, vocab: &Vocab) -> Result<Merges> {
         };
         let id = |token: &str| {
             vocab.model_id(token.as_bytes()).ok_or_else(|| {
-                r.error(format!(
-                    "merge {rank} ({left:?}, {right:?}): token {token:?} is not in the vocabulary"
-                ))
+                r.error(format!("merge {rank} ({left:?}, {right:?}): token {token:?} is not in the vocabulary"))
             })
         };
         joined.clear();
@@ -347,11 +325,7 @@ fn read_merges(r: &mut Reader, vocab: &Vocab) -> Result<Merges> {
         joined.push_str(right);
         let (a, b, new_id) = (id(left)?, id(right)?, id(&joined)?);
         let rank = u32::try_from(rank).map_err(|_| r.error("too many merges"))?;
-        merges.push(Merge {
-            pair: u64::from(a) << 32 | u64::from(b),
-            rank,
-            new_id,
-        });
+        merges.push(Merge { pair: u64::from(a) << 32 | u64::from(b), rank, new_id });
         Ok(())
     })?;
     Ok(Merges::new(merges))
@@ -467,11 +441,7 @@ fn read_pre_tokenizer(r: &mut Reader) -> Result<Split> {
 fn read_post_processor(r: &mut Reader) -> Result<Template> {
     match &*peek_type(r, "the post-processor")? {
         "TemplateProcessing" => {}
-        other => {
-            return Err(r.error(format!(
-                "post-processor {other:?} is not supported (only TemplateProcessing)"
-            )))
-        }
+        other => return Err(r.error(format!("post-processor {other:?} is not supported (only TemplateProcessing)"))),
     }
     let mut single = None;
     let mut special_tokens = Vec::new();
@@ -515,10 +485,7 @@ fn read_template_single(r: &mut Reader) -> Result<Option<String>> {
                 id = Some(r.str()?.into_owned());
                 Ok(())
             })?;
-            pieces.push((
-                kind.into_owned(),
-                id.ok_or_else(|| missing(r, "a template piece", "id"))?,
-            ));
+            pieces.push((kind.into_owned(), id.ok_or_else(|| missing(r, "a template piece", "id"))?));
             Ok(())
         })
     })?;
@@ -546,10 +513,7 @@ fn template_bos(t: Template) -> std::result::Result<Option<u32>, String> {
 fn read_decoder(r: &mut Reader) -> Result<Decoder> {
     let mut steps = Vec::new();
     read_decode_steps(r, &mut steps)?;
-    let mut decoder = Decoder {
-        replaces: Vec::new(),
-        byte_fallback: false,
-    };
+    let mut decoder = Decoder { replaces: Vec::new(), byte_fallback: false };
     // Replace* ByteFallback? Fuse?: Fuse last is a no-op (the result is joined anyway), and Replace
     // before ByteFallback acts per token, which is what the streaming decoder does.
     let mut stage = 0;

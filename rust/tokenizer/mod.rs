@@ -295,11 +295,7 @@ impl Tokenizer {
 
     /// Heap bytes held by this tokenizer (capacities of its buffers).
     pub fn memory_bytes(&self) -> usize {
-        let strings = |rs: &[Replace]| {
-            rs.iter()
-                .map(|r| r.pattern.capacity() + r.content.capacity())
-                .sum::<usize>()
-        };
+        let strings = |rs: &[Replace]| rs.iter().map(|r| r.pattern.capacity() + r.content.capacity()).sum::<usize>();
         self.vocab.heap_bytes()
             + self.merges.heap_bytes()
             + self.added.heap_bytes()
@@ -391,10 +387,7 @@ pub struct StreamDecoder {
 
 impl StreamDecoder {
     pub fn new(skip_special_tokens: bool) -> StreamDecoder {
-        StreamDecoder {
-            skip_special_tokens,
-            bytes: Vec::new(),
-        }
+        StreamDecoder { skip_special_tokens, bytes: Vec::new() }
     }
 
     /// The text that `id` makes final (often empty while a byte run is open). An id without a
@@ -421,11 +414,7 @@ impl StreamDecoder {
         if self.skip_special_tokens && tok.is_special(id) {
             return;
         }
-        let token = tok
-            .decoder
-            .replaces
-            .iter()
-            .fold(Cow::Borrowed(token), |s, r| r.apply(s));
+        let token = tok.decoder.replaces.iter().fold(Cow::Borrowed(token), |s, r| r.apply(s));
         if tok.decoder.byte_fallback {
             if let Some(byte) = byte_token(&token) {
                 self.bytes.push(byte);

@@ -89,10 +89,7 @@ impl Vocab {
         let mut i = hash(token.as_bytes()) & mask;
         while self.slots[i] != NONE {
             if self.get(self.slots[i]) == Some(token) {
-                return Err(format!(
-                    "token {token:?} appears twice, with ids {} and {id}",
-                    self.slots[i]
-                ));
+                return Err(format!("token {token:?} appears twice, with ids {} and {id}", self.slots[i]));
             }
             i = (i + 1) & mask;
         }
@@ -216,12 +213,7 @@ impl AddedTrie {
     /// of tokens that start with its prefix. The tokens must be non-empty.
     pub fn new(mut tokens: Vec<(&[u8], u32)>) -> AddedTrie {
         tokens.sort_unstable();
-        let leaf = |byte| TrieNode {
-            byte,
-            first_child: 0,
-            n_children: 0,
-            id: NONE,
-        };
+        let leaf = |byte| TrieNode { byte, first_child: 0, n_children: 0, id: NONE };
         let mut nodes = vec![leaf(0)];
         // Per node: its tokens `lo..hi` and its depth (prefix length).
         let mut ranges = vec![(0, tokens.len(), 0)];

@@ -13,11 +13,8 @@ const GEMMA_DECODER: &str = r#"{"type": "Sequence", "decoders": [
 
 /// A tokenizer.json whose vocabulary is `tokens` (id = index) with `merges` as "a b" strings.
 fn file(tokens: &[&str], merges: &[&str]) -> Value {
-    let vocab: serde_json::Map<String, Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), json!(i)))
-        .collect();
+    let vocab: serde_json::Map<String, Value> =
+        tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
     json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
         "normalizer": null, "pre_tokenizer": null, "post_processor": null,
@@ -122,12 +119,8 @@ fn byte_fallback_and_fused_unk() {
 #[test]
 fn added_tokens_match_leftmost_then_longest() {
     let mut f = file(&["a", "b", "c", "d", "z", "ab", "abc", "bcd", "x"], &[]);
-    f["added_tokens"] = json!([
-        added(5, "ab", true),
-        added(6, "abc", true),
-        added(7, "bcd", true),
-        added(8, "x", false)
-    ]);
+    f["added_tokens"] =
+        json!([added(5, "ab", true), added(6, "abc", true), added(7, "bcd", true), added(8, "x", false)]);
     let tok = load(&f);
     assert_eq!(tok.encode("abcd", false), [6, 3]);
     assert_eq!(tok.encode("zbcdab", false), [4, 7, 5]);
@@ -154,16 +147,11 @@ fn added_tokens_outside_the_vocab_get_the_next_ids() {
 
 /// Gemma's layout in miniature: " " → "▁", Split on " ", a `<bos>` template, byte fallback.
 fn gemma_like() -> Tokenizer {
-    let vocab = [
-        "<unk>", "<bos>", "▁", "a", "b", "▁a", "<0xC3>", "<0xA9>", "<0xE2>", "<0x82>", "<0xAC>", "<start>", "\n",
-    ];
+    let vocab =
+        ["<unk>", "<bos>", "▁", "a", "b", "▁a", "<0xC3>", "<0xA9>", "<0xE2>", "<0x82>", "<0xAC>", "<start>", "\n"];
     let mut f = file(&vocab, &["▁ a"]);
-    f["added_tokens"] = json!([
-        added(0, "<unk>", true),
-        added(1, "<bos>", true),
-        added(11, "<start>", true),
-        added(12, "\n", false)
-    ]);
+    f["added_tokens"] =
+        json!([added(0, "<unk>", true), added(1, "<bos>", true), added(11, "<start>", true), added(12, "\n", false)]);
     f["model"]["unk_token"] = json!("<unk>");
     f["model"]["byte_fallback"] = json!(true);
     f["model"]["fuse_unk"] = json!(true);
@@ -197,11 +185,7 @@ fn byte_runs_decode_whole_or_as_replacement_chars() {
     let cases: &[(&[u32], &str, &str)] = &[
         (&[6, 7], "é", "é"),
         (&[6, 3], "\u{FFFD}a", "\u{FFFD}a"),
-        (
-            &[8, 9, 10, 8],
-            "\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}",
-            "\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}",
-        ),
+        (&[8, 9, 10, 8], "\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}", "\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}"),
         (&[9, 6, 7], "\u{FFFD}\u{FFFD}\u{FFFD}", "\u{FFFD}\u{FFFD}\u{FFFD}"),
         // A skipped special token does not end a byte run.
         (&[6, 11, 7], "\u{FFFD}<start>\u{FFFD}", "é"),
@@ -215,10 +199,7 @@ fn byte_runs_decode_whole_or_as_replacement_chars() {
 
 #[test]
 fn byte_tokens_are_recognized_as_hf_does() {
-    let tok = load(&file(
-        &["<0x41>", "<0x+A>", "<0xc3>", "<0xA9>", "x", "<0x4G>", "▁", "<0x-1>"],
-        &[],
-    ));
+    let tok = load(&file(&["<0x41>", "<0x+A>", "<0xc3>", "<0xA9>", "x", "<0x4G>", "▁", "<0x-1>"], &[]));
     assert_eq!(tok.decode(&[1, 0], false).unwrap(), "\nA");
     assert_eq!(tok.decode(&[2, 3], false).unwrap(), "é");
     assert_eq!(tok.decode(&[5, 6, 0, 7], false).unwrap(), "<0x4G> A<0x-1>");
@@ -231,9 +212,7 @@ fn stream_decoder_equals_decode() {
     for _ in 0..500 {
         let ids: Vec<u32> = (0..20)
             .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((state >> 33) % tok.vocab_size() as u64) as u32
             })
             .collect();
@@ -280,25 +259,12 @@ fn split_behaviors_match_hf() {
             "behavior": behavior, "invert": invert});
         assert_eq!(load(&f).encode("  a b  ab ", false), ids, "{behavior} {invert}");
     }
-    let split = |behavior, invert| Split {
-        pattern: " ".into(),
-        behavior,
-        invert,
-    };
+    let split = |behavior, invert| Split { pattern: " ".into(), behavior, invert };
     let pieces = |s: &Split| -> Vec<&str> { s.pieces("  a b  ab ").into_iter().map(|r| &"  a b  ab "[r]).collect() };
     use SplitBehavior::*;
-    assert_eq!(
-        pieces(&split(MergedWithPrevious, false)),
-        [" ", " ", "a ", "b ", " ", "ab "]
-    );
-    assert_eq!(
-        pieces(&split(MergedWithPrevious, true)),
-        [" ", " a", " b", " ", " ab", " "]
-    );
-    assert_eq!(
-        pieces(&split(MergedWithNext, false)),
-        [" ", " a", " b", " ", " ab", " "]
-    );
+    assert_eq!(pieces(&split(MergedWithPrevious, false)), [" ", " ", "a ", "b ", " ", "ab "]);
+    assert_eq!(pieces(&split(MergedWithPrevious, true)), [" ", " a", " b", " ", " ab", " "]);
+    assert_eq!(pieces(&split(MergedWithNext, false)), [" ", " a", " b", " ", " ab", " "]);
     assert_eq!(pieces(&split(Contiguous, true)), ["  ", "a", " ", "b", "  ", "ab", " "]);
     assert_eq!(pieces(&split(Removed, false)), ["a", "b", "ab"]);
 }
@@ -317,10 +283,7 @@ fn malformed_or_unsupported_files_are_format_errors() {
     assert!(load_err("{\"x\": \"\u{1}\"}").contains("control character"));
     assert!(load_err(r#"{"x": 01}"#).contains("invalid number"));
     let bad_utf8 = [&b"{\"x\": \""[..], &[0xff], b"\"}"].concat();
-    assert!(matches!(
-        Tokenizer::from_json(&bad_utf8, Path::new("b")),
-        Err(Error::Format { .. })
-    ));
+    assert!(matches!(Tokenizer::from_json(&bad_utf8, Path::new("b")), Err(Error::Format { .. })));
     assert!(load_err(r#"{"decoder": {"type": "Fuse"}}"#).contains("no \"model\""));
 
     let with = |edit: &dyn Fn(&mut Value)| {
@@ -330,66 +293,30 @@ fn malformed_or_unsupported_files_are_format_errors() {
     };
     type Edit = Box<dyn Fn(&mut Value)>;
     let cases: Vec<(Edit, &str)> = vec![
-        (
-            Box::new(|f| f["model"]["type"] = json!("WordPiece")),
-            "model type \"WordPiece\"",
-        ),
-        (
-            Box::new(|f| f["model"]["merges"] = json!(["a c"])),
-            "token \"c\" is not in the vocabulary",
-        ),
-        (
-            Box::new(|f| f["model"]["merges"] = json!(["b a"])),
-            "token \"ba\" is not in the vocabulary",
-        ),
+        (Box::new(|f| f["model"]["type"] = json!("WordPiece")), "model type \"WordPiece\""),
+        (Box::new(|f| f["model"]["merges"] = json!(["a c"])), "token \"c\" is not in the vocabulary"),
+        (Box::new(|f| f["model"]["merges"] = json!(["b a"])), "token \"ba\" is not in the vocabulary"),
         (Box::new(|f| f["model"]["merges"] = json!(["a  b"])), "not two tokens"),
-        (
-            Box::new(|f| f["model"]["merges"] = json!([["a", "b", "c"]])),
-            "not a pair",
-        ),
+        (Box::new(|f| f["model"]["merges"] = json!([["a", "b", "c"]])), "not a pair"),
         (Box::new(|f| f["model"]["merges"] = json!(["a b", ["a", "b"]])), "mix"),
         (Box::new(|f| f["model"]["vocab"]["c"] = json!(0)), "id 0 to two tokens"),
-        (
-            Box::new(|f| f["model"]["vocab"]["c"] = json!(-1)),
-            "non-negative integer",
-        ),
-        (
-            Box::new(|f| f["model"]["vocab"]["c"] = json!(1u64 << 40)),
-            "out of range",
-        ),
+        (Box::new(|f| f["model"]["vocab"]["c"] = json!(-1)), "non-negative integer"),
+        (Box::new(|f| f["model"]["vocab"]["c"] = json!(1u64 << 40)), "out of range"),
         (Box::new(|f| f["model"]["vocab"]["c"] = json!(1u64 << 30)), "too large"),
         (Box::new(|f| f["model"]["unk_token"] = json!("<unk>")), "unk_token"),
         (Box::new(|f| f["model"]["dropout"] = json!(0.1)), "dropout"),
-        (
-            Box::new(|f| f["model"]["continuing_subword_prefix"] = json!("##")),
-            "continuing_subword_prefix",
-        ),
-        (
-            Box::new(|f| f["model"].as_object_mut().unwrap().remove("merges").map(drop).unwrap()),
-            "no \"merges\"",
-        ),
+        (Box::new(|f| f["model"]["continuing_subword_prefix"] = json!("##")), "continuing_subword_prefix"),
+        (Box::new(|f| f["model"].as_object_mut().unwrap().remove("merges").map(drop).unwrap()), "no \"merges\""),
         (Box::new(|f| f["truncation"] = json!({"max_length": 5})), "truncation"),
-        (
-            Box::new(|f| f["normalizer"] = json!({"type": "NFKC"})),
-            "normalizer \"NFKC\"",
-        ),
+        (Box::new(|f| f["normalizer"] = json!({"type": "NFKC"})), "normalizer \"NFKC\""),
         (
             Box::new(|f| f["normalizer"] = json!({"type": "Replace", "pattern": {"Regex": " +"}, "content": "▁"})),
             "pattern \"Regex\"",
         ),
-        (
-            Box::new(|f| f["pre_tokenizer"] = json!({"type": "ByteLevel"})),
-            "pre-tokenizer \"ByteLevel\"",
-        ),
-        (
-            Box::new(|f| f["post_processor"] = json!({"type": "BertProcessing"})),
-            "post-processor",
-        ),
+        (Box::new(|f| f["pre_tokenizer"] = json!({"type": "ByteLevel"})), "pre-tokenizer \"ByteLevel\""),
+        (Box::new(|f| f["post_processor"] = json!({"type": "BertProcessing"})), "post-processor"),
         (Box::new(|f| f["decoder"] = json!(null)), "no \"decoder\""),
-        (
-            Box::new(|f| f["decoder"] = json!({"type": "Metaspace"})),
-            "decoder \"Metaspace\"",
-        ),
+        (Box::new(|f| f["decoder"] = json!({"type": "Metaspace"})), "decoder \"Metaspace\""),
         (
             Box::new(|f| {
                 f["decoder"] = json!({"type": "Sequence",
@@ -397,10 +324,7 @@ fn malformed_or_unsupported_files_are_format_errors() {
             }),
             "decoder steps",
         ),
-        (
-            Box::new(|f| f["added_tokens"] = json!([{"id": 0, "content": "a"}])),
-            "no \"special\"",
-        ),
+        (Box::new(|f| f["added_tokens"] = json!([{"id": 0, "content": "a"}])), "no \"special\""),
         (
             Box::new(|f| {
                 f["added_tokens"] = json!([added(0, "a", true)]);
@@ -408,14 +332,8 @@ fn malformed_or_unsupported_files_are_format_errors() {
             }),
             "\"lstrip\": true",
         ),
-        (
-            Box::new(|f| f["added_tokens"] = json!([added(0, "a", true), added(0, "a", false)])),
-            "listed twice",
-        ),
-        (
-            Box::new(|f| f["added_tokens"] = json!([added(2, "a", true)])),
-            "declared with id 2 but gets id 0",
-        ),
+        (Box::new(|f| f["added_tokens"] = json!([added(0, "a", true), added(0, "a", false)])), "listed twice"),
+        (Box::new(|f| f["added_tokens"] = json!([added(2, "a", true)])), "declared with id 2 but gets id 0"),
         (Box::new(|f| f["added_tokens"] = json!([added(3, "", true)])), "empty"),
     ];
     for (edit, expected) in cases {
@@ -437,15 +355,8 @@ fn gemma3_reference_cases() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/gemma-3-270m");
     let path = dir.join("tokenizer.json");
     if !path.exists() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "{} is missing",
-            path.display()
-        );
-        eprintln!(
-            "note: {} is absent; skipping the Gemma 3 tokenizer test",
-            path.display()
-        );
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{} is missing", path.display());
+        eprintln!("note: {} is absent; skipping the Gemma 3 tokenizer test", path.display());
         return;
     }
     let tok = Tokenizer::from_file(&path).unwrap();
@@ -459,17 +370,8 @@ fn gemma3_reference_cases() {
     assert!(!cases.is_empty());
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let ids: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         assert_eq!(tok.encode(text, true), ids, "{text:?}");
-        assert_eq!(
-            tok.decode(&ids, true).unwrap(),
-            case["decoded"].as_str().unwrap(),
-            "{text:?}"
-        );
+        assert_eq!(tok.decode(&ids, true).unwrap(), case["decoded"].as_str().unwrap(), "{text:?}");
     }
 }
