@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +107,27 @@ def test_timings_and_prefix_reuse(real_model_bf16_dir):
     b = model.complete("The capital of France is", max_new_tokens=8)
     assert b.reused_tokens == a.prompt_tokens - 1
     assert b.token_ids == a.token_ids
+
+
+def test_stream_never_splits_a_character(real_model_bf16_dir):
+    model = gemma_rs.load(real_model_bf16_dir, max_inference_len=256)
+    prompt = "日本の首都は東京です。東京には"
+    full = model.complete(prompt, max_new_tokens=32)
+    pieces = list(model.stream(prompt, max_new_tokens=32))
+    assert "".join(pieces) == full.text
+    assert any(ord(ch) > 0x3000 for ch in full.text)  # the continuation is Japanese
+    assert "\ufffd" not in full.text
+
+
+def test_the_gil_is_released_while_computing(real_model_bf16_dir):
+    model = gemma_rs.load(real_model_bf16_dir, max_inference_len=512)
+    ids = model.tokenize("hello world " * 150)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (model.logprobs(ids), done.set()))
+    ticks = 0
+    worker.start()
+    while not done.is_set():
+        ticks += 1
+        time.sleep(0.001)
+    worker.join()
+    assert ticks > 50  # the main thread kept running during a call of about a second
