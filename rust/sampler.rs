@@ -94,6 +94,8 @@ pub struct Sampler {
     rng: Rng,
     /// Reused between calls: (token, probability) candidates.
     candidates: Vec<(u32, f32)>,
+    /// Reused between calls: one bit per token id, set for ids already penalized.
+    penalized: Vec<u64>,
 }
 
 /// Candidates sorted first when top-p needs an order; more are sorted only if these do not reach p.
@@ -103,7 +105,7 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Sampler> {
         params.validate()?;
         let seed = params.seed.unwrap_or_else(Rng::entropy_seed);
-        Ok(Sampler { params, rng: Rng::new(seed), candidates: Vec::new() })
+        Ok(Sampler { params, rng: Rng::new(seed), candidates: Vec::new(), penalized: Vec::new() })
     }
 
     /// The next token given `logits` (modified in place) and the sequence so far.
@@ -111,24 +113,35 @@ impl Sampler {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             // Each distinct token once: divide positive logits, multiply negative ones.
-            let mut seen = std::collections::HashSet::with_capacity(history.len());
+            let bits = &mut self.penalized;
+            bits.resize(logits.len().div_ceil(64), 0);
             for &t in history {
-                if let Some(l) = logits.get_mut(t as usize).filter(|_| seen.insert(t)) {
+                let (word, bit) = (t as usize / 64, 1u64 << (t % 64));
+                if let Some(l) = logits.get_mut(t as usize).filter(|_| bits[word] & bit == 0) {
+                    bits[word] |= bit;
                     *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
                 }
             }
-        }
-        if p.temperature == 0.0 {
-            return ops::argmax(logits) as u32;
+            for &t in history {
+                if let Some(w) = bits.get_mut(t as usize / 64) {
+                    *w = 0;
+                }
+            }
         }
         let inv_t = 1.0 / p.temperature;
+        // A temperature so small that 1/t overflows is greedy too.
+        if p.temperature == 0.0 || !inv_t.is_finite() {
+            return ops::argmax(logits) as u32;
+        }
         let c = &mut self.candidates;
         c.clear();
         c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
         let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < c.len() {
+            // Keep every token at least as likely as the k-th (ties included, as transformers).
             c.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
-            c.truncate(p.top_k);
+            let kth = c[p.top_k - 1].1;
+            c.retain(|x| x.1 >= kth);
         }
         // Softmax over the survivors.
         let max = c.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
@@ -159,6 +172,9 @@ impl Sampler {
             c.retain(|x| x.1 >= p.min_p * top);
         }
         let total: f64 = c.iter().map(|x| x.1 as f64).sum();
+        if !(total > 0.0 && total.is_finite()) {
+            return ops::argmax(logits) as u32;
+        }
         let mut r = self.rng.next_f64() * total;
         for &(tok, prob) in c.iter() {
             r -= prob as f64;
@@ -241,6 +257,17 @@ mod tests {
         let mut l = [3.0f32, 2.0, -1.0];
         assert_eq!(s.sample(&mut l, &[0, 0, 2]), 1);
         assert_eq!(l, [1.5, 2.0, -2.0]);
+    }
+
+    #[test]
+    fn top_k_keeps_ties_and_tiny_temperatures_are_greedy() {
+        let mut s =
+            Sampler::new(SamplingParams { temperature: 1.0, top_k: 1, seed: Some(3), ..Default::default() }).unwrap();
+        let drawn: std::collections::HashSet<u32> =
+            (0..200).map(|_| s.sample(&mut [0.0, 5.0, 5.0, 1.0], &[])).collect();
+        assert_eq!(drawn, [1, 2].into_iter().collect());
+        let mut s = Sampler::new(SamplingParams { temperature: 1e-40, seed: Some(3), ..Default::default() }).unwrap();
+        assert_eq!(s.sample(&mut [0.0, 5.0, 4.0], &[]), 1);
     }
 
     #[test]
