@@ -31,9 +31,7 @@ pub struct Config {
     pub rope_local_base_freq: f64,
     pub final_logit_softcapping: Option<f32>,
     pub layer_types: Vec<LayerType>,
-    pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
-    pub pad_token_id: Option<u32>,
     /// The JSON as read, exposed to Python as `model.config`.
     pub raw: Value,
 }
@@ -104,6 +102,14 @@ impl Config {
                 }
             }
         }
+        // What this engine does not implement is refused, not silently ignored.
+        for (key, unsupported) in
+            [("tie_word_embeddings", false), ("attention_bias", true), ("use_bidirectional_attention", true)]
+        {
+            if c.0.get(key).and_then(Value::as_bool) == Some(unsupported) {
+                return Err(Error::Config(format!("{key} = {unsupported} is not supported")));
+            }
+        }
         if let Some(scaling) = c.0.get("rope_scaling") {
             if !scaling.is_null() {
                 return Err(Error::Config("rope_scaling is not supported".into()));
@@ -153,9 +159,7 @@ impl Config {
             // `attn_logit_softcapping` is not read: transformers' Gemma 3 does not apply it.
             final_logit_softcapping: c.opt_f64("final_logit_softcapping")?.map(|v| v as f32),
             layer_types,
-            bos_token_id: token_ids(c.0.get("bos_token_id")).first().copied(),
             eos_token_ids,
-            pad_token_id: token_ids(c.0.get("pad_token_id")).first().copied(),
             raw: text.clone(),
         };
         if config.query_pre_attn_scalar <= 0.0 || config.rms_norm_eps < 0.0 {
@@ -170,14 +174,6 @@ impl Config {
 
     pub fn kv_dim(&self) -> usize {
         self.num_key_value_heads * self.head_dim
-    }
-
-    /// RoPE base for layer `layer`.
-    pub fn rope_base(&self, layer: usize) -> f64 {
-        match self.layer_types[layer] {
-            LayerType::Sliding => self.rope_local_base_freq,
-            LayerType::Global => self.rope_theta,
-        }
     }
 }
 

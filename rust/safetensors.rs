@@ -82,6 +82,9 @@ impl TensorView<'_> {
     pub fn to_bf16(&self, path: &Path) -> Result<Vec<u16>> {
         Ok(match self.dtype {
             Dtype::BF16 => self.data.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect(),
+            Dtype::F32 => {
+                self.data.chunks_exact(4).map(|b| f32_to_bf16(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect()
+            }
             _ => self.to_f32(path)?.into_iter().map(f32_to_bf16).collect(),
         })
     }
@@ -173,10 +176,6 @@ impl SafeTensors {
             st.files.push((path.clone(), map));
         }
         Ok(st)
-    }
-
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.entries.keys().map(String::as_str)
     }
 
     pub fn contains(&self, name: &str) -> bool {
