@@ -17,6 +17,9 @@ use std::time::Instant;
 /// The default cap on a sequence when the caller gives none (and the model allows it).
 pub const DEFAULT_MAX_INFERENCE_LEN: usize = 4096;
 
+/// More worker threads than this only cost memory (each has a scores row) and hand-offs.
+pub const MAX_THREADS: usize = 256;
+
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub max_inference_len: Option<usize>,
@@ -97,9 +100,11 @@ impl Engine {
         let config = Config::from_file(&config_path)?;
         let max_inference_len = resolve_max_inference_len(&config, opts.max_inference_len)?;
         let threads = match opts.threads {
-            Some(0) => return Err(Error::InvalidArgument("threads must be a positive integer, got 0".into())),
+            Some(n) if n == 0 || n > MAX_THREADS => {
+                return Err(Error::InvalidArgument(format!("threads must be between 1 and {MAX_THREADS}, got {n}")))
+            }
             Some(n) => Threads::new(n),
-            None => Threads::new(Threads::available()),
+            None => Threads::new(Threads::available().min(MAX_THREADS)),
         };
         let eos_token_ids = generation_eos(path)?.unwrap_or_else(|| config.eos_token_ids.clone());
 
@@ -177,18 +182,21 @@ impl Engine {
         Ok(())
     }
 
-    /// Logits `(ids.len(), vocab)` of a fresh forward pass over `ids`.
-    pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+    /// Logits `(ids.len(), vocab)` of a fresh forward pass over `ids`, into `out` (the caller
+    /// allocates it, after `check_sequence`, so that a too large request fails there).
+    pub fn logits(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
         self.check_sequence(ids, "the sequence")?;
         let vocab = self.model.config.vocab_size;
-        let mut out = vec![0f32; ids.len() * vocab];
+        if out.len() != ids.len() * vocab {
+            return Err(Error::Internal(format!("logits buffer of {} floats for {} tokens", out.len(), ids.len())));
+        }
         let mut s = self.session();
         s.tokens.clear();
         s.extend_to(&self.model, ids, &self.threads, |scratch, start, n| {
             let rows = &mut out[start * vocab..(start + n) * vocab];
             self.model.lm_head(rows, &scratch.x, n, 0..vocab, &self.threads);
         });
-        Ok(out)
+        Ok(())
     }
 
     /// `log p(ids[i + 1] | ids[..=i])` for every `i`, teacher-forced, vocabulary tile by tile
@@ -281,6 +289,8 @@ pub struct GenerateParams {
     pub max_new_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// The caller wants text (not only ids): a model without a tokenizer is then an error.
+    pub text: bool,
 }
 
 /// The result of a finished generation.
@@ -296,8 +306,9 @@ pub struct Completion {
     pub decode_seconds: f64,
 }
 
-/// One prompt's decode loop. Each `step` takes the session lock for one token only, so other
-/// calls may interleave; the session then recomputes what they displaced.
+/// One prompt's decode loop. `run` holds the session for the whole generation; each `step`
+/// takes it for one token only (a stream), so other calls may interleave, and the session then
+/// recomputes what they displaced.
 pub struct Generation {
     engine: Arc<Engine>,
     params: GenerateParams,
@@ -326,7 +337,7 @@ impl Generation {
         }
         let decoder = match engine.tokenizer {
             Some(_) => Some(StreamDecoder::new(false)),
-            None if params.stop.is_empty() => None,
+            None if params.stop.is_empty() && !params.text => None,
             None => return Err(Error::NoTokenizer),
         };
         Ok(Generation {
@@ -353,6 +364,20 @@ impl Generation {
     /// Generates one token and returns the text that became final (possibly empty); `None`
     /// once the generation is finished and all its text was returned.
     pub fn step(&mut self) -> Result<Option<String>> {
+        let engine = Arc::clone(&self.engine);
+        let mut session = engine.session();
+        self.step_with(&mut session)
+    }
+
+    /// Steps until the end, holding the session throughout, and returns the completion.
+    pub fn run(&mut self) -> Result<Completion> {
+        let engine = Arc::clone(&self.engine);
+        let mut session = engine.session();
+        while self.step_with(&mut session)?.is_some() {}
+        Ok(self.completion().expect("finished"))
+    }
+
+    fn step_with(&mut self, s: &mut Session) -> Result<Option<String>> {
         if self.finish.is_none()
             && (self.generated().len() >= self.params.max_new_tokens || self.seq.len() >= self.engine.max_inference_len)
         {
@@ -362,20 +387,15 @@ impl Generation {
             return Ok(self.flush());
         }
         let t0 = Instant::now();
-        let engine = Arc::clone(&self.engine);
+        let engine = &*self.engine;
         let model = &engine.model;
-        let vocab = model.config.vocab_size;
-        let mut session = engine.session();
-        let s = &mut *session;
+        let (vocab, h) = (model.config.vocab_size, model.config.hidden_size);
         let mut last_row = 0;
         let reused = s.extend_to(model, &self.seq, &engine.threads, |_, _, n| last_row = n - 1);
-        let h = model.config.hidden_size;
-        let hidden = &s.scratch.x[last_row * h..(last_row + 1) * h];
-        let mut logits = std::mem::take(&mut s.scratch.logits);
-        model.lm_head(&mut logits[..vocab], hidden, 1, 0..vocab, &engine.threads);
-        let tok = self.sampler.sample(&mut logits[..vocab], &self.seq);
-        s.scratch.logits = logits;
-        drop(session);
+        let scratch = &mut s.scratch;
+        let logits = &mut scratch.logits[..vocab];
+        model.lm_head(logits, &scratch.x[last_row * h..(last_row + 1) * h], 1, 0..vocab, &engine.threads);
+        let tok = self.sampler.sample(logits, &self.seq);
         if self.generated().is_empty() {
             self.reused_tokens = reused;
             self.prefill_seconds = t0.elapsed().as_secs_f64();
@@ -393,12 +413,6 @@ impl Generation {
             _ => String::new(),
         };
         Ok(Some(self.release(piece)))
-    }
-
-    /// Steps until the end.
-    pub fn run(&mut self) -> Result<()> {
-        while self.step()?.is_some() {}
-        Ok(())
     }
 
     /// Adds decoded text, cuts it at the first stop string, and returns what may be shown:
@@ -425,28 +439,26 @@ impl Generation {
             return None;
         }
         self.flushed = true;
-        let rest = match (&mut self.decoder, &self.engine.tokenizer) {
-            (Some(d), Some(t)) if self.finish != Some(FinishReason::Stop) => d.finish(t),
+        let rest = match &mut self.decoder {
+            Some(d) if self.finish != Some(FinishReason::Stop) => d.finish(),
             _ => String::new(),
         };
         let out = self.release(rest);
         Some(out)
     }
 
-    pub fn finish_reason(&self) -> Option<FinishReason> {
-        self.finish
-    }
-
-    pub fn completion(&self) -> Completion {
-        Completion {
+    /// The completion, once the generation finished and all its text was returned.
+    pub fn completion(&self) -> Option<Completion> {
+        let finish_reason = self.finish.filter(|_| self.flushed)?;
+        Some(Completion {
             text: self.text.clone(),
             token_ids: self.generated().to_vec(),
-            finish_reason: self.finish.unwrap_or(FinishReason::Length),
+            finish_reason,
             prompt_tokens: self.prompt_len,
             reused_tokens: self.reused_tokens,
             prefill_seconds: self.prefill_seconds,
             decode_seconds: self.decode_seconds,
-        }
+        })
     }
 }
 
@@ -502,7 +514,8 @@ mod tests {
                 let opts = LoadOptions { weights: WeightType::F32, threads: Some(threads), ..Default::default() };
                 let engine = Engine::load(&dir, &opts).unwrap();
                 let vocab = engine.config().vocab_size;
-                let full = engine.logits(&ids).unwrap();
+                let mut full = vec![0f32; ids.len() * vocab];
+                engine.logits(&ids, &mut full).unwrap();
                 assert!(max_abs_diff(&full, &want) < 1e-3, "{name}: one pass off by {}", max_abs_diff(&full, &want));
 
                 // One token at a time through the KV cache: each call reuses all but the new token.
@@ -538,8 +551,7 @@ mod tests {
         assert!(Generation::new(engine.clone(), ids[..13].to_vec(), GenerateParams::default()).is_err());
         let params = GenerateParams { max_new_tokens: 100, ..Default::default() };
         let mut g = Generation::new(engine.clone(), ids[..9].to_vec(), params.clone()).unwrap();
-        g.run().unwrap();
-        let c = g.completion();
+        let c = g.run().unwrap();
         assert_eq!((c.token_ids.len(), c.finish_reason), (3, FinishReason::Length));
 
         let sampled = |seed| {
@@ -552,8 +564,7 @@ mod tests {
             let mut g =
                 Generation::new(engine.clone(), ids[..2].to_vec(), GenerateParams { sampling, ..params.clone() })
                     .unwrap();
-            g.run().unwrap();
-            g.completion().token_ids
+            g.run().unwrap().token_ids
         };
         assert_eq!(sampled(5), sampled(5));
         assert_ne!(sampled(5), sampled(6));

@@ -292,6 +292,7 @@ impl Model {
             LayerType::Global => usize::MAX,
         };
         let att = SharedMut::new(&mut s.att);
+        assert!(s.scores.len() >= threads.count() * capacity, "scores buffer sized for fewer threads");
         let scores_all = SharedMut::new(&mut s.scores);
         let q = &s.q;
         let work = n * heads * (start + n).min(window) * hd * 2;

@@ -8,6 +8,7 @@
 use crate::tensor::Matrix;
 use crate::threads::{SharedMut, Threads};
 use std::ops::Range;
+use std::sync::OnceLock;
 
 /// Partial sums per dot product (two AVX2 vectors, four NEON vectors).
 const LANES: usize = 16;
@@ -92,22 +93,30 @@ impl<E: Elem> RowKernel<E> {
 }
 
 impl RowKernel<f32> {
-    fn best() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if avx2::available() {
-            return RowKernel { dot4: avx2::dot4_f32, dot1: avx2::dot1_f32 };
-        }
-        Self::scalar()
+    /// The fastest kernel this CPU supports, chosen once.
+    fn best() -> &'static Self {
+        static BEST: OnceLock<RowKernel<f32>> = OnceLock::new();
+        BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if avx2::available() {
+                return RowKernel { dot4: avx2::dot4_f32, dot1: avx2::dot1_f32 };
+            }
+            Self::scalar()
+        })
     }
 }
 
 impl RowKernel<u16> {
-    fn best() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if avx2::available() {
-            return RowKernel { dot4: avx2::dot4_bf16, dot1: avx2::dot1_bf16 };
-        }
-        Self::scalar()
+    /// The fastest kernel this CPU supports, chosen once.
+    fn best() -> &'static Self {
+        static BEST: OnceLock<RowKernel<u16>> = OnceLock::new();
+        BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if avx2::available() {
+                return RowKernel { dot4: avx2::dot4_bf16, dot1: avx2::dot1_bf16 };
+            }
+            Self::scalar()
+        })
     }
 }
 
@@ -156,8 +165,8 @@ pub fn matmul(out: &mut [f32], x: &[f32], n: usize, w: &Matrix, rows: Range<usiz
     threads.for_ranges(m, 4, n * m * cols, |_, part| {
         let part = rows.start + part.start..rows.start + part.end;
         match w {
-            Matrix::F32 { data, .. } => matmul_rows(&RowKernel::<f32>::best(), out, x, n, data, cols, part),
-            Matrix::Bf16 { data, .. } => matmul_rows(&RowKernel::<u16>::best(), out, x, n, data, cols, part),
+            Matrix::F32 { data, .. } => matmul_rows(RowKernel::<f32>::best(), out, x, n, data, cols, part),
+            Matrix::Bf16 { data, .. } => matmul_rows(RowKernel::<u16>::best(), out, x, n, data, cols, part),
         }
     });
 }
@@ -443,13 +452,13 @@ mod tests {
             let tol = 1e-5 * (cols as f32).sqrt();
             // SAFETY: `best` returns kernels this CPU supports.
             unsafe {
-                let (a, b) = (RowKernel::<f32>::best(), RowKernel::<f32>::scalar());
+                let (a, b) = (RowKernel::<f32>::best(), &RowKernel::<f32>::scalar());
                 let (y, z) = ((a.dot4)(&w, xr), (b.dot4)(&w, xr));
                 for i in 0..4 {
                     assert!((y[i] - z[i]).abs() <= tol, "f32 cols {cols}: {} vs {}", y[i], z[i]);
                     assert_eq!(y[i], (a.dot1)(&w, xr[i]));
                 }
-                let (a, b) = (RowKernel::<u16>::best(), RowKernel::<u16>::scalar());
+                let (a, b) = (RowKernel::<u16>::best(), &RowKernel::<u16>::scalar());
                 let (y, z) = ((a.dot4)(&wb, xr), (b.dot4)(&wb, xr));
                 for i in 0..4 {
                     assert!((y[i] - z[i]).abs() <= tol, "bf16 cols {cols}: {} vs {}", y[i], z[i]);

@@ -91,11 +91,26 @@ struct Model {
     engine: Arc<Engine>,
 }
 
-/// The sampling arguments shared by `complete` and `stream`, positional (the Python facade
-/// gives them names and defaults).
+/// A prompt as given: text (tokenized later, without the GIL) or token ids.
+enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+impl Prompt {
+    fn start(self, engine: Arc<Engine>, params: GenerateParams) -> crate::Result<Generation> {
+        let ids = match self {
+            Prompt::Text(text) => engine.tokenize(&text, true)?,
+            Prompt::Ids(ids) => ids,
+        };
+        Generation::new(engine, ids, params)
+    }
+}
+
+/// The arguments shared by `complete` and `stream`, positional (the Python facade gives them
+/// names and defaults).
 #[allow(clippy::too_many_arguments)]
 fn request(
-    engine: &Engine,
     prompt: &Bound<'_, PyAny>,
     max_new_tokens: i64,
     temperature: f32,
@@ -103,18 +118,18 @@ fn request(
     top_p: f32,
     min_p: f32,
     repetition_penalty: f32,
-    seed: Option<u64>,
+    seed: Option<i64>,
     stop: Option<&Bound<'_, PyAny>>,
-) -> PyResult<(Vec<u32>, GenerateParams)> {
-    if max_new_tokens < 0 {
-        return Err(value_error(format!("max_new_tokens must be >= 0, got {max_new_tokens}")));
-    }
-    if top_k < 0 {
-        return Err(value_error(format!("top_k must be >= 0, got {top_k}")));
-    }
-    let ids = match prompt.cast::<PyString>() {
-        Ok(s) => engine.tokenize(&s.to_cow()?, true)?,
-        Err(_) if prompt.is_instance_of::<PyList>() || prompt.hasattr("__len__")? => ids_from(prompt)?,
+    text: bool,
+) -> PyResult<(Prompt, GenerateParams)> {
+    let non_negative =
+        |name: &str, v: i64| u64::try_from(v).map_err(|_| value_error(format!("{name} must be >= 0, got {v}")));
+    let max_new_tokens = non_negative("max_new_tokens", max_new_tokens)? as usize;
+    let top_k = non_negative("top_k", top_k)? as usize;
+    let seed = seed.map(|s| non_negative("seed", s)).transpose()?;
+    let prompt = match prompt.cast::<PyString>() {
+        Ok(s) => Prompt::Text(s.to_cow()?.into_owned()),
+        Err(_) if prompt.is_instance_of::<PyList>() || prompt.hasattr("__len__")? => Prompt::Ids(ids_from(prompt)?),
         Err(_) => {
             return Err(PyTypeError::new_err(format!(
                 "prompt must be a str or a list of token ids, got {}",
@@ -132,8 +147,8 @@ fn request(
             })?,
         },
     };
-    let sampling = SamplingParams { temperature, top_k: top_k as usize, top_p, min_p, repetition_penalty, seed };
-    Ok((ids, GenerateParams { max_new_tokens: max_new_tokens as usize, sampling, stop }))
+    let sampling = SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty, seed };
+    Ok((prompt, GenerateParams { max_new_tokens, sampling, stop, text }))
 }
 
 fn completion_dict<'py>(py: Python<'py>, c: &Completion) -> PyResult<Bound<'py, PyDict>> {
@@ -148,13 +163,23 @@ fn completion_dict<'py>(py: Python<'py>, c: &Completion) -> PyResult<Bound<'py, 
     Ok(d)
 }
 
-/// Float32 values as a bytearray (the facade views it as a numpy array without copying).
-fn f32_bytes<'py>(py: Python<'py>, v: &[f32]) -> PyResult<Bound<'py, PyByteArray>> {
-    PyByteArray::new_with(py, v.len() * 4, |buf| {
-        for (dst, x) in buf.chunks_exact_mut(4).zip(v) {
-            dst.copy_from_slice(&x.to_le_bytes());
+/// A bytearray of `n` native float32 values filled by `fill` without the GIL (the facade views
+/// it as a numpy array without copying). Python raises `MemoryError` if it cannot be allocated.
+fn f32_bytearray<'py>(
+    py: Python<'py>,
+    n: usize,
+    fill: impl FnOnce(&mut [f32]) -> crate::Result<()> + Send,
+) -> PyResult<Bound<'py, PyByteArray>> {
+    let bytes = n.checked_mul(4).ok_or_else(|| value_error(format!("{n} floats do not fit in memory")))?;
+    PyByteArray::new_with(py, bytes, |buf| {
+        // SAFETY: every bit pattern is a valid f32, and `align_to_mut` checks the alignment
+        // (CPython allocates bytearray storage aligned for any scalar type).
+        let (head, floats, tail) = unsafe { buf.align_to_mut::<f32>() };
+        if !head.is_empty() || !tail.is_empty() {
+            return Err(GemmaError::new_err("internal error: unaligned bytearray"));
         }
-        Ok(())
+        // No other Python code can see the bytearray yet, so it may be filled without the GIL.
+        compute(py, || fill(floats))
     })
 }
 
@@ -171,27 +196,14 @@ impl Model {
         top_p: f32,
         min_p: f32,
         repetition_penalty: f32,
-        seed: Option<u64>,
+        seed: Option<i64>,
         stop: Option<&Bound<'py, PyAny>>,
+        text: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let (ids, params) = request(
-            &self.engine,
-            prompt,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            seed,
-            stop,
-        )?;
+        let (prompt, params) =
+            request(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, text)?;
         let engine = Arc::clone(&self.engine);
-        let completion = compute(py, move || {
-            let mut g = Generation::new(engine, ids, params)?;
-            g.run()?;
-            Ok(g.completion())
-        })?;
+        let completion = compute(py, move || prompt.start(engine, params)?.run())?;
         completion_dict(py, &completion)
     }
 
@@ -206,23 +218,13 @@ impl Model {
         top_p: f32,
         min_p: f32,
         repetition_penalty: f32,
-        seed: Option<u64>,
+        seed: Option<i64>,
         stop: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Stream> {
-        let (ids, params) = request(
-            &self.engine,
-            prompt,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            seed,
-            stop,
-        )?;
+        let (prompt, params) =
+            request(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, true)?;
         let engine = Arc::clone(&self.engine);
-        let generation = compute(py, move || Generation::new(engine, ids, params))?;
+        let generation = compute(py, move || prompt.start(engine, params))?;
         Ok(Stream { generation: Mutex::new(generation) })
     }
 
@@ -236,22 +238,27 @@ impl Model {
         compute(py, || self.engine.detokenize(&ids, skip_special_tokens))
     }
 
-    /// `(bytes of float32 logits, rows, vocab)`.
+    /// `(bytearray of float32 logits, rows, vocab)`.
     fn logits<'py>(
         &self,
         py: Python<'py>,
         ids: &Bound<'py, PyAny>,
     ) -> PyResult<(Bound<'py, PyByteArray>, usize, usize)> {
         let ids = ids_from(ids)?;
-        let out = compute(py, || self.engine.logits(&ids))?;
-        Ok((f32_bytes(py, &out)?, ids.len(), self.engine.config().vocab_size))
+        self.engine.check_sequence(&ids, "the sequence")?;
+        let vocab = self.engine.config().vocab_size;
+        let out = f32_bytearray(py, ids.len() * vocab, |out| self.engine.logits(&ids, out))?;
+        Ok((out, ids.len(), vocab))
     }
 
-    /// Bytes of float32 log-probabilities, `len(ids) - 1` of them.
+    /// A bytearray of float32 log-probabilities, `len(ids) - 1` of them.
     fn logprobs<'py>(&self, py: Python<'py>, ids: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyByteArray>> {
         let ids = ids_from(ids)?;
-        let out = compute(py, || self.engine.logprobs(&ids))?;
-        f32_bytes(py, &out)
+        let lp = compute(py, || self.engine.logprobs(&ids))?;
+        f32_bytearray(py, lp.len(), |out| {
+            out.copy_from_slice(&lp);
+            Ok(())
+        })
     }
 
     /// config.json as read, as a JSON string.
@@ -322,10 +329,10 @@ impl Stream {
         })
     }
 
-    /// The finished generation as `complete` returns it (after the iterator is exhausted).
-    fn completion<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    /// The finished generation as `complete` returns it; `None` until the iterator is exhausted.
+    fn completion<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let c = self.generation.lock().unwrap_or_else(|e| e.into_inner()).completion();
-        completion_dict(py, &c)
+        c.map(|c| completion_dict(py, &c)).transpose()
     }
 }
 

@@ -69,7 +69,11 @@ class Stream(Iterator[str]):
 
     @property
     def completion(self) -> Completion:
-        return Completion(**self._inner.completion())
+        """The finished generation; a ``RuntimeError`` before the iterator is exhausted."""
+        d = self._inner.completion()
+        if d is None:
+            raise RuntimeError("the stream is not finished: iterate it to the end first")
+        return Completion(**d)
 
 
 class Model:
@@ -101,15 +105,25 @@ class Model:
     ) -> Completion:
         """Generates a continuation of ``prompt`` and reports how it went.
 
-        ``prompt`` is a ``str`` (tokenized with BOS) or a list of token ids. ``temperature=0`` is
-        greedy decoding; otherwise tokens are sampled after the repetition penalty,
-        temperature, top-k, top-p and min-p, in that order (as transformers does). Generation
+        ``prompt`` is a ``str`` (tokenized with BOS) or a list of token ids. The repetition
+        penalty applies first; then ``temperature=0`` is greedy decoding, and otherwise tokens
+        are sampled after temperature, top-k, top-p and min-p, in that order (as transformers
+        does). Generation
         stops at an end-of-sequence id, a ``stop`` string, ``max_new_tokens``, or when the
         sequence reaches ``max_inference_len``. A prompt longer than ``max_inference_len`` is a
         ``ValueError``.
         """
         d = self._inner.complete(
-            prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            stop,
+            False,  # token ids suffice: without a tokenizer, `text` is empty
         )
         return Completion(**d)
 
@@ -126,18 +140,20 @@ class Model:
         seed: int | None = None,
         stop: Stop = None,
     ) -> str:
-        """The text of :meth:`complete` (same arguments)."""
-        return self.complete(
+        """The text of :meth:`complete` (same arguments); needs the tokenizer."""
+        d = self._inner.complete(
             prompt,
             max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop,
-        ).text
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            stop,
+            True,
+        )
+        return d["text"]
 
     def stream(
         self,

@@ -399,7 +399,7 @@ impl StreamDecoder {
     }
 
     /// The text still held back. The decoder is then empty, ready for a new sequence.
-    pub fn finish(&mut self, _tok: &Tokenizer) -> String {
+    pub fn finish(&mut self) -> String {
         let mut text = String::new();
         self.flush_into(&mut text);
         text

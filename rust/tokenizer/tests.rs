@@ -219,7 +219,7 @@ fn stream_decoder_equals_decode() {
         for skip in [false, true] {
             let mut stream = StreamDecoder::new(skip);
             let mut text: String = ids.iter().map(|&id| stream.push(&tok, id)).collect();
-            text += &stream.finish(&tok);
+            text += &stream.finish();
             assert_eq!(text, tok.decode(&ids, skip).unwrap(), "{ids:?}");
         }
     }
@@ -229,7 +229,7 @@ fn stream_decoder_equals_decode() {
     assert_eq!(stream.push(&tok, 9), "");
     assert_eq!(stream.push(&tok, 10), "");
     assert_eq!(stream.push(&tok, 3), "€a");
-    assert_eq!(stream.finish(&tok), "");
+    assert_eq!(stream.finish(), "");
 }
 
 #[test]
