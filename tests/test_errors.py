@@ -97,8 +97,9 @@ def test_a_file_is_not_a_model_directory(tiny_copy):
 def test_bad_load_arguments(tiny_copy):
     with pytest.raises(ValueError, match="weights"):
         gemma_rs.load(tiny_copy, weights="int3")
-    with pytest.raises(ValueError, match="threads"):
-        gemma_rs.load(tiny_copy, threads=0)
+    for threads in (0, -2, 10**9, 2**62):
+        with pytest.raises(ValueError, match="threads"):
+            gemma_rs.load(tiny_copy, threads=threads)
     with pytest.raises(TypeError, match="max_inference_len"):
         gemma_rs.load(tiny_copy, max_inference_len=1.5)
 
@@ -113,6 +114,7 @@ def test_bad_generation_arguments(tiny_copy):
         (ValueError, dict(top_k=-3)),
         (ValueError, dict(min_p=2.0)),
         (ValueError, dict(repetition_penalty=0.0)),
+        (ValueError, dict(seed=-1)),
         (TypeError, dict(stop=5)),
     ]
     for exc, kw in cases:
@@ -128,3 +130,19 @@ def test_bad_generation_arguments(tiny_copy):
         model.complete(3.5)
     with pytest.raises(TypeError):
         model.logits("text")
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("tie_word_embeddings", False),
+        ("attention_bias", True),
+        ("use_bidirectional_attention", True),
+    ],
+)
+def test_configs_this_engine_cannot_run_are_refused(tiny_copy, key, value):
+    c = json.loads((tiny_copy / "config.json").read_text())
+    c[key] = value
+    (tiny_copy / "config.json").write_text(json.dumps(c))
+    with pytest.raises(gemma_rs.GemmaError, match=key):
+        gemma_rs.load(tiny_copy)

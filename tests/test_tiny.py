@@ -124,8 +124,13 @@ def test_without_tokenizer_text_methods_raise(tiny):
     ):
         with pytest.raises(gemma_rs.GemmaError, match="tokenizer.json"):
             call()
+    with pytest.raises(gemma_rs.GemmaError, match="tokenizer.json"):
+        model.generate(ids[:3])
+    with pytest.raises(gemma_rs.GemmaError, match="tokenizer.json"):
+        model.stream(ids[:3])
     # Token-id methods work.
-    assert model.complete(ids[:3], max_new_tokens=2).token_ids
+    c = model.complete(ids[:3], max_new_tokens=2)
+    assert len(c.token_ids) == 2 and c.text == ""
 
 
 def test_a_copy_without_generation_config_uses_config_eos(tiny, tmp_path):
@@ -164,3 +169,24 @@ def test_sharded_and_f16_checkpoints(fixtures_dir, tmp_path):
     a = gemma_rs.load(half, weights="f32").logits(ids)
     np.testing.assert_array_equal(a, gemma_rs.load(widened, weights="f32").logits(ids))
     assert np.abs(a - want).max() < 0.1
+
+
+def test_concurrent_calls_are_serialized_and_equal_to_calls_alone(tiny):
+    import threading
+
+    d, ids, _ = tiny
+    model = gemma_rs.load(d, weights="f32")
+    prompts = [ids[i : i + 12] for i in range(0, 24, 3)]
+    alone = [model.complete(p, max_new_tokens=20).token_ids for p in prompts]
+    results: dict[int, list[int]] = {}
+
+    def work(i: int) -> None:
+        for _ in range(3):
+            results[i] = model.complete(prompts[i], max_new_tokens=20).token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [results[i] for i in range(len(prompts))] == alone

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import tokenizers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,8 +19,8 @@ def model(real_model_bf16_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def oracle(fixtures_dir: Path):
-    tokenizers = pytest.importorskip("tokenizers")
+def oracle(fixtures_dir: Path) -> tokenizers.Tokenizer:
+    """Hugging Face `tokenizers`, the test oracle (never a dependency of gemma_rs)."""
     return tokenizers.Tokenizer.from_file(str(fixtures_dir / "gemma-3-270m" / "tokenizer.json"))
 
 
