@@ -107,11 +107,10 @@ impl Prompt {
     }
 }
 
-/// The arguments shared by `complete` and `stream`, positional (the Python facade gives them
-/// names and defaults).
-#[allow(clippy::too_many_arguments)]
-fn request(
-    prompt: &Bound<'_, PyAny>,
+/// What `complete` and `stream` take: the attributes of the facade's `_Request`.
+#[derive(FromPyObject)]
+struct Request<'py> {
+    prompt: Bound<'py, PyAny>,
     max_new_tokens: i64,
     temperature: f32,
     top_k: i64,
@@ -119,36 +118,42 @@ fn request(
     min_p: f32,
     repetition_penalty: f32,
     seed: Option<i64>,
-    stop: Option<&Bound<'_, PyAny>>,
+    stop: Option<Bound<'py, PyAny>>,
+    /// The caller wants text, not only token ids.
     text: bool,
-) -> PyResult<(Prompt, GenerateParams)> {
-    let non_negative =
-        |name: &str, v: i64| u64::try_from(v).map_err(|_| value_error(format!("{name} must be >= 0, got {v}")));
-    let max_new_tokens = non_negative("max_new_tokens", max_new_tokens)? as usize;
-    let top_k = non_negative("top_k", top_k)? as usize;
-    let seed = seed.map(|s| non_negative("seed", s)).transpose()?;
-    let prompt = match prompt.cast::<PyString>() {
-        Ok(s) => Prompt::Text(s.to_cow()?.into_owned()),
-        Err(_) if prompt.is_instance_of::<PyList>() || prompt.hasattr("__len__")? => Prompt::Ids(ids_from(prompt)?),
-        Err(_) => {
-            return Err(PyTypeError::new_err(format!(
-                "prompt must be a str or a list of token ids, got {}",
-                type_name(prompt)
-            )))
-        }
-    };
-    let stop: Vec<String> = match stop {
-        None => Vec::new(),
-        Some(s) if s.is_none() => Vec::new(),
-        Some(s) => match s.cast::<PyString>() {
-            Ok(one) => vec![one.to_cow()?.into_owned()],
-            Err(_) => s.extract().map_err(|_| {
-                PyTypeError::new_err(format!("stop must be a str or a list of str, got {}", type_name(s)))
-            })?,
-        },
-    };
-    let sampling = SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty, seed };
-    Ok((prompt, GenerateParams { max_new_tokens, sampling, stop, text }))
+}
+
+impl Request<'_> {
+    fn parse(self) -> PyResult<(Prompt, GenerateParams)> {
+        let non_negative =
+            |name: &str, v: i64| u64::try_from(v).map_err(|_| value_error(format!("{name} must be >= 0, got {v}")));
+        let max_new_tokens = non_negative("max_new_tokens", self.max_new_tokens)? as usize;
+        let top_k = non_negative("top_k", self.top_k)? as usize;
+        let seed = self.seed.map(|s| non_negative("seed", s)).transpose()?;
+        let prompt = &self.prompt;
+        let prompt = match prompt.cast::<PyString>() {
+            Ok(s) => Prompt::Text(s.to_cow()?.into_owned()),
+            Err(_) if prompt.is_instance_of::<PyList>() || prompt.hasattr("__len__")? => Prompt::Ids(ids_from(prompt)?),
+            Err(_) => {
+                return Err(PyTypeError::new_err(format!(
+                    "prompt must be a str or a list of token ids, got {}",
+                    type_name(prompt)
+                )))
+            }
+        };
+        let stop: Vec<String> = match &self.stop {
+            None => Vec::new(),
+            Some(s) => match s.cast::<PyString>() {
+                Ok(one) => vec![one.to_cow()?.into_owned()],
+                Err(_) => s.extract().map_err(|_| {
+                    PyTypeError::new_err(format!("stop must be a str or a list of str, got {}", type_name(s)))
+                })?,
+            },
+        };
+        let Request { temperature, top_p, min_p, repetition_penalty, text, .. } = self;
+        let sampling = SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty, seed };
+        Ok((prompt, GenerateParams { max_new_tokens, sampling, stop, text }))
+    }
 }
 
 fn completion_dict<'py>(py: Python<'py>, c: &Completion) -> PyResult<Bound<'py, PyDict>> {
@@ -185,44 +190,15 @@ fn f32_bytearray<'py>(
 
 #[pymethods]
 impl Model {
-    #[allow(clippy::too_many_arguments)]
-    fn complete<'py>(
-        &self,
-        py: Python<'py>,
-        prompt: &Bound<'py, PyAny>,
-        max_new_tokens: i64,
-        temperature: f32,
-        top_k: i64,
-        top_p: f32,
-        min_p: f32,
-        repetition_penalty: f32,
-        seed: Option<i64>,
-        stop: Option<&Bound<'py, PyAny>>,
-        text: bool,
-    ) -> PyResult<Bound<'py, PyDict>> {
-        let (prompt, params) =
-            request(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, text)?;
+    fn complete<'py>(&self, py: Python<'py>, request: Request<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (prompt, params) = request.parse()?;
         let engine = Arc::clone(&self.engine);
         let completion = compute(py, move || prompt.start(engine, params)?.run())?;
         completion_dict(py, &completion)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn stream(
-        &self,
-        py: Python<'_>,
-        prompt: &Bound<'_, PyAny>,
-        max_new_tokens: i64,
-        temperature: f32,
-        top_k: i64,
-        top_p: f32,
-        min_p: f32,
-        repetition_penalty: f32,
-        seed: Option<i64>,
-        stop: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Stream> {
-        let (prompt, params) =
-            request(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, true)?;
+    fn stream(&self, py: Python<'_>, request: Request<'_>) -> PyResult<Stream> {
+        let (prompt, params) = request.parse()?;
         let engine = Arc::clone(&self.engine);
         let generation = compute(py, move || prompt.start(engine, params))?;
         Ok(Stream { generation: Mutex::new(generation) })

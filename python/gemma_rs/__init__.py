@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Union
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from . import _gemma_rs
 from ._gemma_rs import GemmaError, __version__
@@ -49,6 +49,27 @@ class Completion:
     """Time from the call to the first new token's logits."""
     decode_seconds: float
     """Time of the forward passes after the first new token."""
+
+
+@dataclass(frozen=True)
+class _Request:
+    """The arguments of :meth:`Model.complete`, :meth:`Model.generate` and :meth:`Model.stream`,
+    as the Rust binding reads them."""
+
+    prompt: Prompt
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    seed: int | None
+    stop: Stop
+    text: bool  # the caller wants text: without a tokenizer that is an error
+
+    @classmethod
+    def of(cls, args: dict[str, Any], text: bool) -> _Request:
+        return cls(**{f.name: args[f.name] for f in fields(cls) if f.name != "text"}, text=text)
 
 
 class Stream(Iterator[str]):
@@ -108,23 +129,12 @@ class Model:
         ``prompt`` is a ``str`` (tokenized with BOS) or a list of token ids. The repetition
         penalty applies first; then ``temperature=0`` is greedy decoding, and otherwise tokens
         are sampled after temperature, top-k, top-p and min-p, in that order (as transformers
-        does). Generation
-        stops at an end-of-sequence id, a ``stop`` string, ``max_new_tokens``, or when the
-        sequence reaches ``max_inference_len``. A prompt longer than ``max_inference_len`` is a
-        ``ValueError``.
+        does). Generation stops at an end-of-sequence id, a ``stop`` string, ``max_new_tokens``,
+        or when the sequence reaches ``max_inference_len``. A prompt longer than
+        ``max_inference_len`` is a ``ValueError``. Without a tokenizer, ``prompt`` must be ids
+        and ``text`` is empty.
         """
-        d = self._inner.complete(
-            prompt,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            seed,
-            stop,
-            False,  # token ids suffice: without a tokenizer, `text` is empty
-        )
+        d = self._inner.complete(_Request.of(locals(), text=False))
         return Completion(**d)
 
     def generate(
@@ -141,18 +151,7 @@ class Model:
         stop: Stop = None,
     ) -> str:
         """The text of :meth:`complete` (same arguments); needs the tokenizer."""
-        d = self._inner.complete(
-            prompt,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            seed,
-            stop,
-            True,
-        )
+        d = self._inner.complete(_Request.of(locals(), text=True))
         return d["text"]
 
     def stream(
@@ -169,10 +168,7 @@ class Model:
         stop: Stop = None,
     ) -> Stream:
         """Like :meth:`generate`, as an iterator of text pieces."""
-        inner = self._inner.stream(
-            prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop
-        )
-        return Stream(inner)
+        return Stream(self._inner.stream(_Request.of(locals(), text=True)))
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of ``text``, as transformers gives them. Special tokens written in the

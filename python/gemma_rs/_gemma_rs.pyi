@@ -7,30 +7,8 @@ __version__: str
 class GemmaError(Exception): ...
 
 class Model:
-    def complete(
-        self,
-        prompt: Any,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        min_p: float,
-        repetition_penalty: float,
-        seed: int | None,
-        stop: Any,
-    ) -> dict[str, Any]: ...
-    def stream(
-        self,
-        prompt: Any,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        min_p: float,
-        repetition_penalty: float,
-        seed: int | None,
-        stop: Any,
-    ) -> Stream: ...
+    def complete(self, request: Any) -> dict[str, Any]: ...
+    def stream(self, request: Any) -> Stream: ...
     def tokenize(self, text: str, add_bos: bool) -> list[int]: ...
     def detokenize(self, ids: Any, skip_special_tokens: bool) -> str: ...
     def logits(self, ids: Any) -> tuple[bytearray, int, int]: ...
