@@ -10,6 +10,7 @@ use crate::safetensors::SafeTensors;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::threads::Threads;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
+use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -366,7 +367,7 @@ impl Generation {
     pub fn step(&mut self) -> Result<Option<String>> {
         let engine = Arc::clone(&self.engine);
         let mut session = engine.session();
-        self.step_with(&mut session)
+        Ok(self.step_with(&mut session)?.map(|piece| self.text[piece].to_string()))
     }
 
     /// Steps until the end, holding the session throughout, and returns the completion.
@@ -377,7 +378,8 @@ impl Generation {
         Ok(self.completion().expect("finished"))
     }
 
-    fn step_with(&mut self, s: &mut Session) -> Result<Option<String>> {
+    /// One token; returns the range of `text` that became final.
+    fn step_with(&mut self, s: &mut Session) -> Result<Option<Range<usize>>> {
         if self.finish.is_none()
             && (self.generated().len() >= self.params.max_new_tokens || self.seq.len() >= self.engine.max_inference_len)
         {
@@ -408,17 +410,15 @@ impl Generation {
             return Ok(self.flush());
         }
         self.seq.push(tok);
-        let piece = match (&mut self.decoder, &engine.tokenizer) {
-            (Some(d), Some(t)) => d.push(t, tok),
-            _ => String::new(),
-        };
-        Ok(Some(self.release(piece)))
+        if let (Some(d), Some(t)) = (&mut self.decoder, &engine.tokenizer) {
+            d.push_into(t, tok, &mut self.text);
+        }
+        Ok(Some(self.release()))
     }
 
-    /// Adds decoded text, cuts it at the first stop string, and returns what may be shown:
-    /// everything new except a tail that could still become a stop string.
-    fn release(&mut self, piece: String) -> String {
-        self.text.push_str(&piece);
+    /// Cuts the text decoded so far at the first stop string and returns the range that may be
+    /// shown: everything not yet shown except a tail that could still become a stop string.
+    fn release(&mut self) -> Range<usize> {
         let stops = &self.params.stop;
         // A stop string cannot start inside text already sent (that tail was held back).
         let found = stops.iter().filter_map(|s| self.text[self.sent..].find(s.as_str())).min();
@@ -427,24 +427,21 @@ impl Generation {
             self.finish = Some(FinishReason::Stop);
         }
         let held = if self.finish.is_some() { 0 } else { held_back(&self.text[self.sent..], stops) };
-        let end = self.text.len() - held;
-        let out = self.text[self.sent..end].to_string();
-        self.sent = end;
-        out
+        let range = self.sent..self.text.len() - held;
+        self.sent = range.end;
+        range
     }
 
     /// After the finish: the decoder's remainder and any held-back text, once.
-    fn flush(&mut self) -> Option<String> {
+    fn flush(&mut self) -> Option<Range<usize>> {
         if self.flushed {
             return None;
         }
         self.flushed = true;
-        let rest = match &mut self.decoder {
-            Some(d) if self.finish != Some(FinishReason::Stop) => d.finish(),
-            _ => String::new(),
-        };
-        let out = self.release(rest);
-        Some(out)
+        if let Some(d) = self.decoder.as_mut().filter(|_| self.finish != Some(FinishReason::Stop)) {
+            d.flush_into(&mut self.text);
+        }
+        Some(self.release())
     }
 
     /// The completion, once the generation finished and all its text was returned.

@@ -405,9 +405,10 @@ impl StreamDecoder {
         text
     }
 
-    /// HF's decoder chain for one token: `Replace` steps, then `ByteFallback` (a run of byte
-    /// tokens becomes its bytes if they are valid UTF-8, else one U+FFFD per byte), then `Fuse`.
-    fn push_into(&mut self, tok: &Tokenizer, id: u32, out: &mut String) {
+    /// Like `push`, appending to `out`. HF's decoder chain for one token: `Replace` steps, then
+    /// `ByteFallback` (a run of byte tokens becomes its bytes if they are valid UTF-8, else one
+    /// U+FFFD per byte), then `Fuse`.
+    pub fn push_into(&mut self, tok: &Tokenizer, id: u32, out: &mut String) {
         let Some(token) = tok.vocab.get(id) else {
             return;
         };
@@ -425,7 +426,8 @@ impl StreamDecoder {
         out.push_str(&token);
     }
 
-    fn flush_into(&mut self, out: &mut String) {
+    /// Like `finish`, appending to `out`.
+    pub fn flush_into(&mut self, out: &mut String) {
         match std::str::from_utf8(&self.bytes) {
             Ok(s) => out.push_str(s),
             Err(_) => out.extend(std::iter::repeat_n('\u{FFFD}', self.bytes.len())),
