@@ -10,11 +10,13 @@ pub mod tokenizer;
 pub use error::{Error, Result};
 pub mod config;
 pub mod generate;
+pub mod half;
 pub mod kv_cache;
 pub mod model;
 pub mod ops;
 #[cfg(feature = "python")]
 mod python;
+pub mod quant;
 pub mod safetensors;
 pub mod sampler;
 pub mod tensor;

@@ -7,6 +7,7 @@
 //! any tensor is read, so a lying header is an error, never an out-of-bounds read.
 
 use crate::error::{Error, Result};
+use crate::half::{bf16_to_f32, f16_to_f32, f32_to_bf16};
 use memmap2::Mmap;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -78,6 +79,34 @@ impl TensorView<'_> {
         })
     }
 
+    /// Values `start..start + out.len()` widened to f32 into `out` (F32, F16 and BF16 only):
+    /// reads a slab of a tensor without converting all of it.
+    pub fn read_f32(&self, start: usize, out: &mut [f32], path: &Path) -> Result<()> {
+        let size = self.dtype.size();
+        let d = &self.data[start * size..(start + out.len()) * size];
+        match self.dtype {
+            Dtype::F32 => {
+                for (o, b) in out.iter_mut().zip(d.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Dtype::BF16 => {
+                for (o, b) in out.iter_mut().zip(d.chunks_exact(2)) {
+                    *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+                }
+            }
+            Dtype::F16 => {
+                for (o, b) in out.iter_mut().zip(d.chunks_exact(2)) {
+                    *o = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+                }
+            }
+            Dtype::Other(_) => {
+                return Err(Error::format(path, format!("tensor {} has a dtype that is not a float", self.name)))
+            }
+        }
+        Ok(())
+    }
+
     /// The values as bf16 bits: BF16 as stored, F32 and F16 rounded to nearest even.
     pub fn to_bf16(&self, path: &Path) -> Result<Vec<u16>> {
         Ok(match self.dtype {
@@ -88,37 +117,6 @@ impl TensorView<'_> {
             _ => self.to_f32(path)?.into_iter().map(f32_to_bf16).collect(),
         })
     }
-}
-
-pub fn bf16_to_f32(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
-}
-
-/// Round-to-nearest-even on the f32 bits (NaN stays NaN).
-pub fn f32_to_bf16(x: f32) -> u16 {
-    let u = x.to_bits();
-    if x.is_nan() {
-        return ((u >> 16) | 0x40) as u16;
-    }
-    ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) as u16
-}
-
-/// IEEE half to f32, exact (subnormals included).
-pub fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h as u32) & 0x8000) << 16;
-    let exp = ((h >> 10) & 0x1F) as u32;
-    let man = (h & 0x3FF) as u32;
-    let bits = match exp {
-        0 if man == 0 => sign,
-        0 => {
-            // Subnormal: value = man * 2^-24.
-            let v = man as f32 * f32::from_bits(0x3380_0000);
-            return if sign != 0 { -v } else { v };
-        }
-        0x1F => sign | 0x7F80_0000 | (man << 13),
-        _ => sign | ((exp + 112) << 23) | (man << 13),
-    };
-    f32::from_bits(bits)
 }
 
 /// All tensors of a checkpoint, mapped.
@@ -192,18 +190,27 @@ impl SafeTensors {
     /// so that loading never holds the whole file resident next to the copy. A later read of the
     /// tensor faults the pages back in from the file.
     pub fn release(&self, name: &str) {
+        if let Some(e) = self.entries.get(name) {
+            self.release_bytes(name, 0..e.end - e.start);
+        }
+    }
+
+    /// As `release`, for the bytes `range` of tensor `name` only (rounded to whole pages).
+    pub fn release_bytes(&self, name: &str, range: std::ops::Range<usize>) {
         #[cfg(unix)]
         if let Some(e) = self.entries.get(name) {
+            let (start, end) = (e.start + range.start, (e.start + range.end).min(e.end));
+            if start >= end {
+                return;
+            }
             // SAFETY: the map is read-only and backed by the file: dropped pages read back the
             // same bytes, so no reference into the map observes a change.
             let _ = unsafe {
-                self.files[e.file].1.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    e.start,
-                    e.end - e.start,
-                )
+                self.files[e.file].1.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
             };
         }
+        #[cfg(not(unix))]
+        let _ = (name, range);
     }
 
     /// The file holding `name` (for error messages).
@@ -274,26 +281,6 @@ fn parse_header(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Ent
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn f16_conversion_is_exact() {
-        assert_eq!(f16_to_f32(0x3C00), 1.0);
-        assert_eq!(f16_to_f32(0xC000), -2.0);
-        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
-        assert_eq!(f16_to_f32(0x7BFF), 65504.0);
-        assert!(f16_to_f32(0x7C00).is_infinite());
-        assert!(f16_to_f32(0x7E00).is_nan());
-    }
-
-    #[test]
-    fn bf16_rounds_to_nearest_even() {
-        assert_eq!(f32_to_bf16(1.0), 0x3F80);
-        // 1 + 2^-8 is halfway between two bf16 values: ties go to the even mantissa.
-        assert_eq!(f32_to_bf16(f32::from_bits(0x3F80_8000)), 0x3F80);
-        assert_eq!(f32_to_bf16(f32::from_bits(0x3F81_8000)), 0x3F82);
-        assert_eq!(f32_to_bf16(f32::from_bits(0x3F80_8001)), 0x3F81);
-        assert_eq!(bf16_to_f32(0x3F80), 1.0);
-    }
 
     fn file_with_header(header: &str, data: &[u8]) -> Vec<u8> {
         let mut v = (header.len() as u64).to_le_bytes().to_vec();

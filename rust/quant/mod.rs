@@ -1,0 +1,289 @@
+//! GGML's Q8_0 format and the integer kernels that multiply it with quantized activations.
+//!
+//! Weights are blocks of 32 int8 values with one f16 scale, 34 bytes: the layout of ggml's
+//! `block_q8_0` (ggml-common.h), so that a Q8_0 tensor of a GGUF file is used as stored and a
+//! model packed here is readable by llama.cpp. Activations are quantized at run time, one row at
+//! a time, into blocks of 32 int8 with an f32 scale, held as separate scale and value arrays so
+//! that SIMD kernels load the values of consecutive blocks contiguously. A block's dot product is
+//! exact in i32; only its scaling and the sum over blocks round.
+//!
+//! Kernels: portable scalar code, AVX2 and AVX-512 VNNI on x86_64, NEON with and without the
+//! dotprod extension on aarch64, chosen once at run time by CPU feature detection.
+
+use crate::half::{f16_to_f32, f32_to_f16};
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// Values per block.
+pub const QK8_0: usize = 32;
+
+/// ggml's `block_q8_0`: value `i` is `f16(d) * qs[i]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockQ8_0 {
+    /// The scale, IEEE binary16 bits.
+    pub d: u16,
+    pub qs: [i8; QK8_0],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+
+impl BlockQ8_0 {
+    /// Blocks as the bytes GGML stores (little-endian scale, then the 32 values).
+    pub fn as_bytes(blocks: &[BlockQ8_0]) -> &[u8] {
+        // SAFETY: `BlockQ8_0` is `repr(C)`, 34 bytes without padding (asserted above), made of
+        // plain integers; on the little-endian targets this crate supports the bytes are GGML's.
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks)) }
+    }
+}
+
+/// Quantizes `x` (a whole number of blocks) into `out` exactly as ggml's reference
+/// `quantize_row_q8_0_ref` (ggml-quants.c): `d = max|x| / 127`, `q = roundf(x * (1 / d))`, rounded
+/// half away from zero, and `d` stored as f16 rounded to nearest even.
+pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    assert_eq!(x.len(), out.len() * QK8_0, "quantize_row_q8_0: {} values for {} blocks", x.len(), out.len());
+    for (xb, b) in x.chunks_exact(QK8_0).zip(out) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        for (q, &v) in b.qs.iter_mut().zip(xb) {
+            *q = round_half_away(v * id) as i8;
+        }
+        b.d = f32_to_f16(d);
+    }
+}
+
+/// C's `roundf` (half away from zero) for |x| < 2^23, written so that it vectorizes.
+#[inline(always)]
+fn round_half_away(x: f32) -> f32 {
+    let t = x.trunc();
+    // x - t is exact here, so the comparison sees the true fraction.
+    if (x - t).abs() >= 0.5 {
+        t + 1f32.copysign(x)
+    } else {
+        t
+    }
+}
+
+/// `out = d * q` for every value of `blocks`.
+pub fn dequantize_row_q8_0(blocks: &[BlockQ8_0], out: &mut [f32]) {
+    assert_eq!(out.len(), blocks.len() * QK8_0, "dequantize_row_q8_0: output length");
+    for (b, o) in blocks.iter().zip(out.chunks_exact_mut(QK8_0)) {
+        let d = f16_to_f32(b.d);
+        for (o, &q) in o.iter_mut().zip(&b.qs) {
+            *o = d * q as f32;
+        }
+    }
+}
+
+/// One row of activations quantized for the kernels: value `i` is `d[i / 32] * qs[i]`.
+#[derive(Clone, Copy, Debug)]
+pub struct QRow<'a> {
+    pub d: &'a [f32],
+    pub qs: &'a [i8],
+}
+
+/// Quantizes one activation row: per block `d = max|x| / 127` (kept in f32, finer than Q8_0's
+/// f16) and `q = x / d` rounded to nearest even.
+pub fn quantize_activations(x: &[f32], d: &mut [f32], qs: &mut [i8]) {
+    assert!(x.len() == qs.len() && x.len() == d.len() * QK8_0, "quantize_activations: lengths");
+    for ((xb, d), qb) in x.chunks_exact(QK8_0).zip(d.iter_mut()).zip(qs.chunks_exact_mut(QK8_0)) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        *d = amax / 127.0;
+        let id = if *d != 0.0 { 1.0 / *d } else { 0.0 };
+        for (q, &v) in qb.iter_mut().zip(xb) {
+            *q = (v * id).round_ties_even() as i8;
+        }
+    }
+}
+
+/// Dot products of one Q8_0 weight row with quantized activation rows.
+///
+/// `dot4` and `dot1` of one kernel give the same bits for a token (same operations in the same
+/// order), so a token's result does not depend on the batch it is computed in. Kernels agree with
+/// each other within float rounding.
+pub struct Kernel {
+    pub name: &'static str,
+    /// One weight row with four activation rows, sharing each load of the weights.
+    ///
+    /// # Safety
+    /// The CPU has the kernel's features (`Kernel::available` lists only those), and every row
+    /// has `w.len()` scales and `32 * w.len()` values.
+    pub dot4: unsafe fn(&[BlockQ8_0], [QRow<'_>; 4]) -> [f32; 4],
+    /// One weight row with one activation row. Safety as `dot4`.
+    pub dot1: unsafe fn(&[BlockQ8_0], QRow<'_>) -> f32,
+}
+
+impl Kernel {
+    /// The kernels this CPU can run, fastest first; the scalar one is always last.
+    pub fn available() -> Vec<&'static Kernel> {
+        let mut v: Vec<&'static Kernel> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        v.extend(x86::available());
+        #[cfg(target_arch = "aarch64")]
+        v.extend(neon::available());
+        v.push(&SCALAR);
+        v
+    }
+
+    /// The fastest available kernel, or the one named by `GEMMA_RS_KERNEL` (for benchmarks and
+    /// tests) when this CPU can run it; chosen once.
+    pub fn best() -> &'static Kernel {
+        static BEST: OnceLock<&'static Kernel> = OnceLock::new();
+        BEST.get_or_init(|| {
+            let all = Kernel::available();
+            let wanted = std::env::var("GEMMA_RS_KERNEL").ok();
+            wanted.and_then(|name| all.iter().copied().find(|k| k.name == name)).unwrap_or(all[0])
+        })
+    }
+
+    /// Safe wrapper of `dot1` with the length checks (tests and one-off products).
+    pub fn dot(&self, w: &[BlockQ8_0], x: QRow<'_>) -> f32 {
+        assert!(x.d.len() == w.len() && x.qs.len() == w.len() * QK8_0, "Kernel::dot: lengths");
+        // SAFETY: lengths checked; `self` comes from `available`, so the CPU runs it.
+        unsafe { (self.dot1)(w, x) }
+    }
+}
+
+/// The portable kernel.
+pub static SCALAR: Kernel = Kernel { name: "scalar", dot4: scalar_dot4, dot1: scalar_dot1 };
+
+fn scalar_dot1(w: &[BlockQ8_0], x: QRow<'_>) -> f32 {
+    let mut acc = 0f32;
+    for ((b, &xd), xq) in w.iter().zip(x.d).zip(x.qs.chunks_exact(QK8_0)) {
+        let isum: i32 = b.qs.iter().zip(xq).map(|(&a, &c)| a as i32 * c as i32).sum();
+        acc += f16_to_f32(b.d) * xd * isum as f32;
+    }
+    acc
+}
+
+fn scalar_dot4(w: &[BlockQ8_0], xs: [QRow<'_>; 4]) -> [f32; 4] {
+    xs.map(|x| scalar_dot1(w, x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift floats in [-scale, scale), with a few exact zeros and outliers.
+    fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+                match i % 97 {
+                    0 => 0.0,
+                    1 => scale * 40.0,
+                    _ => (2.0 * u - 1.0) * scale,
+                }
+            })
+            .collect()
+    }
+
+    fn quantized(x: &[f32]) -> Vec<BlockQ8_0> {
+        let mut b = vec![BlockQ8_0::default(); x.len() / QK8_0];
+        quantize_row_q8_0(x, &mut b);
+        b
+    }
+
+    #[test]
+    fn quantizer_follows_ggml_reference() {
+        // max|x| = 2.54 → d = 0.02, q = round(x / 0.02) half away from zero.
+        let mut x = vec![0f32; 32];
+        x[0] = 2.54;
+        x[1] = -2.54;
+        x[2] = 0.01; // exactly half a step: rounds away from zero
+        x[3] = -0.01;
+        x[4] = 0.009;
+        let b = quantized(&x);
+        assert_eq!(b[0].d, f32_to_f16(2.54 / 127.0));
+        assert_eq!(&b[0].qs[..5], &[127, -127, 1, -1, 0]);
+        // An all-zero block has d = 0 and q = 0.
+        assert_eq!(quantized(&[0.0; 32])[0], BlockQ8_0::default());
+        let mut back = vec![0f32; 32];
+        dequantize_row_q8_0(&b, &mut back);
+        for (a, b) in x.iter().zip(&back) {
+            assert!((a - b).abs() <= 0.0101, "{a} {b}");
+        }
+    }
+
+    #[test]
+    fn rounding_is_c_roundf() {
+        let below_half = f32::from_bits(0.5f32.to_bits() - 1);
+        for x in [0.0, 0.5, -0.5, 1.5, 2.5, -2.5, below_half, -below_half, 126.5, -126.49, 127.0] {
+            assert_eq!(round_half_away(x), x.round(), "{x}");
+        }
+    }
+
+    #[test]
+    fn activation_dot_is_close_to_f32() {
+        let (rows, cols) = (3, 256);
+        let w = random(rows * cols, 1, 0.05);
+        let x = random(cols, 2, 3.0);
+        let wq = quantized(&w);
+        let (mut d, mut qs) = (vec![0f32; cols / QK8_0], vec![0i8; cols]);
+        quantize_activations(&x, &mut d, &mut qs);
+        for r in 0..rows {
+            let exact: f32 = w[r * cols..(r + 1) * cols].iter().zip(&x).map(|(a, b)| a * b).sum();
+            let got = SCALAR.dot(&wq[r * cols / 32..(r + 1) * cols / 32], QRow { d: &d, qs: &qs });
+            let norm: f32 = w[r * cols..(r + 1) * cols].iter().map(|v| v.abs()).sum::<f32>() * 3.0;
+            assert!((got - exact).abs() < 0.01 * norm, "row {r}: {got} vs {exact}");
+        }
+    }
+
+    #[test]
+    fn every_kernel_agrees_with_scalar_and_dot4_equals_dot1() {
+        for k in Kernel::available() {
+            for blocks in [1usize, 2, 3, 5, 20, 33, 64] {
+                let cols = blocks * QK8_0;
+                let w = quantized(&random(cols, blocks as u64, 0.1));
+                let xs: Vec<(Vec<f32>, Vec<i8>)> = (0..4)
+                    .map(|t| {
+                        let x = random(cols, 100 + t, 2.0);
+                        let (mut d, mut qs) = (vec![0f32; blocks], vec![0i8; cols]);
+                        quantize_activations(&x, &mut d, &mut qs);
+                        (d, qs)
+                    })
+                    .collect();
+                let rows: Vec<QRow> = xs.iter().map(|(d, qs)| QRow { d, qs }).collect();
+                let rows4: [QRow; 4] = rows.clone().try_into().unwrap();
+                // SAFETY: `k` is available on this CPU; lengths match.
+                let four = unsafe { (k.dot4)(&w, rows4) };
+                for (t, row) in rows.iter().enumerate() {
+                    let one = k.dot(&w, *row);
+                    assert_eq!(one.to_bits(), four[t].to_bits(), "{}: dot4 differs from dot1", k.name);
+                    let want = SCALAR.dot(&w, *row);
+                    let scale: f32 = w.iter().map(|b| f16_to_f32(b.d).abs() * 127.0 * 32.0 * 2.0).sum();
+                    assert!(
+                        (one - want).abs() <= 1e-5 * scale.max(1.0),
+                        "{} with {blocks} blocks: {one} vs scalar {want}",
+                        k.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_values_do_not_saturate() {
+        // Every product at its largest magnitude: 32 × 127 × 127 per block fits i32 exactly.
+        let mut w = [BlockQ8_0 { d: f32_to_f16(1.0), qs: [-127; 32] }; 4];
+        w[1].qs = [127; 32];
+        let d = [1f32; 4];
+        for qs in [[127i8; 128], [-127i8; 128]] {
+            let x = QRow { d: &d, qs: &qs };
+            let want = SCALAR.dot(&w, x);
+            assert_eq!(want.abs(), 2.0 * 32.0 * 127.0 * 127.0);
+            for k in Kernel::available() {
+                assert_eq!(k.dot(&w, x), want, "{}", k.name);
+            }
+        }
+    }
+}

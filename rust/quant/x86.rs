@@ -1,0 +1,116 @@
+//! Q8_0 kernels for x86_64: AVX2 (+FMA, F16C), and the same loop with AVX-512 VNNI's `vpdpbusd`
+//! on 256-bit vectors where the CPU has it.
+//!
+//! Per block: the 32 weight and activation int8 values are multiplied and summed into 8 i32 lanes
+//! (AVX2: `maddubs` of |w| with x·sign(w), then `madd` with ones, as ggml does; VNNI: one
+//! `dpbusd`), converted to f32 and added into 8 float lanes with the block's scale
+//! `f16(w.d) * x.d` by one FMA. The lanes are summed once, at the end, in a fixed order.
+
+use super::{BlockQ8_0, Kernel, QRow, QK8_0};
+use std::arch::x86_64::*;
+
+pub fn available() -> Vec<&'static Kernel> {
+    let mut v: Vec<&'static Kernel> = Vec::new();
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+    if avx2 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+        v.push(&AVX512_VNNI);
+    }
+    if avx2 {
+        v.push(&AVX2);
+    }
+    v
+}
+
+pub static AVX2: Kernel = Kernel { name: "avx2", dot4: avx2_dot4, dot1: avx2_dot1 };
+pub static AVX512_VNNI: Kernel = Kernel { name: "avx512vnni", dot4: vnni_dot4, dot1: vnni_dot1 };
+
+/// The f16 scale of a weight block as f32 (F16C).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scale(d: u16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d as i32)))
+}
+
+/// Sum of the 8 lanes in a fixed order: (0+4, 1+5, 2+6, 3+7), then pairs, then the last two.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum(v: __m256) -> f32 {
+    let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let p = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps::<1>(p, p)))
+}
+
+/// # Safety
+/// `p` points to 32 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load32(p: *const i8) -> __m256i {
+    // SAFETY: the caller guarantees 32 readable bytes; the load is unaligned.
+    unsafe { _mm256_loadu_si256(p as *const __m256i) }
+}
+
+/// Pairwise products of |w| (u8) and x·sign(w) (i8) summed into 8 i32 lanes (ggml's trick to use
+/// `maddubs`, which multiplies unsigned by signed bytes; |q| ≤ 127 keeps its i16 sums exact).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn avx2_block(abs_w: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    let signed_x = _mm256_sign_epi8(x, w);
+    _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, signed_x), _mm256_set1_epi16(1))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+fn vnni_block(abs_w: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), abs_w, _mm256_sign_epi8(x, w))
+}
+
+/// The shared loop: `T` activation rows against one weight row, block by block. `block` is one
+/// of the two i8 products above; inlined into each target-feature wrapper below.
+#[inline(always)]
+unsafe fn dot_rows<const T: usize>(
+    w: &[BlockQ8_0],
+    xs: [QRow<'_>; T],
+    block: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+) -> [f32; T] {
+    // SAFETY (whole function): the caller runs this inside a function enabling avx2, fma and
+    // f16c, and guarantees each row has `w.len()` scales and `32 * w.len()` values.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); T];
+        for (b, wb) in w.iter().enumerate() {
+            let wq = load32(wb.qs.as_ptr());
+            let abs_w = _mm256_sign_epi8(wq, wq);
+            let dw = scale(wb.d);
+            for t in 0..T {
+                let xq = load32(xs[t].qs.as_ptr().add(b * QK8_0));
+                let sums = _mm256_cvtepi32_ps(block(abs_w, wq, xq));
+                let d = _mm256_set1_ps(dw * *xs[t].d.get_unchecked(b));
+                acc[t] = _mm256_fmadd_ps(d, sums, acc[t]);
+            }
+        }
+        acc.map(|a| hsum(a))
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2_dot4(w: &[BlockQ8_0], xs: [QRow<'_>; 4]) -> [f32; 4] {
+    // SAFETY: features enabled here; lengths are the caller's contract.
+    unsafe { dot_rows(w, xs, |a, w, x| avx2_block(a, w, x)) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2_dot1(w: &[BlockQ8_0], x: QRow<'_>) -> f32 {
+    // SAFETY: as above.
+    unsafe { dot_rows(w, [x], |a, w, x| avx2_block(a, w, x))[0] }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn vnni_dot4(w: &[BlockQ8_0], xs: [QRow<'_>; 4]) -> [f32; 4] {
+    // SAFETY: as above.
+    unsafe { dot_rows(w, xs, |a, w, x| vnni_block(a, w, x)) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn vnni_dot1(w: &[BlockQ8_0], x: QRow<'_>) -> f32 {
+    // SAFETY: as above.
+    unsafe { dot_rows(w, [x], |a, w, x| vnni_block(a, w, x))[0] }
+}
