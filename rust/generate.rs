@@ -30,7 +30,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { max_inference_len: None, weights: WeightType::Bf16, threads: None }
+        LoadOptions { max_inference_len: None, weights: WeightType::Q8_0, threads: None }
     }
 }
 
@@ -195,7 +195,9 @@ impl Engine {
         s.tokens.clear();
         s.extend_to(&self.model, ids, &self.threads, |scratch, start, n| {
             let rows = &mut out[start * vocab..(start + n) * vocab];
-            self.model.lm_head(rows, &scratch.x, n, 0..vocab, &self.threads);
+            let h = self.model.config.hidden_size;
+            let x = self.model.activations(&scratch.x, n, h, &mut scratch.xq, &self.threads);
+            self.model.lm_head(rows, &x, 0..vocab, &self.threads);
         });
         Ok(())
     }
@@ -217,13 +219,15 @@ impl Engine {
                 return;
             }
             let tile = (scratch.logits.len() / n).min(vocab);
+            let h = self.model.config.hidden_size;
+            let x = self.model.activations(&scratch.x, n, h, &mut scratch.xq, &self.threads);
             let mut lse = [LogSumExp::default(); CHUNK];
             let mut target = [0f32; CHUNK];
             for v0 in (0..vocab).step_by(tile) {
                 let v1 = (v0 + tile).min(vocab);
                 let m = v1 - v0;
                 let buf = &mut scratch.logits[..n * m];
-                self.model.lm_head(buf, &scratch.x, n, v0..v1, &self.threads);
+                self.model.lm_head(buf, &x, v0..v1, &self.threads);
                 for t in 0..n {
                     let row = &buf[t * m..(t + 1) * m];
                     lse[t].add_all(row);
@@ -396,7 +400,9 @@ impl Generation {
         let reused = s.extend_to(model, &self.seq, &engine.threads, |_, _, n| last_row = n - 1);
         let scratch = &mut s.scratch;
         let logits = &mut scratch.logits[..vocab];
-        model.lm_head(logits, &scratch.x[last_row * h..(last_row + 1) * h], 1, 0..vocab, &engine.threads);
+        let x = &scratch.x[last_row * h..(last_row + 1) * h];
+        let x = model.activations(x, 1, h, &mut scratch.xq, &engine.threads);
+        model.lm_head(logits, &x, 0..vocab, &engine.threads);
         let tok = self.sampler.sample(logits, &self.seq);
         if self.generated().is_empty() {
             self.reused_tokens = reused;
@@ -507,33 +513,38 @@ mod tests {
         for name in ["tiny-gqa", "tiny-mqa-softcap"] {
             let dir = fx.join("tiny").join(name);
             let (ids, want) = reference(&dir);
-            for threads in [1, 2] {
-                let opts = LoadOptions { weights: WeightType::F32, threads: Some(threads), ..Default::default() };
-                let engine = Engine::load(&dir, &opts).unwrap();
-                let vocab = engine.config().vocab_size;
-                let mut full = vec![0f32; ids.len() * vocab];
-                engine.logits(&ids, &mut full).unwrap();
-                assert!(max_abs_diff(&full, &want) < 1e-3, "{name}: one pass off by {}", max_abs_diff(&full, &want));
+            // bf16 and Q8_0 round the weights (Q8_0 the activations too): close, not exact.
+            for (weights, tol) in [(WeightType::F32, 1e-3), (WeightType::Bf16, 0.25), (WeightType::Q8_0, 1.0)] {
+                for threads in [1, 2] {
+                    let opts = LoadOptions { weights, threads: Some(threads), ..Default::default() };
+                    let engine = Engine::load(&dir, &opts).unwrap();
+                    let vocab = engine.config().vocab_size;
+                    let mut full = vec![0f32; ids.len() * vocab];
+                    engine.logits(&ids, &mut full).unwrap();
+                    let err = max_abs_diff(&full, &want);
+                    assert!(err < tol, "{name} {weights:?}: one pass off by {err}");
 
-                // One token at a time through the KV cache: each call reuses all but the new token.
-                let mut s = engine.session();
-                s.tokens.clear();
-                let mut stepped = vec![0f32; ids.len() * vocab];
-                for i in 0..ids.len() {
-                    let reused = s.extend_to(&engine.model, &ids[..=i], &engine.threads, |scratch, _, n| {
-                        assert_eq!(n, 1);
-                        engine.model.lm_head(
-                            &mut stepped[i * vocab..(i + 1) * vocab],
-                            &scratch.x,
-                            1,
-                            0..vocab,
-                            &engine.threads,
-                        );
-                    });
-                    assert_eq!(reused, i);
+                    // One token at a time through the KV cache: each call reuses all but the new token.
+                    let mut s = engine.session();
+                    s.tokens.clear();
+                    let mut stepped = vec![0f32; ids.len() * vocab];
+                    for i in 0..ids.len() {
+                        let reused = s.extend_to(&engine.model, &ids[..=i], &engine.threads, |scratch, _, n| {
+                            assert_eq!(n, 1);
+                            let h = engine.model.config.hidden_size;
+                            let x = engine.model.activations(&scratch.x, 1, h, &mut scratch.xq, &engine.threads);
+                            engine.model.lm_head(
+                                &mut stepped[i * vocab..(i + 1) * vocab],
+                                &x,
+                                0..vocab,
+                                &engine.threads,
+                            );
+                        });
+                        assert_eq!(reused, i);
+                    }
+                    // Same bits as the batched pass: a token's arithmetic does not depend on its batch.
+                    assert_eq!(stepped, full, "{name} {weights:?}: token-by-token differs from one pass");
                 }
-                // Same bits as the batched pass: a token's arithmetic does not depend on its batch.
-                assert_eq!(stepped, full, "{name}: token-by-token differs from one pass");
             }
         }
     }

@@ -7,7 +7,8 @@
 use crate::config::{Config, LayerType};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::ops;
+use crate::ops::{self, Activations, QuantBuf};
+use crate::quant::{self, BlockQ8_0, QK8_0};
 use crate::safetensors::{SafeTensors, TensorView};
 use crate::tensor::Matrix;
 use crate::threads::{SharedMut, Threads};
@@ -16,11 +17,13 @@ use crate::threads::{SharedMut, Threads};
 /// the scratch buffers have a fixed size whatever the prompt length.
 pub const CHUNK: usize = 64;
 
-/// How weights are held in memory.
+/// How the matmul weights are held in memory (norms are always f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightType {
     F32,
     Bf16,
+    /// GGML Q8_0 blocks; a matrix whose rows are not whole blocks stays bf16.
+    Q8_0,
 }
 
 impl WeightType {
@@ -28,7 +31,16 @@ impl WeightType {
         match s {
             "f32" => Ok(WeightType::F32),
             "bf16" => Ok(WeightType::Bf16),
-            _ => Err(Error::InvalidArgument(format!("weights must be \"bf16\" or \"f32\", got {s:?}"))),
+            "q8_0" => Ok(WeightType::Q8_0),
+            _ => Err(Error::InvalidArgument(format!("weights must be \"q8_0\", \"bf16\" or \"f32\", got {s:?}"))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightType::F32 => "f32",
+            WeightType::Bf16 => "bf16",
+            WeightType::Q8_0 => "q8_0",
         }
     }
 }
@@ -54,6 +66,7 @@ pub struct Model {
     pub embed_tokens: Matrix, // (vocab, hidden), also the lm_head
     pub layers: Vec<Layer>,
     pub norm: Vec<f32>, // (hidden) stored as 1 + w
+    pub weights: WeightType,
     /// `sqrt(hidden_size)` rounded to f32, the embedding multiplier.
     embed_scale: f32,
     /// `query_pre_attn_scalar ** -0.5`.
@@ -76,6 +89,7 @@ pub struct Scratch {
     sin: [Vec<f32>; 2],   // [local, global] × (CHUNK, head_dim / 2)
     scores: Vec<f32>,     // (threads, capacity) attention weights of one query
     pub logits: Vec<f32>, // (vocab)
+    pub xq: QuantBuf,     // (CHUNK, max(hidden, q_dim, intermediate)) a matmul input, quantized
 }
 
 impl Scratch {
@@ -95,7 +109,13 @@ impl Scratch {
             sin: [z(CHUNK * half), z(CHUNK * half)],
             scores: z(threads * capacity),
             logits: z(c.vocab_size),
+            xq: QuantBuf::new(CHUNK * Self::widest_input(c)),
         }
+    }
+
+    /// The most columns a matmul input has.
+    fn widest_input(c: &Config) -> usize {
+        c.hidden_size.max(c.q_dim()).max(c.intermediate_size)
     }
 
     /// Bytes `Scratch::new` allocates.
@@ -104,7 +124,7 @@ impl Scratch {
             + 4 * CHUNK * (c.head_dim / 2)
             + threads * capacity
             + c.vocab_size;
-        floats * 4
+        floats * 4 + QuantBuf::bytes_for(CHUNK * Self::widest_input(c))
     }
 }
 
@@ -123,7 +143,10 @@ impl Model {
             let path = st.path_of(&name);
             let m = match wtype {
                 WeightType::F32 => Matrix::F32 { data: t.to_f32(path)?, rows, cols },
-                WeightType::Bf16 => Matrix::Bf16 { data: t.to_bf16(path)?, rows, cols },
+                WeightType::Q8_0 if cols.is_multiple_of(QK8_0) => {
+                    Matrix::Q8_0 { data: pack_q8_0(st, &t, rows, cols)?, rows, cols }
+                }
+                WeightType::Bf16 | WeightType::Q8_0 => Matrix::Bf16 { data: t.to_bf16(path)?, rows, cols },
             };
             st.release(&name);
             Ok(m)
@@ -158,6 +181,7 @@ impl Model {
             embed_tokens: matrix("embed_tokens.weight", c.vocab_size, h)?,
             layers,
             norm: norm("norm.weight", h)?,
+            weights: wtype,
             embed_scale: (h as f64).sqrt() as f32,
             attn_scale: c.query_pre_attn_scalar.powf(-0.5) as f32,
             inv_freq_local: ops::rope_inv_freq(c.rope_local_base_freq, hd),
@@ -223,9 +247,10 @@ impl Model {
                     c.rms_norm_eps,
                 );
             }
-            ops::matmul(&mut s.q, &s.xb, n, &layer.q_proj, 0..q_dim, threads);
-            ops::matmul(&mut s.k, &s.xb, n, &layer.k_proj, 0..kv_dim, threads);
-            ops::matmul(&mut s.v, &s.xb, n, &layer.v_proj, 0..kv_dim, threads);
+            let xb = self.activations(&s.xb, n, h, &mut s.xq, threads);
+            ops::matmul(&mut s.q, &xb, &layer.q_proj, 0..q_dim, threads);
+            ops::matmul(&mut s.k, &xb, &layer.k_proj, 0..kv_dim, threads);
+            ops::matmul(&mut s.v, &xb, &layer.v_proj, 0..kv_dim, threads);
             for t in 0..n {
                 let (cos, sin) =
                     (&s.cos[rope_table][t * half..(t + 1) * half], &s.sin[rope_table][t * half..(t + 1) * half]);
@@ -240,7 +265,8 @@ impl Model {
                 cache.store(l, start + t, &s.k[t * kv_dim..(t + 1) * kv_dim], &s.v[t * kv_dim..(t + 1) * kv_dim]);
             }
             self.attention(s, cache, l, n, start, threads);
-            ops::matmul(&mut s.xb, &s.att, n, &layer.o_proj, 0..h, threads);
+            let att = self.activations(&s.att, n, q_dim, &mut s.xq, threads);
+            ops::matmul(&mut s.xb, &att, &layer.o_proj, 0..h, threads);
             // post_attention_layernorm, then the residual.
             for t in 0..n {
                 let out = &mut s.xb[t * h..(t + 1) * h];
@@ -258,12 +284,14 @@ impl Model {
                     c.rms_norm_eps,
                 );
             }
-            ops::matmul(&mut s.gate, &s.xb, n, &layer.gate_proj, 0..inter, threads);
-            ops::matmul(&mut s.up, &s.xb, n, &layer.up_proj, 0..inter, threads);
+            let xb = self.activations(&s.xb, n, h, &mut s.xq, threads);
+            ops::matmul(&mut s.gate, &xb, &layer.gate_proj, 0..inter, threads);
+            ops::matmul(&mut s.up, &xb, &layer.up_proj, 0..inter, threads);
             for (g, &u) in s.gate[..n * inter].iter_mut().zip(&s.up[..n * inter]) {
                 *g = ops::gelu_tanh(*g) * u;
             }
-            ops::matmul(&mut s.xb, &s.gate, n, &layer.down_proj, 0..h, threads);
+            let gate = self.activations(&s.gate, n, inter, &mut s.xq, threads);
+            ops::matmul(&mut s.xb, &gate, &layer.down_proj, 0..h, threads);
             for t in 0..n {
                 let out = &mut s.xb[t * h..(t + 1) * h];
                 ops::rms_norm_inplace(out, &layer.post_feedforward_layernorm, c.rms_norm_eps);
@@ -323,15 +351,53 @@ impl Model {
         });
     }
 
+    /// `x (n, cols)` as this model's matmuls take it: quantized once into `buf` for Q8_0 weights.
+    pub fn activations<'a>(
+        &self,
+        x: &'a [f32],
+        n: usize,
+        cols: usize,
+        buf: &'a mut QuantBuf,
+        threads: &Threads,
+    ) -> Activations<'a> {
+        match self.weights {
+            WeightType::Q8_0 => Activations::quantized(x, n, cols, buf, threads),
+            WeightType::F32 | WeightType::Bf16 => Activations::f32(x, n, cols),
+        }
+    }
+
     /// Logits `(n, rows.len())` of the hidden states `x (n, hidden)` for vocabulary rows `rows`:
     /// the tied lm_head, then the final soft-cap when the config has one.
-    pub fn lm_head(&self, out: &mut [f32], x: &[f32], n: usize, rows: std::ops::Range<usize>, threads: &Threads) {
-        let m = rows.len();
-        ops::matmul(out, x, n, &self.embed_tokens, rows, threads);
+    pub fn lm_head(&self, out: &mut [f32], x: &Activations, rows: std::ops::Range<usize>, threads: &Threads) {
+        let (n, m) = (x.n(), rows.len());
+        ops::matmul(out, x, &self.embed_tokens, rows, threads);
         if let Some(cap) = self.config.final_logit_softcapping {
             ops::softcap(&mut out[..n * m], cap);
         }
     }
+}
+
+/// Source bytes quantized per step while packing.
+const PACK_SLAB_BYTES: usize = 1 << 20;
+
+/// The `(rows, cols)` tensor `t` as Q8_0 blocks, quantized straight from the map a slab of rows at
+/// a time; each slab's pages are released once packed, so loading never holds the whole source
+/// tensor resident, nor any full-precision copy of it.
+fn pack_q8_0(st: &SafeTensors, t: &TensorView, rows: usize, cols: usize) -> Result<Vec<BlockQ8_0>> {
+    let path = st.path_of(t.name);
+    let size = t.dtype.size();
+    let slab = (PACK_SLAB_BYTES / (cols * size)).max(1);
+    let per_row = cols / QK8_0;
+    let mut out = vec![BlockQ8_0::default(); rows * per_row];
+    let mut buf = vec![0f32; slab.min(rows) * cols];
+    for r0 in (0..rows).step_by(slab) {
+        let r1 = (r0 + slab).min(rows);
+        let x = &mut buf[..(r1 - r0) * cols];
+        t.read_f32(r0 * cols, x, path)?;
+        quant::quantize_row_q8_0(x, &mut out[r0 * per_row..r1 * per_row]);
+        st.release_bytes(t.name, r0 * cols * size..r1 * cols * size);
+    }
+    Ok(out)
 }
 
 /// The tensor `name`, checked to be a float of `shape`.

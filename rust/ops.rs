@@ -1,10 +1,11 @@
-//! Pure kernels on slices: matrix products, rms_norm, RoPE, softmax, gelu_tanh. They know
-//! nothing of the model.
+//! Pure kernels on slices: matrix products (f32, bf16 and Q8_0 weights), rms_norm, RoPE, softmax,
+//! gelu_tanh. They know nothing of the model.
 //!
 //! Every dot product accumulates in `LANES` independent partial sums reduced in one fixed order,
 //! whatever the number of tokens in the batch: a token's result does not depend on the batch it
 //! was computed in, so prefill in one pass and token-by-token decoding give identical bits.
 
+use crate::quant::{self, BlockQ8_0, Kernel, QRow, QK8_0};
 use crate::tensor::Matrix;
 use crate::threads::{SharedMut, Threads};
 use std::ops::Range;
@@ -124,24 +125,98 @@ impl RowKernel<u16> {
 const L1_TILE_BYTES: usize = 24 << 10;
 const L2_TILE_BYTES: usize = 256 << 10;
 
-/// `out[t][r - row0] = dot(w[r], x[t])` for `r` in `rows`, `t` in `0..n`, tiled so that a tile
-/// of weight rows stays in L2 while tiles of tokens pass over it from L1.
-fn matmul_rows<E: Elem>(k: &RowKernel<E>, out: Out, x: &[f32], n: usize, w: &[E], cols: usize, rows: Range<usize>) {
+/// Room for quantized activations: one f32 scale per 32 values and one int8 per value.
+pub struct QuantBuf {
+    d: Vec<f32>,
+    qs: Vec<i8>,
+}
+
+impl QuantBuf {
+    /// Room for `values` activations (a multiple of 32 per row).
+    pub fn new(values: usize) -> QuantBuf {
+        QuantBuf { d: vec![0.0; values.div_ceil(QK8_0)], qs: vec![0; values] }
+    }
+
+    /// Bytes `QuantBuf::new(values)` allocates.
+    pub fn bytes_for(values: usize) -> usize {
+        values.div_ceil(QK8_0) * 4 + values
+    }
+}
+
+/// Activations `(n, cols)` as the matrix products take them: the f32 rows and, for Q8_0 weights,
+/// the same rows quantized once (so q, k and v, or gate and up, share one quantization).
+pub struct Activations<'a> {
+    x: &'a [f32],
+    n: usize,
+    cols: usize,
+    /// Per row: `cols / 32` scales and `cols` values.
+    q: Option<(&'a [f32], &'a [i8])>,
+}
+
+impl<'a> Activations<'a> {
+    /// Rows for f32 and bf16 weights only.
+    pub fn f32(x: &'a [f32], n: usize, cols: usize) -> Activations<'a> {
+        assert!(x.len() >= n * cols, "activations: {} floats for ({n}, {cols})", x.len());
+        Activations { x, n, cols, q: None }
+    }
+
+    /// Rows for any weights: quantized into `buf` when `cols` is a whole number of blocks.
+    pub fn quantized(x: &'a [f32], n: usize, cols: usize, buf: &'a mut QuantBuf, threads: &Threads) -> Activations<'a> {
+        let mut a = Activations::f32(x, n, cols);
+        if !cols.is_multiple_of(QK8_0) {
+            return a;
+        }
+        let blocks = cols / QK8_0;
+        let (d, qs) = (&mut buf.d[..n * blocks], &mut buf.qs[..n * cols]);
+        let (dp, qp) = (SharedMut::new(d), SharedMut::new(qs));
+        threads.for_ranges(n, 1, n * cols * 4, |_, rows| {
+            for t in rows {
+                // SAFETY: rows are split disjointly between threads; ranges are in bounds.
+                let (d, q) = unsafe { (dp.slice(t * blocks, blocks), qp.slice(t * cols, cols)) };
+                quant::quantize_activations(&x[t * cols..(t + 1) * cols], d, q);
+            }
+        });
+        a.q = Some((&buf.d[..n * blocks], &buf.qs[..n * cols]));
+        a
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    fn row(&self, t: usize) -> &[f32] {
+        &self.x[t * self.cols..(t + 1) * self.cols]
+    }
+
+    fn qrow(&self, t: usize) -> QRow<'_> {
+        let (d, qs) = self.q.expect("Q8_0 weights need quantized activations (Activations::quantized)");
+        let blocks = self.cols / QK8_0;
+        QRow { d: &d[t * blocks..(t + 1) * blocks], qs: &qs[t * self.cols..(t + 1) * self.cols] }
+    }
+}
+
+/// `out[t][r - row0] = dot(t, r)` for `r` in `rows`, `t` in `0..n`, tiled so that a tile of weight
+/// rows (`row_bytes` each) stays in L2 while tiles of tokens (`token_bytes` each) pass over it from
+/// L1; four tokens at a time share each load of a weight row.
+fn tiled(
+    out: Out,
+    n: usize,
+    rows: Range<usize>,
+    (row_bytes, token_bytes): (usize, usize),
+    dot4: impl Fn(usize, [usize; 4]) -> [f32; 4],
+    dot1: impl Fn(usize, usize) -> f32,
+) {
     let Out { ptr, stride, row0 } = out;
-    let token_tile = (L1_TILE_BYTES / (4 * cols)).max(4) / 4 * 4;
-    let row_tile = (L2_TILE_BYTES / (std::mem::size_of::<E>() * cols)).max(1);
-    let xrow = |t: usize| &x[t * cols..(t + 1) * cols];
+    let token_tile = (L1_TILE_BYTES / token_bytes.max(1)).max(4) / 4 * 4;
+    let row_tile = (L2_TILE_BYTES / row_bytes.max(1)).max(1);
     for rt in (rows.start..rows.end).step_by(row_tile) {
         for tt in (0..n).step_by(token_tile) {
             let t_end = (tt + token_tile).min(n);
             for r in rt..(rt + row_tile).min(rows.end) {
-                let wr = &w[r * cols..(r + 1) * cols];
                 let o = r - row0;
                 let mut t = tt;
                 while t + 4 <= t_end {
-                    // SAFETY: the kernel was chosen for this CPU; slices have `cols` elements.
-                    let y = unsafe { (k.dot4)(wr, [xrow(t), xrow(t + 1), xrow(t + 2), xrow(t + 3)]) };
-                    for (i, v) in y.into_iter().enumerate() {
+                    for (i, v) in dot4(r, [t, t + 1, t + 2, t + 3]).into_iter().enumerate() {
                         // SAFETY: rows are split disjointly between threads; the index is in
                         // bounds (checked in `matmul`).
                         unsafe { ptr.write((t + i) * stride + o, v) };
@@ -150,23 +225,45 @@ fn matmul_rows<E: Elem>(k: &RowKernel<E>, out: Out, x: &[f32], n: usize, w: &[E]
                 }
                 for t in t..t_end {
                     // SAFETY: as above.
-                    unsafe { ptr.write(t * stride + o, (k.dot1)(wr, xrow(t))) };
+                    unsafe { ptr.write(t * stride + o, dot1(r, t)) };
                 }
             }
         }
     }
 }
 
+/// Rows `rows` of an f32 or bf16 weight `w (_, cols)` applied to `x`.
+fn matmul_float<E: Elem>(k: &RowKernel<E>, out: Out, x: &Activations, w: &[E], rows: Range<usize>) {
+    let cols = x.cols;
+    let wrow = |r: usize| &w[r * cols..(r + 1) * cols];
+    // SAFETY (both kernels): chosen for this CPU; every slice has `cols` elements.
+    let dot4 = |r, t: [usize; 4]| unsafe { (k.dot4)(wrow(r), t.map(|t| x.row(t))) };
+    let dot1 = |r, t| unsafe { (k.dot1)(wrow(r), x.row(t)) };
+    tiled(out, x.n, rows, (std::mem::size_of::<E>() * cols, 4 * cols), dot4, dot1);
+}
+
+/// Rows `rows` of a Q8_0 weight applied to the quantized `x`.
+fn matmul_q8_0(k: &Kernel, out: Out, x: &Activations, w: &[BlockQ8_0], rows: Range<usize>) {
+    let blocks = x.cols / QK8_0;
+    let wrow = |r: usize| &w[r * blocks..(r + 1) * blocks];
+    // SAFETY (both kernels): from `Kernel::best`, so this CPU runs them; a weight row has
+    // `blocks` blocks and every quantized row `blocks` scales and `cols` values.
+    let dot4 = |r, t: [usize; 4]| unsafe { (k.dot4)(wrow(r), t.map(|t| x.qrow(t))) };
+    let dot1 = |r, t| unsafe { (k.dot1)(wrow(r), x.qrow(t)) };
+    tiled(out, x.n, rows, (blocks * std::mem::size_of::<BlockQ8_0>(), x.cols + 4 * blocks), dot4, dot1);
+}
+
 /// `out (n, rows.len()) = x (n, cols) · w[rows]ᵀ`: the rows `rows` of `w` applied to `n` tokens.
-pub fn matmul(out: &mut [f32], x: &[f32], n: usize, w: &Matrix, rows: Range<usize>, threads: &Threads) {
-    let (cols, m) = (w.cols(), rows.len());
-    assert!(rows.end <= w.rows() && out.len() >= n * m && x.len() >= n * cols, "matmul shapes");
+pub fn matmul(out: &mut [f32], x: &Activations, w: &Matrix, rows: Range<usize>, threads: &Threads) {
+    let (n, cols, m) = (x.n, w.cols(), rows.len());
+    assert!(rows.end <= w.rows() && out.len() >= n * m && x.cols == cols, "matmul shapes");
     let out = Out { ptr: SharedMut::new(out), stride: m, row0: rows.start };
     threads.for_ranges(m, 4, n * m * cols, |_, part| {
         let part = rows.start + part.start..rows.start + part.end;
         match w {
-            Matrix::F32 { data, .. } => matmul_rows(RowKernel::<f32>::best(), out, x, n, data, cols, part),
-            Matrix::Bf16 { data, .. } => matmul_rows(RowKernel::<u16>::best(), out, x, n, data, cols, part),
+            Matrix::F32 { data, .. } => matmul_float(RowKernel::<f32>::best(), out, x, data, part),
+            Matrix::Bf16 { data, .. } => matmul_float(RowKernel::<u16>::best(), out, x, data, part),
+            Matrix::Q8_0 { data, .. } => matmul_q8_0(Kernel::best(), out, x, data, part),
         }
     });
 }
@@ -426,14 +523,14 @@ mod tests {
             for threads in [1, 3] {
                 let m = Matrix::F32 { data: w.clone(), rows, cols };
                 let mut out = vec![0f32; n * rows];
-                matmul(&mut out, &x, n, &m, 0..rows, &Threads::new(threads));
+                matmul(&mut out, &Activations::f32(&x, n, cols), &m, 0..rows, &Threads::new(threads));
                 for (a, b) in out.iter().zip(&want) {
                     assert!((a - b).abs() < 1e-4 * (cols as f32).sqrt(), "{a} {b}");
                 }
                 // A sub-range of rows lands at the start of `out`.
                 let k = rows.min(2);
                 let mut part = vec![0f32; n * k];
-                matmul(&mut part, &x, n, &m, rows - k..rows, &Threads::new(threads));
+                matmul(&mut part, &Activations::f32(&x, n, cols), &m, rows - k..rows, &Threads::new(threads));
                 for t in 0..n {
                     assert_eq!(&part[t * k..(t + 1) * k], &out[(t + 1) * rows - k..(t + 1) * rows]);
                 }
@@ -476,8 +573,9 @@ mod tests {
         let bits: Vec<u16> = (0..rows * cols).map(|_| (lcg(&mut s).to_bits() >> 16) as u16).collect();
         let wide: Vec<f32> = bits.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
         let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
-        matmul(&mut a, &x, n, &Matrix::Bf16 { data: bits, rows, cols }, 0..rows, &Threads::new(1));
-        matmul(&mut b, &x, n, &Matrix::F32 { data: wide, rows, cols }, 0..rows, &Threads::new(1));
+        let x = Activations::f32(&x, n, cols);
+        matmul(&mut a, &x, &Matrix::Bf16 { data: bits, rows, cols }, 0..rows, &Threads::new(1));
+        matmul(&mut b, &x, &Matrix::F32 { data: wide, rows, cols }, 0..rows, &Threads::new(1));
         assert_eq!(a, b);
     }
 
@@ -488,10 +586,10 @@ mod tests {
         let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut s)).collect();
         let m = Matrix::F32 { data: (0..rows * cols).map(|_| lcg(&mut s)).collect(), rows, cols };
         let mut all = vec![0f32; n * rows];
-        matmul(&mut all, &x, n, &m, 0..rows, &Threads::new(1));
+        matmul(&mut all, &Activations::f32(&x, n, cols), &m, 0..rows, &Threads::new(1));
         for t in 0..n {
             let mut one = vec![0f32; rows];
-            matmul(&mut one, &x[t * cols..(t + 1) * cols], 1, &m, 0..rows, &Threads::new(1));
+            matmul(&mut one, &Activations::f32(&x[t * cols..(t + 1) * cols], 1, cols), &m, 0..rows, &Threads::new(1));
             assert_eq!(one, all[t * rows..(t + 1) * rows]);
             for r in 0..rows {
                 let d = dot(
@@ -502,6 +600,41 @@ mod tests {
                     },
                 );
                 assert_eq!(d, one[r]);
+            }
+        }
+    }
+
+    fn q8_0(w: &[f32], rows: usize, cols: usize) -> Matrix {
+        let mut data = vec![BlockQ8_0::default(); rows * cols / QK8_0];
+        quant::quantize_row_q8_0(w, &mut data);
+        Matrix::Q8_0 { data, rows, cols }
+    }
+
+    #[test]
+    fn q8_0_matmul_is_close_to_f32_and_batch_independent() {
+        let mut s = 13u64;
+        for &(n, rows, cols) in &[(1, 1, 32), (5, 9, 96), (9, 130, 640), (66, 7, 2048)] {
+            let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut s)).collect();
+            let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut s) * 0.1).collect();
+            let want = naive_matmul(&x, n, &w, rows, cols);
+            let m = q8_0(&w, rows, cols);
+            for threads in [1, 3] {
+                let threads = Threads::new(threads);
+                let mut buf = QuantBuf::new(n * cols);
+                let xa = Activations::quantized(&x, n, cols, &mut buf, &threads);
+                let mut all = vec![0f32; n * rows];
+                matmul(&mut all, &xa, &m, 0..rows, &threads);
+                // Two 8-bit roundings: relative error about 1% of the row's |w|·|x|.
+                for (a, b) in all.iter().zip(&want) {
+                    assert!((a - b).abs() < 0.02 * 0.1 * cols as f32 / 2.0, "{a} {b}");
+                }
+                let mut one_buf = QuantBuf::new(cols);
+                for t in [0, n / 2, n - 1] {
+                    let xt = Activations::quantized(&x[t * cols..(t + 1) * cols], 1, cols, &mut one_buf, &threads);
+                    let mut one = vec![0f32; rows];
+                    matmul(&mut one, &xt, &m, 0..rows, &threads);
+                    assert_eq!(one, all[t * rows..(t + 1) * rows], "token {t} of {n}");
+                }
             }
         }
     }

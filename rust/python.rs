@@ -4,10 +4,11 @@
 use crate::error::Error;
 use crate::generate::{Completion, Engine, GenerateParams, Generation, LoadOptions};
 use crate::model::WeightType;
+use crate::quant::{self, BlockQ8_0, QK8_0};
 use crate::sampler::SamplingParams;
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyDict, PyList, PyString};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -84,6 +85,19 @@ fn load(
     };
     let engine = compute(py, || Engine::load(&path, &opts))?;
     Ok(Model { engine: Arc::new(engine) })
+}
+
+/// GGML Q8_0 blocks of little-endian f32 values (a whole number of 32-value blocks), as the
+/// loader packs weights: the bytes llama.cpp's `quantize_row_q8_0_ref` gives.
+#[pyfunction]
+fn quantize_q8_0<'py>(py: Python<'py>, values: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    if !values.len().is_multiple_of(4 * QK8_0) {
+        return Err(value_error(format!("{} bytes is not a whole number of 32-float blocks", values.len())));
+    }
+    let x: Vec<f32> = values.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let mut blocks = vec![BlockQ8_0::default(); x.len() / QK8_0];
+    quant::quantize_row_q8_0(&x, &mut blocks);
+    Ok(PyBytes::new(py, BlockQ8_0::as_bytes(&blocks)))
 }
 
 #[pyclass(frozen, module = "gemma_rs._gemma_rs")]
@@ -317,6 +331,7 @@ fn _gemma_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GemmaError", m.py().get_type::<GemmaError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_q8_0, m)?)?;
     m.add_class::<Model>()?;
     m.add_class::<Stream>()?;
     Ok(())

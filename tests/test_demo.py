@@ -31,8 +31,9 @@ def test_rebuilt_tokenizer_equals_transformers(demo_dir, fixtures_dir):
 
 def test_rebuilt_model_generates_the_reference(demo_dir, real_model_bf16_dir, fixtures_dir):
     ref = json.loads((fixtures_dir / "gemma-3-270m" / "reference-bf16.json").read_text())
-    model = gemma_rs.load(demo_dir, max_inference_len=128)
-    fixture = gemma_rs.load(real_model_bf16_dir, max_inference_len=128)
+    # bf16 weights: exactly the reference checkpoint's values.
+    model = gemma_rs.load(demo_dir, max_inference_len=128, weights="bf16")
+    fixture = gemma_rs.load(real_model_bf16_dir, max_inference_len=128, weights="bf16")
     keys = ("vocab_size", "hidden_size", "num_hidden_layers", "head_dim", "sliding_window")
     assert {k: model.config[k] for k in keys} == {k: fixture.config[k] for k in keys}
     assert model.max_inference_len == 128 and model.eos_token_ids == [1]

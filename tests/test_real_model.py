@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -132,3 +134,51 @@ def test_the_gil_is_released_while_computing(real_model_bf16_dir):
         time.sleep(0.001)
     worker.join()
     assert ticks > 50  # the main thread kept running during a call of about a second
+
+
+def test_q8_0_default_weights_stay_close_to_the_reference(real_model_bf16_dir, fixtures_dir):
+    """The default weights (Q8_0 packed at load) on the bf16 checkpoint: perplexity within 2% of
+    transformers' bf16 reference, the same top-1 token wherever the reference is not a near tie,
+    and the weights in at most 300 MB."""
+    ref = json.loads((fixtures_dir / "gemma-3-270m" / "reference-bf16.json").read_text())
+    model = gemma_rs.load(real_model_bf16_dir, max_inference_len=1024)
+    assert model.memory["weights"] <= 300e6, model.memory
+
+    case = ref["perplexity"][0]
+    nll = -model.logprobs(case["ids"]).astype(np.float64).mean()
+    assert abs(np.exp(nll - case["mean_nll"]) - 1) <= 0.02, (nll, case["mean_nll"])
+
+    clear = 0
+    for g in ref["generate"]:
+        seq = g["prompt_ids"] + g["greedy_ids"][:-1]
+        logits = model.logits(seq)[len(g["prompt_ids"]) - 1 :]
+        for i, step in enumerate(g["steps"]):
+            top = step["top_logits"]
+            np.testing.assert_allclose(logits[i][step["top_ids"]], top, atol=2.5, rtol=0)
+            if top[0] - top[1] > 0.25:
+                clear += 1
+                assert int(np.argmax(logits[i])) == step["top_ids"][0], (g["name"], i)
+    assert clear > 100
+
+
+def test_peak_memory_of_a_whole_process_with_q8_0(real_model_bf16_dir):
+    """Load the bf16 checkpoint (536 MB on disk) packing Q8_0, generate 32 tokens: the process's
+    peak RSS, interpreter included, stays at most 400 MB (llama.cpp's with the Q8_0 GGUF: 371)."""
+    # VmHWM, not ru_maxrss: the latter inherits the forking parent's peak (this pytest process).
+    code = (
+        "import re, sys, gemma_rs\n"
+        "m = gemma_rs.load(sys.argv[1], max_inference_len=64)\n"
+        "c = m.complete('The capital of France is', max_new_tokens=32)\n"
+        "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+        "print(len(c.token_ids), hwm)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(real_model_bf16_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    tokens, peak_kib = map(int, out.stdout.split())
+    assert tokens > 0
+    assert peak_kib / 1024 <= 400, f"peak RSS {peak_kib / 1024:.0f} MiB"
