@@ -121,7 +121,7 @@ impl Engine {
         }
 
         let st = SafeTensors::open_dir(path)?;
-        let model = Model::load(config, &st, opts.weights)?;
+        let model = Model::load(config, &st, opts.weights, &threads)?;
         drop(st);
         let c = &model.config;
         let session = Session {

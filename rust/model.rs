@@ -130,7 +130,7 @@ impl Scratch {
 
 impl Model {
     /// Loads every weight from the checkpoint, checking names and shapes against `config`.
-    pub fn load(config: Config, st: &SafeTensors, wtype: WeightType) -> Result<Model> {
+    pub fn load(config: Config, st: &SafeTensors, wtype: WeightType, threads: &Threads) -> Result<Model> {
         let prefix = ["model.", "language_model.model.", "model.language_model."]
             .into_iter()
             .find(|p| st.contains(&format!("{p}embed_tokens.weight")))
@@ -144,7 +144,7 @@ impl Model {
             let m = match wtype {
                 WeightType::F32 => Matrix::F32 { data: t.to_f32(path)?, rows, cols },
                 WeightType::Q8_0 if cols.is_multiple_of(QK8_0) => {
-                    Matrix::Q8_0 { data: pack_q8_0(st, &t, rows, cols)?, rows, cols }
+                    Matrix::Q8_0 { data: pack_q8_0(st, &t, rows, cols, threads)?, rows, cols }
                 }
                 WeightType::Bf16 | WeightType::Q8_0 => Matrix::Bf16 { data: t.to_bf16(path)?, rows, cols },
             };
@@ -287,9 +287,11 @@ impl Model {
             let xb = self.activations(&s.xb, n, h, &mut s.xq, threads);
             ops::matmul(&mut s.gate, &xb, &layer.gate_proj, 0..inter, threads);
             ops::matmul(&mut s.up, &xb, &layer.up_proj, 0..inter, threads);
-            for (g, &u) in s.gate[..n * inter].iter_mut().zip(&s.up[..n * inter]) {
-                *g = ops::gelu_tanh(*g) * u;
-            }
+            let (gate, up) = (SharedMut::new(&mut s.gate[..n * inter]), &s.up);
+            threads.for_ranges(n * inter, 64, n * inter * 16, |_, r| {
+                // SAFETY: ranges are disjoint between threads and inside `n * inter`.
+                ops::gelu_tanh_mul(unsafe { gate.slice(r.start, r.len()) }, &up[r]);
+            });
             let gate = self.activations(&s.gate, n, inter, &mut s.xq, threads);
             ops::matmul(&mut s.xb, &gate, &layer.down_proj, 0..h, threads);
             for t in 0..n {
@@ -383,7 +385,7 @@ const PACK_SLAB_BYTES: usize = 1 << 20;
 /// The `(rows, cols)` tensor `t` as Q8_0 blocks, quantized straight from the map a slab of rows at
 /// a time; each slab's pages are released once packed, so loading never holds the whole source
 /// tensor resident, nor any full-precision copy of it.
-fn pack_q8_0(st: &SafeTensors, t: &TensorView, rows: usize, cols: usize) -> Result<Vec<BlockQ8_0>> {
+fn pack_q8_0(st: &SafeTensors, t: &TensorView, rows: usize, cols: usize, threads: &Threads) -> Result<Vec<BlockQ8_0>> {
     let path = st.path_of(t.name);
     let size = t.dtype.size();
     let slab = (PACK_SLAB_BYTES / (cols * size)).max(1);
@@ -394,7 +396,12 @@ fn pack_q8_0(st: &SafeTensors, t: &TensorView, rows: usize, cols: usize) -> Resu
         let r1 = (r0 + slab).min(rows);
         let x = &mut buf[..(r1 - r0) * cols];
         t.read_f32(r0 * cols, x, path)?;
-        quant::quantize_row_q8_0(x, &mut out[r0 * per_row..r1 * per_row]);
+        let (x, blocks) = (&*x, SharedMut::new(&mut out[r0 * per_row..r1 * per_row]));
+        threads.for_ranges(r1 - r0, 1, (r1 - r0) * cols * 4, |_, r| {
+            // SAFETY: row ranges are disjoint between threads and inside the slab.
+            let blocks = unsafe { blocks.slice(r.start * per_row, r.len() * per_row) };
+            quant::quantize_row_q8_0(&x[r.start * cols..r.end * cols], blocks);
+        });
         st.release_bytes(t.name, r0 * cols * size..r1 * cols * size);
     }
     Ok(out)

@@ -46,6 +46,16 @@ impl BlockQ8_0 {
 /// half away from zero, and `d` stored as f16 rounded to nearest even.
 pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     assert_eq!(x.len(), out.len() * QK8_0, "quantize_row_q8_0: {} values for {} blocks", x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { x86::quantize_row_q8_0(x, out) };
+    }
+    quantize_row_q8_0_portable(x, out)
+}
+
+#[inline(always)]
+fn quantize_row_q8_0_portable(x: &[f32], out: &mut [BlockQ8_0]) {
     for (xb, b) in x.chunks_exact(QK8_0).zip(out) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -59,14 +69,19 @@ pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
 
 /// C's `roundf` (half away from zero) for |x| < 2^23, written so that it vectorizes.
 #[inline(always)]
-fn round_half_away(x: f32) -> f32 {
-    let t = x.trunc();
-    // x - t is exact here, so the comparison sees the true fraction.
-    if (x - t).abs() >= 0.5 {
-        t + 1f32.copysign(x)
-    } else {
-        t
-    }
+fn round_half_away(x: f32) -> i32 {
+    let t = x as i32;
+    // x - t is exact here, so the comparisons see the true fraction.
+    let f = x - t as f32;
+    t + (f >= 0.5) as i32 - (f <= -0.5) as i32
+}
+
+/// Rounds to the nearest integer, ties to even, for |x| < 2^22: adding 1.5 · 2^23 leaves no
+/// fraction bits, so the addition itself rounds (and it vectorizes without SSE4.1).
+#[inline(always)]
+fn round_ties_even(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0;
+    (x + ROUND) - ROUND
 }
 
 /// `out = d * q` for every value of `blocks`.
@@ -91,12 +106,22 @@ pub struct QRow<'a> {
 /// f16) and `q = x / d` rounded to nearest even.
 pub fn quantize_activations(x: &[f32], d: &mut [f32], qs: &mut [i8]) {
     assert!(x.len() == qs.len() && x.len() == d.len() * QK8_0, "quantize_activations: lengths");
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { x86::quantize_activations(x, d, qs) };
+    }
+    quantize_activations_portable(x, d, qs)
+}
+
+#[inline(always)]
+fn quantize_activations_portable(x: &[f32], d: &mut [f32], qs: &mut [i8]) {
     for ((xb, d), qb) in x.chunks_exact(QK8_0).zip(d.iter_mut()).zip(qs.chunks_exact_mut(QK8_0)) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         *d = amax / 127.0;
         let id = if *d != 0.0 { 1.0 / *d } else { 0.0 };
         for (q, &v) in qb.iter_mut().zip(xb) {
-            *q = (v * id).round_ties_even() as i8;
+            *q = round_ties_even(v * id) as i8;
         }
     }
 }
@@ -218,7 +243,8 @@ mod tests {
     fn rounding_is_c_roundf() {
         let below_half = f32::from_bits(0.5f32.to_bits() - 1);
         for x in [0.0, 0.5, -0.5, 1.5, 2.5, -2.5, below_half, -below_half, 126.5, -126.49, 127.0] {
-            assert_eq!(round_half_away(x), x.round(), "{x}");
+            assert_eq!(round_half_away(x) as f32, x.round(), "{x}");
+            assert_eq!(round_ties_even(x), x.round_ties_even(), "{x}");
         }
     }
 

@@ -21,6 +21,21 @@ pub fn available() -> Vec<&'static Kernel> {
     v
 }
 
+pub fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// The portable quantizers compiled here for 8-lane vectors (same operations, same bits).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    super::quantize_row_q8_0_portable(x, out)
+}
+
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_activations(x: &[f32], d: &mut [f32], qs: &mut [i8]) {
+    super::quantize_activations_portable(x, d, qs)
+}
+
 pub static AVX2: Kernel = Kernel { name: "avx2", dot4: avx2_dot4, dot1: avx2_dot1 };
 pub static AVX512_VNNI: Kernel = Kernel { name: "avx512vnni", dot4: vnni_dot4, dot1: vnni_dot1 };
 
@@ -64,8 +79,10 @@ fn vnni_block(abs_w: __m256i, w: __m256i, x: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(_mm256_setzero_si256(), abs_w, _mm256_sign_epi8(x, w))
 }
 
-/// The shared loop: `T` activation rows against one weight row, block by block. `block` is one
-/// of the two i8 products above; inlined into each target-feature wrapper below.
+/// The shared loop: `T` activation rows against one weight row, block by block; `block` is one
+/// of the two i8 products above, inlined into each target-feature wrapper below. Each token goes
+/// through the same operations in the same order whatever `T`, so `dot4` and `dot1` agree bit
+/// for bit.
 #[inline(always)]
 unsafe fn dot_rows<const T: usize>(
     w: &[BlockQ8_0],
@@ -91,26 +108,22 @@ unsafe fn dot_rows<const T: usize>(
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2_dot4(w: &[BlockQ8_0], xs: [QRow<'_>; 4]) -> [f32; 4] {
-    // SAFETY: features enabled here; lengths are the caller's contract.
-    unsafe { dot_rows(w, xs, |a, w, x| avx2_block(a, w, x)) }
+/// The two entry points of a kernel from its block product.
+macro_rules! entry_points {
+    ($features:literal, $block:ident, $dot4:ident, $dot1:ident) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $dot4(w: &[BlockQ8_0], xs: [QRow<'_>; 4]) -> [f32; 4] {
+            // SAFETY: features enabled here; lengths are the caller's contract.
+            unsafe { dot_rows(w, xs, |a, w, x| $block(a, w, x)) }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn $dot1(w: &[BlockQ8_0], x: QRow<'_>) -> f32 {
+            // SAFETY: as above.
+            unsafe { dot_rows(w, [x], |a, w, x| $block(a, w, x))[0] }
+        }
+    };
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2_dot1(w: &[BlockQ8_0], x: QRow<'_>) -> f32 {
-    // SAFETY: as above.
-    unsafe { dot_rows(w, [x], |a, w, x| avx2_block(a, w, x))[0] }
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-unsafe fn vnni_dot4(w: &[BlockQ8_0], xs: [QRow<'_>; 4]) -> [f32; 4] {
-    // SAFETY: as above.
-    unsafe { dot_rows(w, xs, |a, w, x| vnni_block(a, w, x)) }
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-unsafe fn vnni_dot1(w: &[BlockQ8_0], x: QRow<'_>) -> f32 {
-    // SAFETY: as above.
-    unsafe { dot_rows(w, [x], |a, w, x| vnni_block(a, w, x))[0] }
-}
+entry_points!("avx2,fma,f16c", avx2_block, avx2_dot4, avx2_dot1);
+entry_points!("avx2,fma,f16c,avx512vnni,avx512vl", vnni_block, vnni_dot4, vnni_dot1);

@@ -1,0 +1,401 @@
+"""Prefill and decode speed of gemma_rs against llama.cpp on the same Q8_0 weights.
+
+    python bench/compare_llama_cpp.py [--threads 2] [--repeat 5] [--weights q8_0]
+        [--prefill-tokens 512] [--decode-prompt-tokens 64] [--new-tokens 128] [--memory]
+
+Both engines run the real Gemma 3 270M in one process, alternating (gemma_rs, llama.cpp,
+gemma_rs, ...) for --repeat rounds after --warmup untimed rounds, with the same thread count and
+the same token ids (tokenized once by gemma_rs, BOS included; llama.cpp is fed the ids, so it adds
+no BOS of its own). Every call starts with a different word after BOS, so neither engine reuses a
+cached prefix beyond BOS.
+
+- prefill tokens/s = prompt tokens / time to the first new token's logits (gemma_rs:
+  Completion.prefill_seconds of ``complete(ids, 1)``; llama.cpp: ``Llama.eval(ids)`` after
+  ``reset()``, plus an argmax of the last logits);
+- decode tokens/s = (new tokens - 1) / time of the forward passes after the first new token
+  (gemma_rs: Completion.decode_seconds; llama.cpp: a greedy loop of single-token ``eval`` calls
+  and an argmax of ``llama_get_logits_ith(ctx, -1)``). llama.cpp always decodes the full count;
+  gemma_rs stops at <eos>, so the prompt is ordinary text and the actual counts are printed.
+
+Weights. llama.cpp loads ``gemma-3-270m-q8_0.gguf``, written once into ``$GEMMA_RS_CACHE``
+(default ``~/.cache/gemma_rs``) from the PyPI Q4_K_M GGUF: every 2-D tensor dequantized to f32
+(``gguf.quants.dequantize``) and requantized to Q8_0 (``gguf.quants.quantize``, bit-exact with
+ggml's ``quantize_row_q8_0_ref``), norms kept F32, all metadata copied. gemma_rs loads
+``gemma-3-270m-f32/`` (the same f32 dequantization; ``python tests/real_model.py --kind f32``)
+with ``weights="q8_0"``, which quantizes with the same reference rounding, so both engines hold
+byte-identical Q8_0 blocks; a few tensors are checked at start-up. (gemma_rs's norm weights are
+``(1 + w) - 1`` in f32, which can differ from GGUF's ``1 + w`` in the last bit.)
+
+llama.cpp comes from llama-cpp-python built from the PyPI sdist for this CPU (-march=native)
+into the same venv as gemma_rs, e.g.:
+
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-binary llama-cpp-python \\
+        llama-cpp-python==0.3.36
+
+(``--no-binary :all:`` would also build cmake and ninja from source.) Both sides use their own
+defaults otherwise: llama-cpp-python disables flash attention unless --llama-flash-attn.
+
+--memory additionally runs each engine in a child process (load with a 64-token context,
+generate 32 tokens) and reports the child's peak RSS (VmHWM), next to children that only import
+the Python packages (numpy and gemma_rs; and llama_cpp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import gemma_rs
+from gemma_rs import demo
+
+Q8_0_GGUF_NAME = "gemma-3-270m-q8_0.gguf"
+F32_DIR_NAME = "gemma-3-270m-f32"
+ROW_CHUNK = 16384  # rows requantized at a time (42 MB of f32 for the embedding)
+TEXT = (
+    "Licensed under the Apache License, Version 2.0 (the License); you may not use this file "
+    "except in compliance with the License. You may obtain a copy of the License at "
+)
+SALTS = (
+    "Alpha Bravo Charlie Delta Echo Foxtrot Golf Hotel India Juliett Kilo Lima Mike November "
+    "Oscar Papa Quebec Romeo Sierra Tango Uniform Victor Whiskey Xray Yankee Zulu"
+).split()
+# Tensors whose Q8_0 bytes are compared between the GGUF and gemma_rs's quantizer at start-up.
+CHECKED = ("blk.0.attn_q.weight", "blk.17.ffn_down.weight", "token_embd.weight")
+
+
+def log(message: str) -> None:
+    print(f"[compare] {message}", file=sys.stderr, flush=True)
+
+
+# --- the Q8_0 GGUF ------------------------------------------------------------------------------
+
+
+def build_q8_0_gguf(src: Path, dst: Path) -> None:
+    """Writes `src` (any GGUF ggml reads) with every 2-D tensor requantized to Q8_0."""
+    import gguf
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    partial = dst.with_name(dst.name + ".partial")
+    writer = gguf.GGUFWriter(partial, arch)
+    for field in reader.fields.values():
+        # GGUF.* are virtual fields of the reader; the writer adds general.architecture itself.
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        if field.name == "general.file_type":
+            writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+    def converted(t: Any) -> np.ndarray:
+        if len(t.shape) == 1:
+            return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        chunks = []
+        for i in range(0, len(t.data), ROW_CHUNK):
+            x = gguf.quants.dequantize(t.data[i : i + ROW_CHUNK], t.tensor_type)
+            chunks.append(gguf.quants.quantize(x.astype(np.float32, copy=False), q8))
+        return np.concatenate(chunks)
+
+    # Tensor infos go first in the file: shapes from the Q8_0 byte sizes, data written after.
+    for t in reader.tensors:
+        rows, cols = int(np.prod(t.shape[1:])), int(t.shape[0])
+        if len(t.shape) == 1:
+            writer.add_tensor_info(t.name, (cols,), np.dtype(np.float32), 4 * cols)
+        else:
+            nbytes = rows * (cols // 32) * 34
+            writer.add_tensor_info(t.name, (rows, nbytes // rows), np.dtype(np.uint8), nbytes, q8)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(converted(t))
+    writer.close()
+    os.replace(partial, dst)
+
+
+def q8_0_gguf_path() -> Path:
+    """The Q8_0 GGUF in the cache, built once from the PyPI Q4_K_M GGUF."""
+    dst = demo.cache_dir() / Q8_0_GGUF_NAME
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst.with_name(dst.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time
+        if not dst.exists():
+            src = demo.gguf_path()
+            log(f"writing {dst} from {src.name} (once)")
+            t0 = time.perf_counter()
+            build_q8_0_gguf(src, dst)
+            log(f"wrote {dst} in {time.perf_counter() - t0:.0f}s")
+    return dst
+
+
+def check_same_q8_0(gguf_file: Path, model_dir: Path) -> str:
+    """Compares a few tensors' Q8_0 bytes in the GGUF with gemma_rs's quantizer applied to
+    model.safetensors (and gguf-py's). Raises if any differ."""
+    import gguf
+    from safetensors import safe_open
+
+    quantize_q8_0 = getattr(gemma_rs._gemma_rs, "quantize_q8_0", None)
+    tensors = {t.name: t for t in gguf.GGUFReader(gguf_file).tensors}
+    checked = []
+    with safe_open(model_dir / "model.safetensors", framework="numpy") as st:
+        for name in CHECKED:
+            t = tensors[name]
+            rows = slice(0, min(ROW_CHUNK, len(t.data)))  # the embedding's first rows will do
+            x = np.ascontiguousarray(st.get_slice(demo.hf_tensor_name(name))[rows], "<f4")
+            want = np.asarray(t.data[rows]).tobytes()
+            ours = bytes(quantize_q8_0(x.tobytes())) if quantize_q8_0 else None
+            if gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0).tobytes() != want:
+                raise SystemExit(f"{name}: gguf-py's Q8_0 of model.safetensors differs from GGUF")
+            if ours is not None and ours != want:
+                raise SystemExit(f"{name}: gemma_rs's Q8_0 of model.safetensors differs from GGUF")
+            checked.append(f"{name}[{x.shape[0]} rows]")
+    how = "gemma_rs.quantize_q8_0 and gguf-py" if quantize_q8_0 else "gguf-py"
+    return f"identical Q8_0 bytes ({how}) for " + ", ".join(checked)
+
+
+# --- the engines --------------------------------------------------------------------------------
+
+
+class Ours:
+    name = "gemma_rs"
+
+    def __init__(self, model_dir: Path, ctx: int, weights: str, threads: int) -> None:
+        t0 = time.perf_counter()
+        self.model = gemma_rs.load(model_dir, ctx, weights=weights, threads=threads)
+        self.load_seconds = time.perf_counter() - t0
+
+    def prefill(self, ids: list[int]) -> float:
+        c = self.model.complete(ids, 1, stop=None)
+        return c.prefill_seconds
+
+    def decode(self, ids: list[int], new: int) -> tuple[list[int], float]:
+        c = self.model.complete(ids, new, stop=None)
+        return list(c.token_ids), c.decode_seconds
+
+
+class Llama:
+    name = "llama.cpp"
+
+    def __init__(self, gguf_file: Path, ctx: int, threads: int, flash_attn: bool) -> None:
+        import llama_cpp
+
+        self.lib = llama_cpp
+        t0 = time.perf_counter()
+        self.llm = llama_cpp.Llama(
+            str(gguf_file),
+            n_ctx=ctx,
+            n_batch=512,
+            n_ubatch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            flash_attn=flash_attn,
+            logits_all=False,
+            verbose=False,
+        )
+        self.load_seconds = time.perf_counter() - t0
+        self.n_vocab = self.llm.n_vocab()
+
+    def _argmax(self) -> int:
+        ptr = self.lib.llama_get_logits_ith(self.llm.ctx, -1)
+        logits = np.ctypeslib.as_array(
+            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (self.n_vocab,)
+        )
+        return int(logits.argmax())
+
+    def prefill(self, ids: list[int]) -> float:
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(ids)
+        self._argmax()
+        return time.perf_counter() - t0
+
+    def decode(self, ids: list[int], new: int) -> tuple[list[int], float]:
+        self.llm.reset()
+        self.llm.eval(ids)
+        out = [self._argmax()]
+        t0 = time.perf_counter()
+        for _ in range(new - 1):
+            self.llm.eval(out[-1:])
+            out.append(self._argmax())
+        return out, time.perf_counter() - t0
+
+
+def prompt_ids(model: gemma_rs.Model, n: int, salt: int) -> list[int]:
+    word = SALTS[salt % len(SALTS)] + ("" if salt < len(SALTS) else f" {salt}")
+    ids = model.tokenize(f"{word}: " + TEXT * (2 + n // 20))
+    if len(ids) < n:
+        raise SystemExit(f"prompt of {len(ids)} tokens is shorter than {n}")
+    return ids[:n]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# --- --memory: one engine per child process -----------------------------------------------------
+
+
+def peak_rss_mib() -> float:
+    """This process's VmHWM. Unlike ru_maxrss, it restarts at exec: a child forked from a
+    process holding both models would otherwise inherit that process's RSS."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def child(a: argparse.Namespace) -> int:
+    """Loads a 64-token context and generates 32 tokens (*-import: only imports), then prints
+    the peak RSS."""
+    ids = [2, *range(1000, 1015)]  # 16 ids: BOS and plain vocabulary
+    if a.child == "gemma_rs":
+        m = gemma_rs.load(a.model_dir, 64, weights=a.weights, threads=a.threads)
+        m.complete(ids, 32, stop=None)
+    elif a.child == "llama.cpp":
+        Llama(a.gguf, 64, a.threads, a.llama_flash_attn).decode(ids, 32)
+    elif a.child == "llama.cpp-import":
+        import llama_cpp  # noqa: F401
+    print(peak_rss_mib())
+    return 0
+
+
+def child_peak_rss_mib(a: argparse.Namespace, which: str) -> float:
+    cmd = [sys.executable, __file__, "--child", which, "--threads", str(a.threads)]
+    cmd += ["--weights", a.weights, "--model-dir", str(a.model_dir), "--gguf", str(a.gguf)]
+    cmd += ["--llama-flash-attn"] if a.llama_flash_attn else []
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return float(out.split()[-1])
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def fmt(xs: list[float]) -> str:
+    return f"{statistics.median(xs):8.1f} ({min(xs):.1f}-{max(xs):.1f})"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--weights", default="q8_0", help="gemma_rs weights (q8_0 compares like)")
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--decode-prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--model-dir", type=Path, default=None, help="default: cache/" + F32_DIR_NAME)
+    p.add_argument("--gguf", type=Path, default=None, help="default: cache/" + Q8_0_GGUF_NAME)
+    p.add_argument("--llama-flash-attn", action="store_true", help="flash attention in llama.cpp")
+    p.add_argument(
+        "--memory", action="store_true", help="peak RSS of each engine in a child process"
+    )
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.model_dir = a.model_dir or demo.cache_dir() / F32_DIR_NAME
+    if a.child:
+        return child(a)
+    if not (a.model_dir / "model.safetensors").exists():
+        raise SystemExit(f"no {a.model_dir}; run: python tests/real_model.py --kind f32")
+    a.gguf = a.gguf or q8_0_gguf_path()
+
+    import llama_cpp
+
+    print(f"command: {Path(sys.executable).name} {' '.join(sys.argv)}")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}")
+    print(f"load average before: {load} (other work on these CPUs skews the numbers)")
+    print(f"gemma_rs {gemma_rs.__version__} weights={a.weights} dir={a.model_dir}")
+    info = llama_cpp.llama_print_system_info().decode().strip()
+    print(
+        f"llama-cpp-python {llama_cpp.__version__} (Q8_0 {a.gguf}) flash_attn={a.llama_flash_attn}"
+    )
+    print(f"llama.cpp system info: {info}")
+    if a.weights == "q8_0":
+        print(f"weights: {check_same_q8_0(a.gguf, a.model_dir)}")
+    else:
+        print(f"weights: NOT like for like (gemma_rs {a.weights} vs llama.cpp Q8_0)")
+
+    ctx = max(a.prefill_tokens + 1, a.decode_prompt_tokens + a.new_tokens)
+    ours = Ours(a.model_dir, ctx, a.weights, a.threads)
+    llama = Llama(a.gguf, ctx, a.threads, a.llama_flash_attn)
+    engines = (ours, llama)
+    print(
+        f"threads={a.threads} context={ctx} load: gemma_rs {ours.load_seconds:.2f}s, "
+        f"llama.cpp {llama.load_seconds:.2f}s; rounds: {a.warmup} warm-up + {a.repeat} timed"
+    )
+
+    prefill: dict[str, list[float]] = {e.name: [] for e in engines}
+    decode: dict[str, list[float]] = {e.name: [] for e in engines}
+    counts: list[int] = []
+    agree: list[int] = []
+    for r in range(a.warmup + a.repeat):
+        timed = r >= a.warmup
+        pre_ids = prompt_ids(ours.model, a.prefill_tokens, 2 * r)
+        dec_ids = prompt_ids(ours.model, a.decode_prompt_tokens, 2 * r + 1)
+        outs = {}
+        for e in engines:
+            seconds = e.prefill(pre_ids)
+            toks, dec_seconds = e.decode(dec_ids, a.new_tokens)
+            outs[e.name] = toks
+            if timed:
+                prefill[e.name].append(len(pre_ids) / seconds)
+                if len(toks) > 1:
+                    decode[e.name].append((len(toks) - 1) / dec_seconds)
+        if timed:
+            counts.append(len(outs[ours.name]))
+            agree.append(common_prefix(outs[ours.name], outs[llama.name]))
+
+    w = 30
+    print()
+    print(f"{'engine':<22} {'prefill ' + str(a.prefill_tokens) + ' tok/s':>{w}}", end="")
+    print(f" {f'decode {a.decode_prompt_tokens}+{a.new_tokens} tok/s':>{w}}")
+    print(f"{'':<22} {'median (min-max)':>{w}} {'median (min-max)':>{w}}")
+    for e in engines:
+        label = f"{e.name} {a.weights if e is ours else 'Q8_0'}"
+        print(f"{label:<22} {fmt(prefill[e.name]):>{w}} {fmt(decode[e.name]):>{w}}")
+    ratio_p = statistics.median(prefill[ours.name]) / statistics.median(prefill[llama.name])
+    ratio_d = statistics.median(decode[ours.name]) / statistics.median(decode[llama.name])
+    print(f"{'ratio gemma_rs/llama':<22} {ratio_p:>{w}.2f} {ratio_d:>{w}.2f}")
+    print(
+        f"\ngemma_rs new tokens per decode run: {counts} (llama.cpp: always {a.new_tokens}); "
+        f"greedy tokens identical to llama.cpp's before the first difference: {agree}"
+    )
+
+    if a.memory:
+        print(f"\npeak RSS of a child process (context 64, 32 new tokens, {a.threads} threads):")
+        for which in ("gemma_rs", "llama.cpp", "gemma_rs-import", "llama.cpp-import"):
+            print(f"  {which:<18} {child_peak_rss_mib(a, which):7.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
