@@ -35,6 +35,10 @@ into the same venv as gemma_rs, e.g.:
 (``--no-binary :all:`` would also build cmake and ninja from source.) Both sides use their own
 defaults otherwise: llama-cpp-python disables flash attention unless --llama-flash-attn.
 
+The CPU time that other processes (and VM steal) take during the timed rounds is printed, with
+a warning above 0.1 CPU: with as many threads as cores, any competing process slows both engines
+and llama.cpp's (OpenMP, spin-waiting) threads far more, so such numbers mean little.
+
 --memory additionally runs each engine in a child process (load with a 64-token context,
 generate 32 tokens) and reports the child's peak RSS (VmHWM), next to children that only import
 the Python packages (numpy and gemma_rs; and llama_cpp).
@@ -47,6 +51,7 @@ import ctypes
 import fcntl
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -299,6 +304,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds used so far by the whole machine (VM steal included) and by this process."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    machine = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return machine, r.ru_utime + r.ru_stime
+
+
 def fmt(xs: list[float]) -> str:
     return f"{statistics.median(xs):8.1f} ({min(xs):.1f}-{max(xs):.1f})"
 
@@ -325,14 +339,15 @@ def main() -> int:
         return child(a)
     if not (a.model_dir / "model.safetensors").exists():
         raise SystemExit(f"no {a.model_dir}; run: python tests/real_model.py --kind f32")
+    try:
+        import llama_cpp
+    except ImportError as e:
+        hint = "--no-binary llama-cpp-python llama-cpp-python"
+        raise SystemExit(f'{e}; run: CMAKE_ARGS="-DGGML_NATIVE=ON" pip install {hint}') from e
     a.gguf = a.gguf or q8_0_gguf_path()
 
-    import llama_cpp
-
     print(f"command: {Path(sys.executable).name} {' '.join(sys.argv)}")
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}")
-    print(f"load average before: {load} (other work on these CPUs skews the numbers)")
     print(f"gemma_rs {gemma_rs.__version__} weights={a.weights} dir={a.model_dir}")
     info = llama_cpp.llama_print_system_info().decode().strip()
     print(
@@ -357,8 +372,10 @@ def main() -> int:
     decode: dict[str, list[float]] = {e.name: [] for e in engines}
     counts: list[int] = []
     agree: list[int] = []
+    other_cpu = wall = 0.0  # CPU seconds other processes used during the timed rounds
     for r in range(a.warmup + a.repeat):
         timed = r >= a.warmup
+        t0, (machine0, self0) = time.perf_counter(), cpu_seconds()
         pre_ids = prompt_ids(ours.model, a.prefill_tokens, 2 * r)
         dec_ids = prompt_ids(ours.model, a.decode_prompt_tokens, 2 * r + 1)
         outs = {}
@@ -371,6 +388,9 @@ def main() -> int:
                 if len(toks) > 1:
                     decode[e.name].append((len(toks) - 1) / dec_seconds)
         if timed:
+            machine1, self1 = cpu_seconds()
+            other_cpu += max(0.0, (machine1 - machine0) - (self1 - self0))
+            wall += time.perf_counter() - t0
             counts.append(len(outs[ours.name]))
             agree.append(common_prefix(outs[ours.name], outs[llama.name]))
 
@@ -389,6 +409,11 @@ def main() -> int:
         f"\ngemma_rs new tokens per decode run: {counts} (llama.cpp: always {a.new_tokens}); "
         f"greedy tokens identical to llama.cpp's before the first difference: {agree}"
     )
+
+    busy = other_cpu / wall
+    print(f"other processes and VM steal used {busy:.2f} CPUs during the timed rounds")
+    if busy > 0.1:
+        print("WARNING: the CPUs were shared; these numbers are not reliable. Rerun when idle.")
 
     if a.memory:
         print(f"\npeak RSS of a child process (context 64, 32 new tokens, {a.threads} threads):")

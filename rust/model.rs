@@ -87,7 +87,7 @@ pub struct Scratch {
     up: Vec<f32>,         // (CHUNK, intermediate)
     cos: [Vec<f32>; 2],   // [local, global] × (CHUNK, head_dim / 2)
     sin: [Vec<f32>; 2],   // [local, global] × (CHUNK, head_dim / 2)
-    scores: Vec<f32>,     // (threads, capacity) attention weights of one query
+    scores: Vec<f32>,     // (threads, group, capacity) attention weights of a group of heads
     pub logits: Vec<f32>, // (vocab)
     pub xq: QuantBuf,     // (CHUNK, max(hidden, q_dim, intermediate)) a matmul input, quantized
 }
@@ -107,10 +107,15 @@ impl Scratch {
             up: z(CHUNK * c.intermediate_size),
             cos: [z(CHUNK * half), z(CHUNK * half)],
             sin: [z(CHUNK * half), z(CHUNK * half)],
-            scores: z(threads * capacity),
+            scores: z(threads * Self::group(c) * capacity),
             logits: z(c.vocab_size),
             xq: QuantBuf::new(CHUNK * Self::widest_input(c)),
         }
+    }
+
+    /// Query heads per key/value head.
+    fn group(c: &Config) -> usize {
+        c.num_attention_heads / c.num_key_value_heads
     }
 
     /// The most columns a matmul input has.
@@ -122,7 +127,7 @@ impl Scratch {
     pub fn bytes_for(c: &Config, capacity: usize, threads: usize) -> usize {
         let floats = CHUNK * (2 * c.hidden_size + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.intermediate_size)
             + 4 * CHUNK * (c.head_dim / 2)
-            + threads * capacity
+            + threads * Self::group(c) * capacity
             + c.vocab_size;
         floats * 4 + QuantBuf::bytes_for(CHUNK * Self::widest_input(c))
     }
@@ -321,34 +326,35 @@ impl Model {
             LayerType::Sliding => c.sliding_window,
             LayerType::Global => usize::MAX,
         };
+        // One item is a token and `per_item` query heads of one key/value group: a whole group
+        // shares each key and value load, unless that leaves too few items for the threads
+        // (decoding). Either way each (token, head) gets the same bits.
+        let per_item = if n * c.num_key_value_heads >= 2 * threads.count() { group } else { 1 };
         let att = SharedMut::new(&mut s.att);
-        assert!(s.scores.len() >= threads.count() * capacity, "scores buffer sized for fewer threads");
+        assert!(s.scores.len() >= threads.count() * per_item * capacity, "scores buffer sized for fewer threads");
         let scores_all = SharedMut::new(&mut s.scores);
         let q = &s.q;
         let work = n * heads * (start + n).min(window) * hd * 2;
-        threads.for_ranges(n * heads, 1, work, |part, items| {
-            // SAFETY: each part owns its own `capacity`-long slice of the scores buffer.
-            let scores_buf = unsafe { scores_all.slice(part * capacity, capacity) };
+        threads.for_ranges(n * heads / per_item, 1, work, |part, items| {
+            // SAFETY: each part owns its own `per_item * capacity` slice of the scores buffer.
+            let scores_buf = unsafe { scores_all.slice(part * per_item * capacity, per_item * capacity) };
             for item in items {
-                let (t, head) = (item / heads, item % heads);
+                let (t, head0) = (item * per_item / heads, item * per_item % heads);
                 let pos = start + t;
                 let first = (pos + 1).saturating_sub(window);
                 let len = pos - first + 1;
-                let kv_off = (head / group) * hd;
-                let qh = &q[t * q_dim + head * hd..t * q_dim + (head + 1) * hd];
+                let kv_off = (head0 / group) * hd;
+                let qh = &q[t * q_dim + head0 * hd..t * q_dim + (head0 + per_item) * hd];
+                let scores = &mut scores_buf[..per_item * len];
                 let keys = cache.keys(layer, first, pos);
-                let scores = &mut scores_buf[..len];
-                for (j, sc) in scores.iter_mut().enumerate() {
-                    *sc = ops::dot(qh, &keys[j * kv_dim + kv_off..j * kv_dim + kv_off + hd]) * self.attn_scale;
+                ops::attention_scores(scores, qh, keys, kv_dim, kv_off, self.attn_scale);
+                for row in scores.chunks_exact_mut(len) {
+                    ops::softmax(row);
                 }
-                ops::softmax(scores);
-                // SAFETY: (t, head) items are disjoint between parts, so are their output rows.
-                let out = unsafe { att.slice(t * q_dim + head * hd, hd) };
-                out.fill(0.0);
+                // SAFETY: items are disjoint between parts, so are their output rows.
+                let out = unsafe { att.slice(t * q_dim + head0 * hd, per_item * hd) };
                 let values = cache.values(layer, first, pos);
-                for (j, &p) in scores.iter().enumerate() {
-                    ops::axpy(out, p, &values[j * kv_dim + kv_off..j * kv_dim + kv_off + hd]);
-                }
+                ops::attention_values(out, scores, values, kv_dim, kv_off);
             }
         });
     }

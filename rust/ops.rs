@@ -197,8 +197,9 @@ impl<'a> Activations<'a> {
 
 /// `out[t][r - row0] = dot(r, t)` for `r` in `rows`, `t` in `0..n`, tiled so that a tile of weight
 /// rows (`row_bytes` each) stays in L2 while tiles of tokens (`token_bytes` each) pass over it from
-/// L1. Four tokens at a time share each load of a weight row (`dot4`); the tokens left over (all
-/// of them when decoding) take one row after the other (`dot1`), so a matrix-vector product
+/// L1. Four rows and four tokens make a register tile (`tile4`), and the rows left over take four
+/// tokens at a time (`dot4`); the tokens left over (all of them when decoding) take one row after
+/// the other (`dot1`), so a matrix-vector product
 /// reads the weights strictly in order, which the hardware prefetchers follow best (four rows
 /// interleaved ran 2× slower on this project's x86 machine).
 fn tiled(
@@ -206,6 +207,7 @@ fn tiled(
     n: usize,
     rows: Range<usize>,
     (row_bytes, token_bytes): (usize, usize),
+    tile4: impl Fn([usize; 4], [usize; 4]) -> [[f32; 4]; 4],
     dot4: impl Fn(usize, [usize; 4]) -> [f32; 4],
     dot1: impl Fn(usize, usize) -> f32,
 ) {
@@ -220,7 +222,18 @@ fn tiled(
         for tt in (0..n).step_by(token_tile) {
             let t_end = (tt + token_tile).min(n);
             let t4_end = tt + (t_end - tt) / 4 * 4;
-            for r in rt..rt_end {
+            let r4_end = rt + (rt_end - rt) / 4 * 4;
+            for r in (rt..r4_end).step_by(4) {
+                for t in (tt..t4_end).step_by(4) {
+                    let tile = tile4([r, r + 1, r + 2, r + 3], [t, t + 1, t + 2, t + 3]);
+                    for (i, row) in tile.into_iter().enumerate() {
+                        for (j, v) in row.into_iter().enumerate() {
+                            write(t + j, r + i, v);
+                        }
+                    }
+                }
+            }
+            for r in r4_end..rt_end {
                 for t in (tt..t4_end).step_by(4) {
                     for (i, v) in dot4(r, [t, t + 1, t + 2, t + 3]).into_iter().enumerate() {
                         write(t + i, r, v);
@@ -243,7 +256,8 @@ fn matmul_float<E: Elem>(k: &RowKernel<E>, out: Out, x: &Activations, w: &[E], r
     // SAFETY (both kernels): chosen for this CPU; every slice has `cols` elements.
     let dot4 = |r, t: [usize; 4]| unsafe { (k.dot4)(wrow(r), t.map(|t| x.row(t))) };
     let dot1 = |r, t| unsafe { (k.dot1)(wrow(r), x.row(t)) };
-    tiled(out, x.n, rows, (std::mem::size_of::<E>() * cols, 4 * cols), dot4, dot1);
+    let tile4 = |r: [usize; 4], t| r.map(|r| dot4(r, t));
+    tiled(out, x.n, rows, (std::mem::size_of::<E>() * cols, 4 * cols), tile4, dot4, dot1);
 }
 
 /// Rows `rows` of a Q8_0 weight applied to the quantized `x`.
@@ -254,7 +268,9 @@ fn matmul_q8_0(k: &Kernel, out: Out, x: &Activations, w: &[BlockQ8_0], rows: Ran
     // `blocks` blocks and every quantized row `blocks` scales and `cols` values.
     let dot4 = |r, t: [usize; 4]| unsafe { (k.dot4)(wrow(r), t.map(|t| x.qrow(t))) };
     let dot1 = |r, t| unsafe { (k.dot1)(wrow(r), x.qrow(t)) };
-    tiled(out, x.n, rows, (blocks * std::mem::size_of::<BlockQ8_0>(), x.cols + 4 * blocks), dot4, dot1);
+    let tile4 = |r: [usize; 4], t: [usize; 4]| unsafe { (k.tile4)(r.map(wrow), t.map(|t| x.qrow(t))) };
+    let bytes = (blocks * std::mem::size_of::<BlockQ8_0>(), x.cols + 4 * blocks);
+    tiled(out, x.n, rows, bytes, tile4, dot4, dot1);
 }
 
 /// `out (n, rows.len()) = x (n, cols) · w[rows]ᵀ`: the rows `rows` of `w` applied to `n` tokens.
@@ -278,10 +294,58 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     unsafe { (RowKernel::<f32>::best().dot1)(a, &b[..a.len()]) }
 }
 
-/// `out += a * x`.
-pub fn axpy(out: &mut [f32], a: f32, x: &[f32]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o += a * v;
+/// Attention scores of `h` query heads (`q`, `(h, hd)`) against `len` keys, each `hd` values at
+/// `offset` in a row of `stride`: `out (h, len) = scale * q · kᵀ`. Four heads at a time share
+/// each key load; the bits are those of `dot(q_head, key) * scale` whatever `h`.
+pub fn attention_scores(out: &mut [f32], q: &[f32], keys: &[f32], stride: usize, offset: usize, scale: f32) {
+    let len = keys.len() / stride;
+    let h = out.len() / len;
+    let hd = q.len() / h;
+    let k = RowKernel::<f32>::best();
+    let qrow = |i: usize| &q[i * hd..(i + 1) * hd];
+    for (j, key) in keys.chunks_exact(stride).enumerate() {
+        let key = &key[offset..offset + hd];
+        let mut i = 0;
+        while i + 4 <= h {
+            // SAFETY: the kernel was chosen for this CPU; every slice has `hd` elements.
+            let d = unsafe { (k.dot4)(key, [qrow(i), qrow(i + 1), qrow(i + 2), qrow(i + 3)]) };
+            for (u, v) in d.into_iter().enumerate() {
+                out[(i + u) * len + j] = v * scale;
+            }
+            i += 4;
+        }
+        for i in i..h {
+            // SAFETY: as above.
+            out[i * len + j] = unsafe { (k.dot1)(key, qrow(i)) } * scale;
+        }
+    }
+}
+
+/// `out (h, hd) = p (h, len) · v`: the attention-weighted sum of `len` value rows (`hd` values at
+/// `offset` in a row of `stride`), in key order, one multiply and one add per term.
+pub fn attention_values(out: &mut [f32], p: &[f32], values: &[f32], stride: usize, offset: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { avx2::attention_values(out, p, values, stride, offset) };
+    }
+    attention_values_portable(out, p, values, stride, offset)
+}
+
+#[inline(always)]
+fn attention_values_portable(out: &mut [f32], p: &[f32], values: &[f32], stride: usize, offset: usize) {
+    let len = values.len() / stride;
+    let h = p.len() / len;
+    let hd = out.len() / h;
+    out.fill(0.0);
+    for (j, v) in values.chunks_exact(stride).enumerate() {
+        let v = &v[offset..offset + hd];
+        for (i, o) in out.chunks_exact_mut(hd).enumerate() {
+            let a = p[i * len + j];
+            for (o, &x) in o.iter_mut().zip(v) {
+                *o += a * x;
+            }
+        }
     }
 }
 
@@ -475,6 +539,11 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn softmax_from(x: &mut [f32], max: f32) {
         super::softmax_from(x, max)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn attention_values(out: &mut [f32], p: &[f32], values: &[f32], stride: usize, offset: usize) {
+        super::attention_values_portable(out, p, values, stride, offset)
     }
 
     #[inline]

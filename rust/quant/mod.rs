@@ -141,7 +141,13 @@ pub struct Kernel {
     pub dot4: unsafe fn(&[BlockQ8_0], [QRow<'_>; 4]) -> [f32; 4],
     /// One weight row with one activation row. Safety as `dot4`.
     pub dot1: unsafe fn(&[BlockQ8_0], QRow<'_>) -> f32,
+    /// Four weight rows (of equal length) with four activation rows: prefill's register tile.
+    /// Safety as `dot4`.
+    pub tile4: Tile4,
 }
+
+/// `Kernel::tile4`: `out[r][t]` is weight row `r` with activation row `t`.
+pub type Tile4 = unsafe fn([&[BlockQ8_0]; 4], [QRow<'_>; 4]) -> [[f32; 4]; 4];
 
 impl Kernel {
     /// The kernels this CPU can run, fastest first; the scalar one is always last.
@@ -175,7 +181,7 @@ impl Kernel {
 }
 
 /// The portable kernel.
-pub static SCALAR: Kernel = Kernel { name: "scalar", dot4: scalar_dot4, dot1: scalar_dot1 };
+pub static SCALAR: Kernel = Kernel { name: "scalar", dot4: scalar_dot4, dot1: scalar_dot1, tile4: scalar_tile4 };
 
 fn scalar_dot1(w: &[BlockQ8_0], x: QRow<'_>) -> f32 {
     let mut acc = 0f32;
@@ -188,6 +194,10 @@ fn scalar_dot1(w: &[BlockQ8_0], x: QRow<'_>) -> f32 {
 
 fn scalar_dot4(w: &[BlockQ8_0], xs: [QRow<'_>; 4]) -> [f32; 4] {
     xs.map(|x| scalar_dot1(w, x))
+}
+
+fn scalar_tile4(w: [&[BlockQ8_0]; 4], xs: [QRow<'_>; 4]) -> [[f32; 4]; 4] {
+    w.map(|w| scalar_dot4(w, xs))
 }
 
 #[cfg(test)]
@@ -265,7 +275,7 @@ mod tests {
     }
 
     #[test]
-    fn every_kernel_agrees_with_scalar_and_dot4_equals_dot1() {
+    fn every_kernel_agrees_with_scalar_and_its_entry_points_agree_bit_for_bit() {
         for k in Kernel::available() {
             for blocks in [1usize, 2, 3, 5, 20, 33, 64] {
                 let cols = blocks * QK8_0;
@@ -282,6 +292,18 @@ mod tests {
                 let rows4: [QRow; 4] = rows.clone().try_into().unwrap();
                 // SAFETY: `k` is available on this CPU; lengths match.
                 let four = unsafe { (k.dot4)(&w, rows4) };
+                // Four weight rows (the row and a rotated copy, twice) against the four rows.
+                let mut w2 = w.clone();
+                w2.rotate_left(1);
+                // SAFETY: as above.
+                let tile = unsafe { (k.tile4)([&w, &w2, &w, &w2], rows4) };
+                // SAFETY: as above.
+                let four2 = unsafe { (k.dot4)(&w2, rows4) };
+                for t in 0..4 {
+                    assert_eq!(tile[0][t].to_bits(), four[t].to_bits(), "{}: tile4 differs from dot4", k.name);
+                    assert_eq!(tile[1][t].to_bits(), four2[t].to_bits(), "{}: tile4 differs from dot4", k.name);
+                    assert_eq!(tile[2][t].to_bits(), four[t].to_bits());
+                }
                 for (t, row) in rows.iter().enumerate() {
                     let one = k.dot(&w, *row);
                     assert_eq!(one.to_bits(), four[t].to_bits(), "{}: dot4 differs from dot1", k.name);

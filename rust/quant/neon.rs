@@ -35,8 +35,9 @@ pub fn available() -> Vec<&'static Kernel> {
     v
 }
 
-pub static NEON_DOTPROD: Kernel = Kernel { name: "neon-dotprod", dot4: dotprod_dot4, dot1: dotprod_dot1 };
-pub static NEON: Kernel = Kernel { name: "neon", dot4: neon_dot4, dot1: neon_dot1 };
+pub static NEON_DOTPROD: Kernel =
+    Kernel { name: "neon-dotprod", dot4: dotprod_dot4, dot1: dotprod_dot1, tile4: dotprod_tile4 };
+pub static NEON: Kernel = Kernel { name: "neon", dot4: neon_dot4, dot1: neon_dot1, tile4: neon_tile4 };
 
 /// The f16 scale of a weight block as f32: one `fcvt`, exact (subnormals included).
 #[inline]
@@ -172,4 +173,16 @@ unsafe fn neon_dot4(w: &[BlockQ8_0], xs: [QRow<'_>; 4]) -> [f32; 4] {
 unsafe fn neon_dot1(w: &[BlockQ8_0], x: QRow<'_>) -> f32 {
     // SAFETY: as above.
     unsafe { dot_rows(w, [x], |w0, w1, x0, x1| neon_block(w0, w1, x0, x1))[0] }
+}
+
+#[target_feature(enable = "neon,dotprod")]
+unsafe fn dotprod_tile4(w: [&[BlockQ8_0]; 4], xs: [QRow<'_>; 4]) -> [[f32; 4]; 4] {
+    // SAFETY: as above; row by row, so the bits are those of `dot4`.
+    w.map(|w| unsafe { dot_rows(w, xs, |w0, w1, x0, x1| dotprod_block(w0, w1, x0, x1)) })
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn neon_tile4(w: [&[BlockQ8_0]; 4], xs: [QRow<'_>; 4]) -> [[f32; 4]; 4] {
+    // SAFETY: as above.
+    w.map(|w| unsafe { dot_rows(w, xs, |w0, w1, x0, x1| neon_block(w0, w1, x0, x1)) })
 }

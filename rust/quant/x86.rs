@@ -1,10 +1,10 @@
-//! Q8_0 kernels for x86_64: AVX2 (+FMA, F16C), and the same loop with AVX-512 VNNI's `vpdpbusd`
-//! on 256-bit vectors where the CPU has it.
+//! Q8_0 kernels for x86_64: AVX2 (+FMA, F16C), and AVX-512 VNNI's `vpdpbusd` on 256-bit vectors
+//! where the CPU has it.
 //!
 //! Per block: the 32 weight and activation int8 values are multiplied and summed into 8 i32 lanes
 //! (AVX2: `maddubs` of |w| with x·sign(w), then `madd` with ones, as ggml does; VNNI: one
-//! `dpbusd`), converted to f32 and added into 8 float lanes with the block's scale
-//! `f16(w.d) * x.d` by one FMA. The lanes are summed once, at the end, in a fixed order.
+//! `vpdpbusd`, see `vnni_tile`), converted to f32 and added into 8 float lanes with the block's
+//! scale `f16(w.d) * x.d` by one FMA. The lanes are summed once, at the end, in a fixed order.
 
 use super::{BlockQ8_0, Kernel, QRow, QK8_0};
 use std::arch::x86_64::*;
@@ -36,8 +36,8 @@ pub unsafe fn quantize_activations(x: &[f32], d: &mut [f32], qs: &mut [i8]) {
     super::quantize_activations_portable(x, d, qs)
 }
 
-pub static AVX2: Kernel = Kernel { name: "avx2", dot4: avx2_dot4, dot1: avx2_dot1 };
-pub static AVX512_VNNI: Kernel = Kernel { name: "avx512vnni", dot4: vnni_dot4, dot1: vnni_dot1 };
+pub static AVX2: Kernel = Kernel { name: "avx2", dot4: avx2_dot4, dot1: avx2_dot1, tile4: avx2_tile };
+pub static AVX512_VNNI: Kernel = Kernel { name: "avx512vnni", dot4: vnni_dot4, dot1: vnni_dot1, tile4: vnni_tile4 };
 
 /// The f16 scale of a weight block as f32 (F16C).
 #[inline]
@@ -71,12 +71,6 @@ unsafe fn load32(p: *const i8) -> __m256i {
 fn avx2_block(abs_w: __m256i, w: __m256i, x: __m256i) -> __m256i {
     let signed_x = _mm256_sign_epi8(x, w);
     _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w, signed_x), _mm256_set1_epi16(1))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-fn vnni_block(abs_w: __m256i, w: __m256i, x: __m256i) -> __m256i {
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), abs_w, _mm256_sign_epi8(x, w))
 }
 
 /// The shared loop: `T` activation rows against one weight row, block by block; `block` is one
@@ -126,4 +120,77 @@ macro_rules! entry_points {
 }
 
 entry_points!("avx2,fma,f16c", avx2_block, avx2_dot4, avx2_dot1);
-entry_points!("avx2,fma,f16c,avx512vnni,avx512vl", vnni_block, vnni_dot4, vnni_dot1);
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2_tile(w: [&[BlockQ8_0]; 4], xs: [QRow<'_>; 4]) -> [[f32; 4]; 4] {
+    // SAFETY: as `avx2_dot4`, row by row (so the bits are those of `dot4`).
+    w.map(|w| unsafe { avx2_dot4(w, xs) })
+}
+
+/// The AVX-512 VNNI loop: `R` weight rows against `T` activation rows, block by block.
+///
+/// `vpdpbusd` multiplies unsigned by signed bytes, so the activations are made unsigned
+/// (`x + 128`, an xor of the sign bit) and each sum starts from `-128 Σw` instead of zero:
+/// `-128 Σw + Σ (x + 128) w = Σ x w`, exact in i32 for any int8 values. Per (row, token, block)
+/// that is four instructions: `vpdpbusd`, a conversion, the scale product (the weight's and the
+/// activation's scales, each broadcast once per block and shared across the tile) and an FMA;
+/// loads, the correction and the scales are shared by the tile's other rows or tokens. Each
+/// (row, token) pair goes through the same operations in the same order whatever `R` and `T`.
+#[inline(always)]
+unsafe fn vnni_tile<const R: usize, const T: usize>(w: [&[BlockQ8_0]; R], xs: [QRow<'_>; T]) -> [[f32; T]; R] {
+    // SAFETY (whole function): the caller runs this inside a function enabling avx2, fma, f16c,
+    // avx512vnni and avx512vl, and guarantees every weight row has `w[0].len()` blocks and each
+    // activation row `w[0].len()` scales and `32 * w[0].len()` values.
+    unsafe {
+        let bias = _mm256_set1_epi8(-128);
+        let zero = _mm256_setzero_si256();
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        for b in 0..w[0].len() {
+            let mut xu = [zero; T];
+            let mut dx = [_mm256_setzero_ps(); T];
+            for t in 0..T {
+                xu[t] = _mm256_xor_si256(load32(xs[t].qs.as_ptr().add(b * QK8_0)), bias);
+                dx[t] = opaque(_mm256_set1_ps(*xs[t].d.get_unchecked(b)));
+            }
+            for r in 0..R {
+                let wb = w[r].get_unchecked(b);
+                let wq = load32(wb.qs.as_ptr());
+                let start = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, bias, wq));
+                let dw = _mm256_set1_ps(scale(wb.d));
+                for t in 0..T {
+                    let sums = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(start, xu[t], wq));
+                    acc[r][t] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dw, dx[t]), acc[r][t]);
+                }
+            }
+        }
+        acc.map(|row| row.map(|a| hsum(a)))
+    }
+}
+
+/// `v` unchanged, hidden from the optimizer: a product of two broadcasts then stays one vector
+/// multiply, instead of a scalar multiply and a broadcast per (row, token) pair.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn opaque(mut v: __m256) -> __m256 {
+    // SAFETY: an empty instruction string: nothing runs; `v` passes through its register.
+    unsafe { std::arch::asm!("/* {0} */", inout(ymm_reg) v, options(pure, nomem, nostack, preserves_flags)) };
+    v
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn vnni_dot4(w: &[BlockQ8_0], xs: [QRow<'_>; 4]) -> [f32; 4] {
+    // SAFETY: features enabled here; lengths are the caller's contract.
+    unsafe { vnni_tile([w], xs)[0] }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn vnni_dot1(w: &[BlockQ8_0], x: QRow<'_>) -> f32 {
+    // SAFETY: as above.
+    unsafe { vnni_tile([w], [x])[0][0] }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn vnni_tile4(w: [&[BlockQ8_0]; 4], xs: [QRow<'_>; 4]) -> [[f32; 4]; 4] {
+    // SAFETY: as above.
+    unsafe { vnni_tile(w, xs) }
+}
