@@ -15,7 +15,7 @@ use crate::threads::{SharedMut, Threads};
 
 /// Tokens per forward chunk: prefill runs as matrix × matrix on this many tokens at a time, so
 /// the scratch buffers have a fixed size whatever the prompt length.
-pub const CHUNK: usize = 64;
+pub const CHUNK: usize = 128;
 
 /// How the matmul weights are held in memory (norms are always f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

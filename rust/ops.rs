@@ -322,7 +322,8 @@ pub fn attention_scores(out: &mut [f32], q: &[f32], keys: &[f32], stride: usize,
 }
 
 /// `out (h, hd) = p (h, len) · v`: the attention-weighted sum of `len` value rows (`hd` values at
-/// `offset` in a row of `stride`), in key order, one multiply and one add per term.
+/// `offset` in a row of `stride`), in key order, one multiply and one add per term; 32 outputs at
+/// a time stay in registers while the value rows stream by.
 pub fn attention_values(out: &mut [f32], p: &[f32], values: &[f32], stride: usize, offset: usize) {
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
@@ -334,17 +335,25 @@ pub fn attention_values(out: &mut [f32], p: &[f32], values: &[f32], stride: usiz
 
 #[inline(always)]
 fn attention_values_portable(out: &mut [f32], p: &[f32], values: &[f32], stride: usize, offset: usize) {
+    const W: usize = 32; // output values kept in registers while the value rows stream by
     let len = values.len() / stride;
     let h = p.len() / len;
     let hd = out.len() / h;
-    out.fill(0.0);
-    for (j, v) in values.chunks_exact(stride).enumerate() {
-        let v = &v[offset..offset + hd];
-        for (i, o) in out.chunks_exact_mut(hd).enumerate() {
-            let a = p[i * len + j];
-            for (o, &x) in o.iter_mut().zip(v) {
-                *o += a * x;
+    let full = hd / W * W;
+    let v = |j: usize, c: usize| j * stride + offset + c;
+    for (o, p) in out.chunks_exact_mut(hd).zip(p.chunks_exact(len)) {
+        for c in (0..full).step_by(W) {
+            let mut acc = [0f32; W];
+            for (j, &a) in p.iter().enumerate() {
+                let x: &[f32; W] = values[v(j, c)..v(j, c) + W].try_into().expect("W values");
+                for e in 0..W {
+                    acc[e] += a * x[e];
+                }
             }
+            o[c..c + W].copy_from_slice(&acc);
+        }
+        for (e, o) in o.iter_mut().enumerate().skip(full) {
+            *o = p.iter().enumerate().fold(0.0, |s, (j, &a)| s + a * values[v(j, e)]);
         }
     }
 }
