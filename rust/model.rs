@@ -244,51 +244,38 @@ impl Model {
                 LayerType::Global => 1,
             };
             // Attention block: input_layernorm → q/k/v → q_norm/k_norm → RoPE → attention → o_proj.
-            for t in 0..n {
-                ops::rms_norm(
-                    &mut s.xb[t * h..(t + 1) * h],
-                    &s.x[t * h..(t + 1) * h],
-                    &layer.input_layernorm,
-                    c.rms_norm_eps,
-                );
-            }
+            let x = &s.x;
+            rows(threads, &mut s.xb, n, h, |t, xb| {
+                ops::rms_norm(xb, &x[t * h..(t + 1) * h], &layer.input_layernorm, c.rms_norm_eps)
+            });
             let xb = self.activations(&s.xb, n, h, &mut s.xq, threads);
             ops::matmul(&mut s.q, &xb, &layer.q_proj, 0..q_dim, threads);
             ops::matmul(&mut s.k, &xb, &layer.k_proj, 0..kv_dim, threads);
             ops::matmul(&mut s.v, &xb, &layer.v_proj, 0..kv_dim, threads);
+            let (cos, sin) = (&s.cos[rope_table], &s.sin[rope_table]);
+            for (m, norm, width) in [(&mut s.q, &layer.q_norm, q_dim), (&mut s.k, &layer.k_norm, kv_dim)] {
+                rows(threads, m, n, width, |t, heads| {
+                    for head in heads.chunks_exact_mut(hd) {
+                        ops::rms_norm_inplace(head, norm, c.rms_norm_eps);
+                        ops::rope(head, &cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                    }
+                });
+            }
             for t in 0..n {
-                let (cos, sin) =
-                    (&s.cos[rope_table][t * half..(t + 1) * half], &s.sin[rope_table][t * half..(t + 1) * half]);
-                for head in s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd) {
-                    ops::rms_norm_inplace(head, &layer.q_norm, c.rms_norm_eps);
-                    ops::rope(head, cos, sin);
-                }
-                for head in s.k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd) {
-                    ops::rms_norm_inplace(head, &layer.k_norm, c.rms_norm_eps);
-                    ops::rope(head, cos, sin);
-                }
                 cache.store(l, start + t, &s.k[t * kv_dim..(t + 1) * kv_dim], &s.v[t * kv_dim..(t + 1) * kv_dim]);
             }
             self.attention(s, cache, l, n, start, threads);
             let att = self.activations(&s.att, n, q_dim, &mut s.xq, threads);
             ops::matmul(&mut s.xb, &att, &layer.o_proj, 0..h, threads);
             // post_attention_layernorm, then the residual.
-            for t in 0..n {
-                let out = &mut s.xb[t * h..(t + 1) * h];
-                ops::rms_norm_inplace(out, &layer.post_attention_layernorm, c.rms_norm_eps);
-                s.x[t * h..(t + 1) * h].iter_mut().zip(out.iter()).for_each(|(x, &o)| *x += o);
-            }
+            norm_and_add(threads, &mut s.x, &mut s.xb, n, h, &layer.post_attention_layernorm, c.rms_norm_eps);
 
             // MLP block: pre_feedforward_layernorm → down(gelu_tanh(gate(x)) * up(x)) →
             // post_feedforward_layernorm → residual.
-            for t in 0..n {
-                ops::rms_norm(
-                    &mut s.xb[t * h..(t + 1) * h],
-                    &s.x[t * h..(t + 1) * h],
-                    &layer.pre_feedforward_layernorm,
-                    c.rms_norm_eps,
-                );
-            }
+            let x = &s.x;
+            rows(threads, &mut s.xb, n, h, |t, xb| {
+                ops::rms_norm(xb, &x[t * h..(t + 1) * h], &layer.pre_feedforward_layernorm, c.rms_norm_eps)
+            });
             let xb = self.activations(&s.xb, n, h, &mut s.xq, threads);
             ops::matmul(&mut s.gate, &xb, &layer.gate_proj, 0..inter, threads);
             ops::matmul(&mut s.up, &xb, &layer.up_proj, 0..inter, threads);
@@ -299,11 +286,7 @@ impl Model {
             });
             let gate = self.activations(&s.gate, n, inter, &mut s.xq, threads);
             ops::matmul(&mut s.xb, &gate, &layer.down_proj, 0..h, threads);
-            for t in 0..n {
-                let out = &mut s.xb[t * h..(t + 1) * h];
-                ops::rms_norm_inplace(out, &layer.post_feedforward_layernorm, c.rms_norm_eps);
-                s.x[t * h..(t + 1) * h].iter_mut().zip(out.iter()).for_each(|(x, &o)| *x += o);
-            }
+            norm_and_add(threads, &mut s.x, &mut s.xb, n, h, &layer.post_feedforward_layernorm, c.rms_norm_eps);
         }
         // The final norm.
         for t in 0..n {
@@ -339,7 +322,11 @@ impl Model {
             // SAFETY: each part owns its own `per_item * capacity` slice of the scores buffer.
             let scores_buf = unsafe { scores_all.slice(part * per_item * capacity, per_item * capacity) };
             for item in items {
-                let (t, head0) = (item * per_item / heads, item * per_item % heads);
+                // Items run over tokens zig-zag (first, last, second, second to last, …), so
+                // that every contiguous share of them holds as many keys as another.
+                let (k, group_of) = (item / (heads / per_item), item % (heads / per_item));
+                let t = if k % 2 == 0 { k / 2 } else { n - 1 - k / 2 };
+                let head0 = group_of * per_item;
                 let pos = start + t;
                 let first = (pos + 1).saturating_sub(window);
                 let len = pos - first + 1;
@@ -383,6 +370,28 @@ impl Model {
             ops::softcap(&mut out[..n * m], cap);
         }
     }
+}
+
+/// Calls `f(t, row)` for each row `t` of `m (n, width)`, the rows split across threads.
+fn rows(threads: &Threads, m: &mut [f32], n: usize, width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let shared = SharedMut::new(&mut m[..n * width]);
+    threads.for_ranges(n, 1, n * width * 16, |_, ts| {
+        for t in ts {
+            // SAFETY: token ranges are disjoint between threads, and row `t` is inside `m`.
+            f(t, unsafe { shared.slice(t * width, width) });
+        }
+    });
+}
+
+/// The end of a block: `out` normed in place by `w1`, then added to the residual stream `x`.
+fn norm_and_add(threads: &Threads, x: &mut [f32], out: &mut [f32], n: usize, width: usize, w1: &[f32], eps: f32) {
+    let x = SharedMut::new(&mut x[..n * width]);
+    rows(threads, out, n, width, |t, out| {
+        ops::rms_norm_inplace(out, w1, eps);
+        // SAFETY: row `t` of `x` belongs to the thread that has row `t` of `out`.
+        let x = unsafe { x.slice(t * width, width) };
+        x.iter_mut().zip(out.iter()).for_each(|(x, &o)| *x += o);
+    });
 }
 
 /// Source bytes quantized per step while packing.
