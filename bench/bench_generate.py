@@ -1,6 +1,6 @@
 """Prefill and decode speed and peak memory of gemma_rs on one model.
 
-    python bench/bench_generate.py MODEL_DIR [--weights bf16] [--threads 2]
+    python bench/bench_generate.py MODEL_DIR [--weights q8_0] [--threads 2]
         [--prompt-tokens 64 512] [--new-tokens 128] [--repeat 3]
 
 Prefill tokens/s = prompt tokens / Completion.prefill_seconds (up to the first new token's
@@ -37,7 +37,7 @@ def prompt_ids(model: gemma_rs.Model, n: int, salt: int) -> list[int]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("model", type=Path)
-    p.add_argument("--weights", default="bf16")
+    p.add_argument("--weights", default="q8_0")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[64, 512])
     p.add_argument("--new-tokens", type=int, default=128)
