@@ -1,0 +1,88 @@
+//! Kernel-level numbers for this machine: the thread pool's hand-off, Q8_0 matrix × matrix
+//! (prefill's shapes) and matrix × vector (decode's lm_head) throughput, per available kernel.
+//!
+//!     cargo run --release --example kernels -- [THREADS]
+//!
+//! `GEMMA_RS_KERNEL` is read once per process, so each kernel is measured in a child process of
+//! this one (`--child NAME`).
+
+use gemma_rs::ops::{matmul, Activations, QuantBuf};
+use gemma_rs::quant::{quantize_row_q8_0, BlockQ8_0, Kernel};
+use gemma_rs::tensor::Matrix;
+use gemma_rs::threads::Threads;
+use std::time::Instant;
+
+fn q8_0(rows: usize, cols: usize) -> Matrix {
+    let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3).collect();
+    let mut data = vec![BlockQ8_0::default(); rows * cols / 32];
+    quantize_row_q8_0(&w, &mut data);
+    Matrix::Q8_0 { data, rows, cols }
+}
+
+/// Median seconds of `reps` calls of `f`, after 200 ms of warm-up calls (clock ramp-up, the
+/// pool's workers awake).
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    let warm = Instant::now();
+    while warm.elapsed().as_millis() < 200 {
+        f();
+    }
+    let mut s: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    s.sort_by(f64::total_cmp);
+    s[reps / 2]
+}
+
+fn measure(name: &str, threads: &Threads) {
+    let n = 64;
+    let mut line = format!("{name:>13}");
+    for (rows, cols) in [(2048, 640), (640, 2048)] {
+        let m = q8_0(rows, cols);
+        let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut buf = QuantBuf::new(n * cols);
+        let a = Activations::quantized(&x, n, cols, &mut buf, threads);
+        let mut out = vec![0f32; n * rows];
+        let s = time(21, || matmul(&mut out, &a, &m, 0..rows, threads));
+        line += &format!("  {:>11.1}", (n * rows * cols) as f64 / s / 1e9);
+    }
+    let (rows, cols) = (262_144, 640);
+    let m = q8_0(rows, cols);
+    let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut buf = QuantBuf::new(cols);
+    let a = Activations::quantized(&x, 1, cols, &mut buf, threads);
+    let mut out = vec![0f32; rows];
+    let s = time(11, || matmul(&mut out, &a, &m, 0..rows, threads));
+    line += &format!("  {:>9.2} ms {:>6.1} GB/s", s * 1e3, m.bytes() as f64 / s / 1e9);
+    println!("{line}");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--child") {
+        let threads = Threads::new(args[3].parse().expect("threads"));
+        return measure(&args[2], &threads);
+    }
+    let t: usize = args.get(1).map(|s| s.parse().expect("THREADS")).unwrap_or_else(Threads::available);
+    let threads = Threads::new(t);
+    let jobs = 100_000;
+    let start = Instant::now();
+    for _ in 0..jobs {
+        threads.for_ranges(t, 1, usize::MAX, |_, r| {
+            std::hint::black_box(r);
+        });
+    }
+    println!("threads {t}: pool hand-off {:.2} µs per job", start.elapsed().as_secs_f64() * 1e6 / jobs as f64);
+    println!("       kernel  GMAC/s 64×2048×640  64×640×2048  lm_head 262144×640 matvec");
+    for k in Kernel::available() {
+        let status = std::process::Command::new(&args[0])
+            .args(["--child", k.name, &t.to_string()])
+            .env("GEMMA_RS_KERNEL", k.name)
+            .status()
+            .expect("run the child");
+        assert!(status.success(), "{} failed", k.name);
+    }
+}
