@@ -68,6 +68,11 @@ impl Threads {
             _ => return f(0, 0..len),
         };
         let bounds = |i: usize| (blocks * i / parts * align).min(len);
+        if pool.pid != std::process::id() {
+            // A fork()ed child (Python's multiprocessing): only the forking thread was copied,
+            // the workers are gone; run every part here rather than wait for them forever.
+            return (0..parts).for_each(|i| f(i, bounds(i)..bounds(i + 1)));
+        }
         pool.run(&|i| {
             if i < parts {
                 f(i, bounds(i)..bounds(i + 1))
@@ -103,6 +108,8 @@ struct Pool {
     workers: Vec<JoinHandle<()>>,
     /// One job at a time, whichever thread calls.
     dispatch: Mutex<()>,
+    /// The process that started the workers.
+    pid: u32,
 }
 
 impl Pool {
@@ -126,7 +133,7 @@ impl Pool {
                     .expect("cannot start a worker thread")
             })
             .collect();
-        Pool { shared, workers, dispatch: Mutex::new(()) }
+        Pool { shared, workers, dispatch: Mutex::new(()), pid: std::process::id() }
     }
 
     /// Runs `job(0)` here and `job(1..=workers)` on the workers; returns when all are done.
@@ -159,6 +166,11 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
+        if self.pid != std::process::id() {
+            // In a fork()ed child the workers do not exist: nothing to stop or join.
+            std::mem::forget(std::mem::take(&mut self.workers));
+            return;
+        }
         let s = &*self.shared;
         s.stop.store(true, SeqCst);
         s.generation.fetch_add(1, SeqCst);

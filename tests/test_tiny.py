@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +191,27 @@ def test_concurrent_calls_are_serialized_and_equal_to_calls_alone(tiny):
     for t in threads:
         t.join(timeout=60)
     assert [results[i] for i in range(len(prompts))] == alone
+
+
+def test_a_forked_child_can_use_the_model(tiny):
+    """multiprocessing's fork copies only the calling thread: the child must not wait for the
+    parent's worker threads, neither while computing nor when the model is freed."""
+    import os
+
+    d, ids, _ = tiny
+    model = gemma_rs.load(d, weights="f32", threads=2)
+    want = model.logits(ids)
+    pid = os.fork()
+    if pid == 0:  # the child: compute, free the model, exit with the verdict
+        ok = np.array_equal(model.logits(ids), want)
+        del model
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    pytest.fail("the forked child hung")
