@@ -4,6 +4,9 @@
 //! `config` → `safetensors` (loader) → `ops` → `kv_cache` → `model` → `tokenizer`, `sampler`,
 //! `generate` → `python` (the only module that knows PyO3).
 
+#[cfg(target_endian = "big")]
+compile_error!("gemma_rs reads little-endian model files in place");
+
 pub mod error;
 pub mod tokenizer;
 

@@ -195,7 +195,8 @@ impl SafeTensors {
         }
     }
 
-    /// As `release`, for the bytes `range` of tensor `name` only (rounded to whole pages).
+    /// As `release`, for the bytes `range` of tensor `name` only, expanded to whole pages (a
+    /// neighbour's page dropped with them is read back from the file when next touched).
     pub fn release_bytes(&self, name: &str, range: std::ops::Range<usize>) {
         #[cfg(unix)]
         if let Some(e) = self.entries.get(name) {

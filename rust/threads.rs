@@ -58,7 +58,8 @@ impl Threads {
     /// Calls `f(part, range)` on disjoint sub-ranges covering `0..len`, in parallel when `work`
     /// (about the number of multiply-adds) makes it worth it; `part < self.count()` numbers the
     /// sub-range. Each sub-range starts at a multiple of `align`. Returns when all are done; a
-    /// panic in any part is resumed here.
+    /// panic in any part is resumed here. `f` must not call `for_ranges` on the same `Threads`
+    /// (one job runs at a time: a nested call would wait for itself).
     pub fn for_ranges(&self, len: usize, align: usize, work: usize, f: impl Fn(usize, Range<usize>) + Sync) {
         let align = align.max(1);
         let blocks = len.div_ceil(align);
@@ -73,11 +74,7 @@ impl Threads {
             // the workers are gone; run every part here rather than wait for them forever.
             return (0..parts).for_each(|i| f(i, bounds(i)..bounds(i + 1)));
         }
-        pool.run(&|i| {
-            if i < parts {
-                f(i, bounds(i)..bounds(i + 1))
-            }
-        });
+        pool.run(parts, &|i| f(i, bounds(i)..bounds(i + 1)));
     }
 }
 
@@ -85,12 +82,18 @@ impl Threads {
 type Job<'a> = &'a (dyn Fn(usize) + Sync);
 
 struct Shared {
-    /// Bumped once per job (and once at shutdown); workers wait for it to change.
-    generation: AtomicUsize,
+    /// `generation << 16 | parts`, published in one store so that a worker reads a job's part
+    /// count together with its generation: the generation is bumped once per job (and once at
+    /// shutdown) and workers wait for it to change; workers `1..parts` run the job, the others
+    /// skip it.
+    state: AtomicUsize,
     /// The current job, valid while `pending > 0`; lifetime erased (see `Pool::run`).
     job: UnsafeCell<Option<Job<'static>>>,
     /// Workers that have not finished the current job.
     pending: AtomicUsize,
+    /// More threads than CPUs: waits yield at once and idle workers sleep right away, since a
+    /// spinning thread would take the CPU of one that has work.
+    oversubscribed: bool,
     panicked: AtomicBool,
     stop: AtomicBool,
     sleepers: AtomicUsize,
@@ -115,9 +118,10 @@ struct Pool {
 impl Pool {
     fn new(workers: usize) -> Pool {
         let shared = Arc::new(Shared {
-            generation: AtomicUsize::new(0),
+            state: AtomicUsize::new(0),
             job: UnsafeCell::new(None),
             pending: AtomicUsize::new(0),
+            oversubscribed: workers + 1 > Threads::available(),
             panicked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
@@ -136,29 +140,34 @@ impl Pool {
         Pool { shared, workers, dispatch: Mutex::new(()), pid: std::process::id() }
     }
 
-    /// Runs `job(0)` here and `job(1..=workers)` on the workers; returns when all are done.
-    fn run(&self, job: Job<'_>) {
+    /// Runs `job(0)` here and `job(1..parts)` on the first `parts - 1` workers (the others skip
+    /// it); returns when all are done.
+    fn run(&self, parts: usize, job: Job<'_>) {
         let _one_at_a_time = self.dispatch.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
+        let parts = parts.clamp(1, self.workers.len() + 1);
         // SAFETY: no worker reads `job` now (the previous job finished: pending was 0), and this
         // function does not return before every worker is done with it, so erasing the lifetime
         // never lets a worker see a dangling job.
         unsafe { *s.job.get() = Some(std::mem::transmute::<Job<'_>, Job<'static>>(job)) };
-        s.pending.store(self.workers.len(), SeqCst);
-        s.generation.fetch_add(1, SeqCst);
+        s.pending.store(parts - 1, SeqCst);
+        let generation = (s.state.load(SeqCst) >> 16) + 1;
+        s.state.store(generation << 16 | parts, SeqCst);
         if s.sleepers.load(SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
         let mine = catch_unwind(AssertUnwindSafe(|| job(0)));
-        let mut spins = 0u32;
+        let mut spins = if s.oversubscribed { PAUSES } else { 0 };
         while s.pending.load(Acquire) != 0 {
             backoff(&mut spins);
         }
+        // Read (and clear) the workers' flag first, so that it never outlives this job.
+        let worker_panicked = s.panicked.swap(false, SeqCst);
         if let Err(p) = mine {
             resume_unwind(p);
         }
-        if s.panicked.swap(false, SeqCst) {
+        if worker_panicked {
             panic!("a worker thread panicked");
         }
     }
@@ -173,7 +182,7 @@ impl Drop for Pool {
         }
         let s = &*self.shared;
         s.stop.store(true, SeqCst);
-        s.generation.fetch_add(1, SeqCst);
+        s.state.fetch_add(1 << 16, SeqCst);
         {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
@@ -187,9 +196,13 @@ impl Drop for Pool {
 fn worker(s: &Shared, part: usize) {
     let mut seen = 0;
     loop {
-        seen = wait_for_job(s, seen);
+        let state = wait_for_job(s, seen);
+        seen = state >> 16;
         if s.stop.load(SeqCst) {
             return;
+        }
+        if part >= state & 0xFFFF {
+            continue; // not needed for this job; `run` does not wait for it
         }
         // SAFETY: the generation changed, so `run` stored the job before publishing it and
         // waits for this worker's `pending` decrement before the job goes away.
@@ -201,16 +214,17 @@ fn worker(s: &Shared, part: usize) {
     }
 }
 
-/// Spins, then sleeps, until `generation` differs from `seen`; returns the new value.
+/// Spins, then sleeps, until the generation differs from `seen`; returns the new state.
 fn wait_for_job(s: &Shared, seen: usize) -> usize {
     let start = Instant::now();
+    let spin = if s.oversubscribed { Duration::ZERO } else { SPIN };
     let mut spins = 0u32;
     loop {
-        let g = s.generation.load(Acquire);
-        if g != seen {
-            return g;
+        let state = s.state.load(Acquire);
+        if state >> 16 != seen {
+            return state;
         }
-        if spins.is_multiple_of(64) && start.elapsed() > SPIN {
+        if spins.is_multiple_of(64) && start.elapsed() >= spin {
             break;
         }
         backoff(&mut spins);
@@ -220,10 +234,10 @@ fn wait_for_job(s: &Shared, seen: usize) -> usize {
     // Checked under the lock after announcing the sleep: a job published before this sees
     // `sleepers > 0` and notifies under the same lock, so no wake-up is lost.
     loop {
-        let g = s.generation.load(SeqCst);
-        if g != seen {
+        let state = s.state.load(SeqCst);
+        if state >> 16 != seen {
             s.sleepers.fetch_sub(1, SeqCst);
-            return g;
+            return state;
         }
         guard = s.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
     }
@@ -316,6 +330,18 @@ mod tests {
             }));
             assert!(r.is_err());
         }
+        let count = AtomicUsize::new(0);
+        pool.for_ranges(2, 1, usize::MAX, |_, r| {
+            count.fetch_add(r.len(), Relaxed);
+        });
+        assert_eq!(count.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn a_job_after_panics_in_every_part_runs_normally() {
+        let pool = Threads::new(2);
+        let r = catch_unwind(AssertUnwindSafe(|| pool.for_ranges(2, 1, usize::MAX, |_, _| panic!("both parts"))));
+        assert!(r.is_err());
         let count = AtomicUsize::new(0);
         pool.for_ranges(2, 1, usize::MAX, |_, r| {
             count.fetch_add(r.len(), Relaxed);

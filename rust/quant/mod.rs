@@ -61,7 +61,9 @@ fn quantize_row_q8_0_portable(x: &[f32], out: &mut [BlockQ8_0]) {
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         for (q, &v) in b.qs.iter_mut().zip(xb) {
-            *q = round_half_away(v * id) as i8;
+            // The clamp changes nothing unless 1 / d overflowed (max|x| below ~4e-37), where
+            // it keeps q in [-127, 127] as the kernels require.
+            *q = round_half_away((v * id).clamp(-127.0, 127.0)) as i8;
         }
         b.d = f32_to_f16(d);
     }
@@ -121,7 +123,7 @@ fn quantize_activations_portable(x: &[f32], d: &mut [f32], qs: &mut [i8]) {
         *d = amax / 127.0;
         let id = if *d != 0.0 { 1.0 / *d } else { 0.0 };
         for (q, &v) in qb.iter_mut().zip(xb) {
-            *q = round_ties_even(v * id) as i8;
+            *q = round_ties_even((v * id).clamp(-127.0, 127.0)) as i8; // see quantize_row_q8_0
         }
     }
 }
@@ -167,8 +169,15 @@ impl Kernel {
         static BEST: OnceLock<&'static Kernel> = OnceLock::new();
         BEST.get_or_init(|| {
             let all = Kernel::available();
-            let wanted = std::env::var("GEMMA_RS_KERNEL").ok();
-            wanted.and_then(|name| all.iter().copied().find(|k| k.name == name)).unwrap_or(all[0])
+            let Ok(wanted) = std::env::var("GEMMA_RS_KERNEL") else { return all[0] };
+            all.iter().copied().find(|k| k.name == wanted).unwrap_or_else(|| {
+                let names: Vec<&str> = all.iter().map(|k| k.name).collect();
+                eprintln!(
+                    "gemma_rs: GEMMA_RS_KERNEL={wanted:?} is not available here {names:?}; using {}",
+                    all[0].name
+                );
+                all[0]
+            })
         })
     }
 
@@ -256,6 +265,20 @@ mod tests {
             assert_eq!(round_half_away(x) as f32, x.round(), "{x}");
             assert_eq!(round_ties_even(x), x.round_ties_even(), "{x}");
         }
+    }
+
+    #[test]
+    fn tiny_blocks_stay_in_range() {
+        // max|x| so small that 1 / d overflows to infinity.
+        let mut x = [0f32; 32];
+        x[0] = 1e-38;
+        x[1] = -3e-39;
+        let b = quantized(&x);
+        assert!(b[0].qs.iter().all(|&q| q >= -127));
+        let (mut d, mut qs) = ([0f32; 1], [0i8; 32]);
+        quantize_activations(&x, &mut d, &mut qs);
+        assert!(qs.iter().all(|&q| q >= -127), "{qs:?}");
+        assert_eq!((qs[0], qs[1]), (127, -127));
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! - dotprod: two `sdot` (16 products each, four into each i32 lane);
 //! - plain NEON: `smull` + `smlal` of the low halves and `smull2` + `smlal2` of the high halves
 //!   give two i16x8 whose lanes hold two products each, at most 2 × 127² = 32258 in magnitude,
-//!   exact for |q| ≤ 127 as both quantizers guarantee; `saddlp` + `sadalp` widen them into i32x4;
+//!   exact because activations stay within ±127 (the quantizer clamps; even a weight of −128
+//!   keeps a lane within 2 × 128 × 127); `saddlp` + `sadalp` widen them into i32x4;
 //!
 //! then `scvtf` and one `fmla` by the scalar scale. The weight block (two 16-byte loads and its
 //! scale) is loaded once for the four rows of `dot4`.
@@ -80,7 +81,8 @@ fn dotprod_block(w0: int8x16_t, w1: int8x16_t, x0: int8x16_t, x1: int8x16_t) -> 
 }
 
 /// The same with widening multiplies: lane `i` of each i16x8 is `w0[i]·x0[i] + w1[i]·x1[i]`
-/// (|.| ≤ 32258 for |q| ≤ 127: no overflow), then pairs of lanes are added into i32.
+/// (|.| ≤ 2 × 128 × 127 with activations within ±127: no overflow), then pairs of lanes are
+/// added into i32.
 #[inline]
 #[target_feature(enable = "neon")]
 fn neon_block(w0: int8x16_t, w1: int8x16_t, x0: int8x16_t, x1: int8x16_t) -> int32x4_t {

@@ -65,7 +65,8 @@ unsafe fn load32(p: *const i8) -> __m256i {
 }
 
 /// Pairwise products of |w| (u8) and x·sign(w) (i8) summed into 8 i32 lanes (ggml's trick to use
-/// `maddubs`, which multiplies unsigned by signed bytes; |q| ≤ 127 keeps its i16 sums exact).
+/// `maddubs`, which multiplies unsigned by signed bytes; activations within ±127 keep its i16
+/// sums exact, even for a weight of −128, whose "absolute value" 128 is read unsigned).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn avx2_block(abs_w: __m256i, w: __m256i, x: __m256i) -> __m256i {
