@@ -40,10 +40,11 @@ pub struct Threads {
 }
 
 impl Threads {
-    /// `n` threads in all (at least 1): the caller's and `n - 1` workers started now.
+    /// `n` threads in all (at least 1): the caller's and `n - 1` workers started now. If the
+    /// system refuses to start some, the pool runs with those it got (`count()` says how many).
     pub fn new(n: usize) -> Threads {
-        let n = n.max(1);
-        Threads { n, pool: (n > 1).then(|| Pool::new(n - 1)) }
+        let pool = (n > 1).then(|| Pool::new(n - 1)).filter(|p| !p.workers.is_empty());
+        Threads { n: 1 + pool.as_ref().map_or(0, |p| p.workers.len()), pool }
     }
 
     /// The CPUs this process may run on (its affinity mask and cgroup quota).
@@ -128,13 +129,11 @@ impl Pool {
             lock: Mutex::new(()),
             wake: Condvar::new(),
         });
+        // Workers are numbered 1, 2, … without gaps: stop at the first that cannot start.
         let workers = (1..=workers)
-            .map(|part| {
+            .map_while(|part| {
                 let shared = Arc::clone(&shared);
-                std::thread::Builder::new()
-                    .name(format!("gemma_rs-{part}"))
-                    .spawn(move || worker(&shared, part))
-                    .expect("cannot start a worker thread")
+                std::thread::Builder::new().name(format!("gemma_rs-{part}")).spawn(move || worker(&shared, part)).ok()
             })
             .collect();
         Pool { shared, workers, dispatch: Mutex::new(()), pid: std::process::id() }
