@@ -244,10 +244,7 @@ impl Model {
                 LayerType::Global => 1,
             };
             // Attention block: input_layernorm → q/k/v → q_norm/k_norm → RoPE → attention → o_proj.
-            let x = &s.x;
-            rows(threads, &mut s.xb, n, h, |t, xb| {
-                ops::rms_norm(xb, &x[t * h..(t + 1) * h], &layer.input_layernorm, c.rms_norm_eps)
-            });
+            norm_into(threads, &mut s.xb, &s.x, n, h, &layer.input_layernorm, c.rms_norm_eps);
             let xb = self.activations(&s.xb, n, h, &mut s.xq, threads);
             ops::matmul(&mut s.q, &xb, &layer.q_proj, 0..q_dim, threads);
             ops::matmul(&mut s.k, &xb, &layer.k_proj, 0..kv_dim, threads);
@@ -272,10 +269,7 @@ impl Model {
 
             // MLP block: pre_feedforward_layernorm → down(gelu_tanh(gate(x)) * up(x)) →
             // post_feedforward_layernorm → residual.
-            let x = &s.x;
-            rows(threads, &mut s.xb, n, h, |t, xb| {
-                ops::rms_norm(xb, &x[t * h..(t + 1) * h], &layer.pre_feedforward_layernorm, c.rms_norm_eps)
-            });
+            norm_into(threads, &mut s.xb, &s.x, n, h, &layer.pre_feedforward_layernorm, c.rms_norm_eps);
             let xb = self.activations(&s.xb, n, h, &mut s.xq, threads);
             ops::matmul(&mut s.gate, &xb, &layer.gate_proj, 0..inter, threads);
             ops::matmul(&mut s.up, &xb, &layer.up_proj, 0..inter, threads);
@@ -381,6 +375,11 @@ fn rows(threads: &Threads, m: &mut [f32], n: usize, width: usize, f: impl Fn(usi
             f(t, unsafe { shared.slice(t * width, width) });
         }
     });
+}
+
+/// The start of a block: `out = rms_norm(x) * w1`, row by row.
+fn norm_into(threads: &Threads, out: &mut [f32], x: &[f32], n: usize, width: usize, w1: &[f32], eps: f32) {
+    rows(threads, out, n, width, |t, out| ops::rms_norm(out, &x[t * width..(t + 1) * width], w1, eps));
 }
 
 /// The end of a block: `out` normed in place by `w1`, then added to the residual stream `x`.
