@@ -13,6 +13,7 @@
 use crate::half::{f16_to_f32, f32_to_f16};
 use std::sync::OnceLock;
 
+pub mod ggml;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 #[cfg(target_arch = "x86_64")]
