@@ -11,11 +11,11 @@ use std::path::Path;
 
 use super::json::Reader;
 use super::tables::{AddedTrie, Merge, Merges, Vocab, ADDED, SPECIAL};
-use super::{BpeOptions, Decoder, Replace, Split, SplitBehavior, Tokenizer};
+use super::{BpeOptions, Decoder, MergeRule, Replace, Split, SplitBehavior, Tokenizer};
 use crate::error::{Error, Result};
 
 /// Token ids must stay below this, which bounds the per-id tables a file can make us allocate.
-const MAX_ID_SPACE: u32 = 1 << 24;
+pub(super) const MAX_ID_SPACE: u32 = 1 << 24;
 
 /// The BPE model as read from the file, before its tables are built.
 struct Model<'a> {
@@ -31,10 +31,10 @@ struct Model<'a> {
     ignore_merges: bool,
 }
 
-struct AddedToken<'a> {
-    id: u32,
-    content: Cow<'a, str>,
-    special: bool,
+pub(super) struct AddedToken<'a> {
+    pub id: u32,
+    pub content: Cow<'a, str>,
+    pub special: bool,
 }
 
 /// `TemplateProcessing.single`: an optional special token, then `$A`.
@@ -99,7 +99,7 @@ pub(super) fn load(bytes: &[u8], path: &Path) -> Result<Tokenizer> {
             vocab.model_id(unk.as_bytes()).ok_or_else(|| bad(format!("unk_token {unk:?} is not in the vocabulary")))?,
         ),
     };
-    let byte_ids = std::array::from_fn(|b| vocab.model_id(format!("<0x{b:02X}>").as_bytes()));
+    let byte_ids = byte_ids(&vocab);
     let template_bos = match template {
         Some(t) => template_bos(t).map_err(bad)?,
         None => None,
@@ -113,7 +113,7 @@ pub(super) fn load(bytes: &[u8], path: &Path) -> Result<Tokenizer> {
     };
     Ok(Tokenizer {
         vocab,
-        merges,
+        merges: MergeRule::Table(merges),
         added,
         normalizer,
         pre_tokenizer,
@@ -127,6 +127,11 @@ pub(super) fn load(bytes: &[u8], path: &Path) -> Result<Tokenizer> {
         decoder,
         bos_id,
     })
+}
+
+/// The id of the `<0xXX>` token of each byte, if the BPE vocabulary has it.
+pub(super) fn byte_ids(vocab: &Vocab) -> [Option<u32>; 256] {
+    std::array::from_fn(|b| vocab.model_id(format!("<0x{b:02X}>").as_bytes()))
 }
 
 /// Fails if `slot` was already set by an earlier occurrence of `key`.
@@ -243,7 +248,11 @@ fn read_added_tokens<'a>(r: &mut Reader<'a>) -> Result<Vec<AddedToken<'a>>> {
 /// Gives the added tokens their ids as HF's `AddedVocabulary::add_tokens` does: a token of the
 /// model keeps its id; another gets the next id past the model's vocabulary and the previous
 /// added tokens. Returns the trie that matches them.
-fn add_tokens(vocab: &mut Vocab, model_len: usize, tokens: &[AddedToken]) -> std::result::Result<AddedTrie, String> {
+pub(super) fn add_tokens(
+    vocab: &mut Vocab,
+    model_len: usize,
+    tokens: &[AddedToken],
+) -> std::result::Result<AddedTrie, String> {
     let model_len = model_len as u32;
     let mut max_id: Option<u32> = None;
     for token in tokens {

@@ -21,8 +21,9 @@
 //! `unk_token` missing from the vocabulary (HF fails only when encoding needs it).
 //!
 //! Loading streams the JSON (see `json.rs`) into flat tables (see `tables.rs`); `load.rs` checks
-//! the file and builds them.
+//! the file and builds them. `gguf.rs` builds the same tables from a GGUF file's vocabulary.
 
+mod gguf;
 mod json;
 mod load;
 mod tables;
@@ -37,12 +38,13 @@ use std::ops::Range;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+pub use gguf::{GgufVocab, OwnedGgufVocab};
 use tables::{AddedTrie, Merges, Vocab, SPECIAL};
 
-/// A tokenizer loaded from a `tokenizer.json`.
+/// A tokenizer loaded from a `tokenizer.json` or a GGUF vocabulary.
 pub struct Tokenizer {
     vocab: Vocab,
-    merges: Merges,
+    merges: MergeRule,
     added: AddedTrie,
     /// The normalizer: string replacements applied in order.
     normalizer: Vec<Replace>,
@@ -82,6 +84,17 @@ enum SplitBehavior {
     MergedWithPrevious,
     MergedWithNext,
     Contiguous,
+}
+
+/// How BPE decides whether two adjacent symbols merge, and which merge goes first.
+enum MergeRule {
+    /// `tokenizer.json`'s ranked merges.
+    Table(Merges),
+    /// SentencePiece style, for GGUF vocabularies: two symbols merge when their concatenation
+    /// is a token; a lower merged id goes first, and among the splits of one token the longer
+    /// left part. That is the order of the merges transformers derives for Gemma (see
+    /// `gguf.rs`), found by one vocabulary lookup instead of a 515 k-entry (8 MB) table.
+    ByVocab,
 }
 
 struct BpeOptions {
@@ -218,8 +231,9 @@ impl Tokenizer {
             })
             .collect();
         let mut heap = BinaryHeap::with_capacity(n);
+        let mut buf = Vec::new();
         for (pos, pair) in symbols.windows(2).enumerate() {
-            if let Some((rank, new_id)) = self.merges.get(pair[0].id, pair[1].id) {
+            if let Some((rank, new_id)) = self.pair(pair[0].id, pair[1].id, &mut buf) {
                 heap.push(Reverse((rank, pos, new_id)));
             }
         }
@@ -229,7 +243,7 @@ impl Tokenizer {
                 continue;
             }
             let right = symbols[left.next];
-            if self.merges.get(left.id, right.id).map(|m| m.1) != Some(new_id) {
+            if self.pair(left.id, right.id, &mut buf).map(|m| m.1) != Some(new_id) {
                 continue;
             }
             symbols[pos].id = new_id;
@@ -237,12 +251,12 @@ impl Tokenizer {
             symbols[left.next].alive = false;
             if right.next != NONE {
                 symbols[right.next].prev = pos;
-                if let Some((rank, id)) = self.merges.get(new_id, symbols[right.next].id) {
+                if let Some((rank, id)) = self.pair(new_id, symbols[right.next].id, &mut buf) {
                     heap.push(Reverse((rank, pos, id)));
                 }
             }
             if left.prev != NONE {
-                if let Some((rank, id)) = self.merges.get(symbols[left.prev].id, new_id) {
+                if let Some((rank, id)) = self.pair(symbols[left.prev].id, new_id, &mut buf) {
                     heap.push(Reverse((rank, left.prev, id)));
                 }
             }
@@ -250,6 +264,23 @@ impl Tokenizer {
         // Merging keeps the left symbol, so index order is text order.
         ids.truncate(start);
         ids.extend(symbols.iter().filter(|s| s.alive).map(|s| s.id));
+    }
+
+    /// (rank, merged id) when symbols `left` and `right` merge; lower ranks merge first.
+    /// `buf` is scratch space.
+    fn pair(&self, left: u32, right: u32, buf: &mut Vec<u8>) -> Option<(u64, u32)> {
+        match &self.merges {
+            MergeRule::Table(m) => m.get(left, right).map(|(rank, id)| (u64::from(rank), id)),
+            MergeRule::ByVocab => {
+                let (a, b) = (self.vocab.get(left)?, self.vocab.get(right)?);
+                buf.clear();
+                buf.extend_from_slice(a.as_bytes());
+                buf.extend_from_slice(b.as_bytes());
+                let id = self.vocab.find(buf)?;
+                // Longer left parts first: a rank that falls as `a` grows.
+                Some((u64::from(id) << 32 | u64::from(u32::MAX - a.len() as u32), id))
+            }
+        }
     }
 
     /// The text of `ids` (HF: `decode(ids, skip_special_tokens)`). Unlike HF, which drops them,
@@ -297,7 +328,10 @@ impl Tokenizer {
     pub fn memory_bytes(&self) -> usize {
         let strings = |rs: &[Replace]| rs.iter().map(|r| r.pattern.capacity() + r.content.capacity()).sum::<usize>();
         self.vocab.heap_bytes()
-            + self.merges.heap_bytes()
+            + match &self.merges {
+                MergeRule::Table(m) => m.heap_bytes(),
+                MergeRule::ByVocab => 0,
+            }
             + self.added.heap_bytes()
             + strings(&self.normalizer)
             + self.normalizer.capacity() * std::mem::size_of::<Replace>()
@@ -311,7 +345,13 @@ impl fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tokenizer")
             .field("vocab_size", &self.vocab_size())
-            .field("merges", &self.merges.len())
+            .field(
+                "merges",
+                &match &self.merges {
+                    MergeRule::Table(m) => m.len(),
+                    MergeRule::ByVocab => 0,
+                },
+            )
             .field("bos_id", &self.bos_id)
             .field("memory_bytes", &self.memory_bytes())
             .finish_non_exhaustive()

@@ -122,8 +122,12 @@ impl Vocab {
 
     /// The id of any token, model or added.
     pub fn find(&self, token: &[u8]) -> Option<u32> {
+        self.find_from(token, hash(token) & (self.slots.len() - 1))
+    }
+
+    /// `find`, probing from slot `i` on.
+    fn find_from(&self, token: &[u8], mut i: usize) -> Option<u32> {
         let mask = self.slots.len() - 1;
-        let mut i = hash(token) & mask;
         loop {
             let id = self.slots[i];
             if id == NONE {
@@ -158,14 +162,16 @@ fn hash(bytes: &[u8]) -> usize {
 }
 
 /// One BPE merge: the pair (left id << 32 | right id), its rank (line in `merges`), the merged id.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Merge {
     pub pair: u64,
     pub rank: u32,
     pub new_id: u32,
 }
 
-/// The merges sorted by pair, binary-searched: 16 bytes a merge.
+/// The merges sorted by pair, binary-searched: 16 bytes a merge. Equal tables hold the same
+/// (pair → rank, merged id) entries.
+#[derive(Debug, PartialEq, Eq)]
 pub(super) struct Merges(Vec<Merge>);
 
 impl Merges {
@@ -186,6 +192,11 @@ impl Merges {
 
     pub fn len(&self) -> usize {
         self.0.len()
+    }
+
+    #[cfg(test)]
+    pub fn iter(&self) -> impl Iterator<Item = &Merge> {
+        self.0.iter()
     }
 
     pub fn heap_bytes(&self) -> usize {

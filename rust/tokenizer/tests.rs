@@ -375,3 +375,278 @@ fn gemma3_reference_cases() {
         assert_eq!(tok.decode(&ids, true).unwrap(), case["decoded"].as_str().unwrap(), "{text:?}");
     }
 }
+
+// ---- GGUF vocabularies (gguf.rs) ----
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
+}
+
+/// The Gemma 3 fixture tokenizer.json, loaded once, and the same rebuilt through its GGUF
+/// vocabulary; `None` (after a note) when the fixtures are absent.
+fn gemma3_pair() -> Option<&'static (Tokenizer, Tokenizer)> {
+    static PAIR: std::sync::OnceLock<Option<(Tokenizer, Tokenizer)>> = std::sync::OnceLock::new();
+    PAIR.get_or_init(|| {
+        let path = fixtures().join("gemma-3-270m/tokenizer.json");
+        if !path.exists() {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "{} is missing", path.display());
+            eprintln!("note: {} is absent; skipping the Gemma 3 GGUF tests", path.display());
+            return None;
+        }
+        let json = Tokenizer::from_file(&path).unwrap();
+        let gguf = Tokenizer::from_gguf_vocab(&json.to_gguf_vocab().as_vocab(), Path::new("gemma.gguf")).unwrap();
+        Some((json, gguf))
+    })
+    .as_ref()
+}
+
+/// A GGUF vocabulary from (token, type) pairs, with `<bos>` = 2 and `<unk>` = 3.
+fn gguf_vocab<'a>(tokens: &[(&'a str, i32)]) -> GgufVocab<'a> {
+    GgufVocab {
+        tokens: tokens.iter().map(|t| t.0).collect(),
+        scores: None,
+        token_types: tokens.iter().map(|t| t.1).collect(),
+        bos_id: Some(2),
+        eos_id: Some(1),
+        unk_id: Some(3),
+        pad_id: Some(0),
+        add_bos: true,
+    }
+}
+
+const SMALL_GGUF: &[(&str, i32)] = &[
+    ("<pad>", 3),
+    ("<eos>", 3),
+    ("<bos>", 3),
+    ("<unk>", 3),
+    ("a", 1),
+    ("b", 1),
+    ("ab", 1),
+    ("  ", 4),
+    ("▁", 1),
+    ("▁a", 1),
+    ("<0xC3>", 6),
+    ("<0xA9>", 6),
+    ("<start>", 3),
+    ("\n", 4),
+    ("abab", 1),
+    ("   ", 4),
+];
+
+fn gguf_err(v: &GgufVocab) -> String {
+    match Tokenizer::from_gguf_vocab(v, Path::new("v.gguf")) {
+        Err(e @ Error::Format { .. }) => e.to_string(),
+        Err(e) => panic!("expected a format error, got {e:?}"),
+        Ok(_) => panic!("expected an error for {v:?}"),
+    }
+}
+
+#[test]
+fn gguf_vocab_builds_gemma_style_tables() {
+    let tok = Tokenizer::from_gguf_vocab(&gguf_vocab(SMALL_GGUF), Path::new("v.gguf")).unwrap();
+    assert_eq!(tok.vocab_size(), SMALL_GGUF.len());
+    assert_eq!(tok.bos_id(), Some(2));
+    // Space runs are respelled with ▁ and stay plain vocabulary.
+    assert_eq!(tok.token_to_id("▁▁"), Some(7));
+    assert_eq!(tok.id_to_token(15), Some("▁▁▁"));
+    assert_eq!(tok.token_to_id("  "), None);
+    assert_eq!(tok.vocab.flags(7), tables::PRESENT | tables::MODEL);
+    // Merges by the merged token's id, then longest left part first: the table transformers
+    // would write, and the order in which the tokenizer merges without one.
+    let table = super::gguf::gemma_merges(&tok.vocab, tok.vocab_size() as u32);
+    let m = |a, b| table.get(a, b);
+    assert_eq!(m(4, 5), Some((0, 6)));
+    assert_eq!(m(8, 8), Some((1, 7)));
+    assert_eq!(m(8, 4), Some((2, 9)));
+    assert_eq!(m(6, 6), Some((3, 14)));
+    assert_eq!(m(7, 8), Some((4, 15)));
+    assert_eq!(m(8, 7), Some((5, 15)));
+    assert_eq!(table.len(), 6);
+    assert_same_merge_order(&tok, &table);
+    // Control tokens are special added tokens, user-defined ones plain added tokens.
+    assert!(tok.is_special(12) && tok.is_special(2) && !tok.is_special(13) && !tok.is_special(7));
+    // The Split on " " sees no space after the normalizer, so "abab▁a" is one word.
+    assert_eq!(tok.encode("<start>abab a\né", true), [2, 12, 14, 9, 13, 10, 11]);
+    assert_eq!(tok.encode("x", false), [3]);
+    assert_eq!(tok.decode(&[2, 12, 14, 9, 7, 13, 10, 11], false).unwrap(), "<bos><start>abab a  \né");
+    assert_eq!(tok.decode(&[2, 12, 14, 9, 7, 13, 10, 11], true).unwrap(), "abab a  \né");
+
+    // Back to GGUF: the same strings and types; scores in Gemma's convention.
+    let back = tok.to_gguf_vocab();
+    assert_eq!(back.tokens, SMALL_GGUF.iter().map(|t| t.0).collect::<Vec<_>>());
+    assert_eq!(back.token_types, SMALL_GGUF.iter().map(|t| t.1).collect::<Vec<_>>());
+    let normal = [(4, 0.0), (5, -1.0), (6, -2.0), (8, -3.0), (9, -4.0), (14, -5.0)];
+    for (id, &score) in back.scores.iter().enumerate() {
+        let expected = match SMALL_GGUF[id].1 {
+            3 | 4 => -1000.0,
+            6 => 0.0,
+            _ => normal.iter().find(|n| n.0 == id).unwrap().1,
+        };
+        assert_eq!(score, expected, "{id}");
+    }
+    assert_eq!(
+        (back.bos_id, back.unk_id, back.eos_id, back.pad_id, back.add_bos),
+        (Some(2), Some(3), None, None, true)
+    );
+}
+
+#[test]
+fn to_gguf_vocab_types_unk_and_gaps() {
+    // A tokenizer.json with an unk that is not an added token and an id without a token.
+    let mut f = file(&["<unk>", "a", "<0x41>", "▁▁", "▁"], &[]);
+    for (token, id) in [("z", 6), ("<s>", 7), ("<t>", 8)] {
+        f["model"]["vocab"][token] = json!(id);
+    }
+    f["model"]["unk_token"] = json!("<unk>");
+    f["added_tokens"] = json!([added(7, "<s>", true), added(8, "<t>", false)]);
+    let v = load(&f).to_gguf_vocab();
+    assert_eq!(v.tokens, ["<unk>", "a", "<0x41>", "  ", "▁", "<gguf_gap_5>", "z", "<s>", "<t>"]);
+    assert_eq!(v.token_types, [2, 1, 6, 4, 1, 5, 1, 3, 4]);
+    assert_eq!(v.scores, [0.0, 0.0, 0.0, -1000.0, -1.0, 0.0, -2.0, -1000.0, -1000.0]);
+    assert_eq!((v.bos_id, v.unk_id, v.add_bos), (None, Some(0), false));
+}
+
+#[test]
+fn malformed_gguf_vocabs_are_format_errors() {
+    type Edit = Box<dyn Fn(&mut GgufVocab)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (Box::new(|v| v.tokens.clear()), "tokenizer.ggml.tokens is empty"),
+        (Box::new(|v| v.token_types.truncate(15)), "16 entries but tokenizer.ggml.token_type has 15"),
+        (Box::new(|v| v.scores = Some(vec![0.0; 3])), "tokenizer.ggml.scores has 3"),
+        (Box::new(|v| v.tokens[5] = "a"), "token \"a\" appears twice, with ids 4 and 5"),
+        (Box::new(|v| v.tokens[7] = "▁▁▁"), "token \"▁▁▁\" appears twice, with ids 7 and 15"),
+        (Box::new(|v| v.unk_id = Some(16)), "tokenizer.ggml.unknown_token_id 16 is out of range (16 tokens)"),
+        (Box::new(|v| v.unk_id = None), "tokenizer.ggml.unknown_token_id is missing"),
+        (Box::new(|v| v.bos_id = None), "tokenizer.ggml.bos_token_id is missing"),
+        (Box::new(|v| v.bos_id = Some(u32::MAX)), "bos_token_id 4294967295 is out of range"),
+        (Box::new(|v| v.eos_id = Some(99)), "tokenizer.ggml.eos_token_id 99 is out of range"),
+        (Box::new(|v| v.pad_id = Some(16)), "tokenizer.ggml.padding_token_id 16 is out of range"),
+        (Box::new(|v| v.tokens[12] = ""), "token 12 is empty but has type 3"),
+    ];
+    for (edit, expected) in cases {
+        let mut v = gguf_vocab(SMALL_GGUF);
+        edit(&mut v);
+        let msg = gguf_err(&v);
+        assert!(msg.contains(expected), "{msg:?} should contain {expected:?}");
+        assert!(msg.starts_with("v.gguf: "), "{msg}");
+    }
+}
+
+/// Gemma 3's tokenizer.json → GGUF vocabulary → tokenizer: the same tables.
+#[test]
+fn gemma3_gguf_vocab_gives_the_same_tables() {
+    let Some((json, gguf)) = gemma3_pair() else { return };
+    assert_eq!(gguf.vocab_size(), 262_144);
+    assert_eq!(gguf.vocab_size(), json.vocab_size());
+    for id in 0..json.vocab_size() as u32 {
+        assert_eq!(gguf.id_to_token(id), json.id_to_token(id), "{id}");
+        assert_eq!(gguf.vocab.flags(id), json.vocab.flags(id), "{id}");
+    }
+    // The merges transformers derives from the vocabulary are tokenizer.json's, and the GGUF
+    // tokenizer (which keeps no table) merges every one of them, in the same order.
+    let derived = super::gguf::gemma_merges(&gguf.vocab, gguf.vocab_size() as u32);
+    let MergeRule::Table(table) = &json.merges else { panic!("tokenizer.json has a table") };
+    assert_eq!(derived.len(), table.len());
+    assert!(&derived == table, "the merges differ");
+    assert_same_merge_order(gguf, table);
+    assert_eq!(gguf.bos_id, json.bos_id);
+    assert_eq!(gguf.bpe.unk_id, json.bpe.unk_id);
+    assert_eq!(gguf.bpe.byte_ids, json.bpe.byte_ids);
+    // The same tables but the merges (16 bytes each), which the GGUF tokenizer does not keep.
+    assert!((json.memory_bytes() - gguf.memory_bytes()).abs_diff(16 * table.len()) < 1024);
+    // And back: to_gguf_vocab of both agrees.
+    assert!(gguf.to_gguf_vocab() == json.to_gguf_vocab());
+}
+
+/// The same ids and text from both, on the reference cases, the Apache license and odd strings.
+#[test]
+fn gemma3_gguf_vocab_encodes_and_decodes_the_same() {
+    let Some((json, gguf)) = gemma3_pair() else { return };
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("gemma-3-270m/reference-f32.json")).unwrap())
+            .unwrap();
+    let apache = std::fs::read_to_string(fixtures().join("text/apache-2.0.txt")).unwrap();
+    let mut texts: Vec<String> = Vec::new();
+    for case in reference["tokenizer"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(gguf.encode(text, true), ids, "{text:?}");
+        assert_eq!(gguf.decode(&ids, true).unwrap(), case["decoded"].as_str().unwrap(), "{text:?}");
+        texts.push(text.into());
+    }
+    texts.push(apache);
+    for s in [
+        "",
+        " ",
+        "    four spaces,  two, then\t\ttabs\t \n\n\n newlines \r\n\r\n",
+        &" ".repeat(40),
+        &"\t".repeat(40),
+        &"\n".repeat(40),
+        "emoji 🚀🔥👍🏽🧑‍🧑‍🧒 flags 🇫🇷🇯🇵",
+        "byte fallback: \u{E000}\u{10FFFD}\u{1F}\u{7F} 𓀀𓀁 ꙮ",
+        "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n<end_of_turn><eos>",
+        "<unused40><unused46><unused6241><bos><pad><unk><mask>[multimodal]<start_of_image>",
+        "<start_of_turn <unused40 <unused99999> <0x41> <0xZZ>",
+        "text with ▁ in it ▁▁ and ▁▁▁▁ x▁y",
+        "naïve café façade — déjà vu 東京は日本の首都です。",
+        "def f(x):\n\treturn x  # comment\n\n\n\n",
+    ] {
+        texts.push(s.into());
+    }
+    for text in &texts {
+        for add_bos in [false, true] {
+            let ids = json.encode(text, add_bos);
+            assert_eq!(gguf.encode(text, add_bos), ids, "{text:?}");
+            for skip in [false, true] {
+                assert_eq!(gguf.decode(&ids, skip).unwrap(), json.decode(&ids, skip).unwrap(), "{text:?}");
+            }
+        }
+    }
+    let all: Vec<u32> = (0..json.vocab_size() as u32).step_by(7).collect();
+    assert_eq!(gguf.decode(&all, false).unwrap(), json.decode(&all, false).unwrap());
+}
+
+/// FunctionGemma is Gemma 3 with `<unused40>`..`<unused46>` renamed: renamed in the GGUF
+/// vocabulary, its prompt encodes to the ids llama.cpp gives with the official GGUF.
+#[test]
+fn functiongemma_renamed_gguf_vocab() {
+    let Some((json, _)) = gemma3_pair() else { return };
+    let read = |name: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("functiongemma").join(name)).unwrap()).unwrap()
+    };
+    let (special, prompt) = (read("special-tokens.json"), read("prompt-tokens.json"));
+    let owned = json.to_gguf_vocab();
+    let mut v = owned.as_vocab();
+    let renamed = special["tokens"].as_object().unwrap();
+    assert_eq!(renamed.len(), 7);
+    for (id, token) in renamed {
+        let id: usize = id.parse().unwrap();
+        assert_eq!(v.tokens[id], format!("<unused{}>", id - 6));
+        assert_eq!(v.token_types[id], 3);
+        v.tokens[id] = token.as_str().unwrap();
+    }
+    let tok = Tokenizer::from_gguf_vocab(&v, Path::new("functiongemma.gguf")).unwrap();
+    let ids: Vec<u32> = prompt["ids_with_bos"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids.len(), 85);
+    let text = prompt["prompt"].as_str().unwrap();
+    assert_eq!(tok.encode(text, true), ids);
+    assert_eq!(tok.decode(&ids[1..], false).unwrap(), text);
+    assert_eq!(tok.token_to_id("<start_function_call>"), Some(48));
+    assert!(tok.is_special(52) && tok.token_to_id("<unused40>").is_none());
+    // The unrenamed tokenizer does not see the control tokens.
+    assert_ne!(json.encode(text, true), ids);
+}
+
+/// `tok` merges exactly the pairs of `table`, into the same tokens, ranked in the same order.
+fn assert_same_merge_order(tok: &Tokenizer, table: &tables::Merges) {
+    let mut buf = Vec::new();
+    let mut by_rank: Vec<(u32, u64)> = Vec::with_capacity(table.len());
+    for m in table.iter() {
+        let (left, right) = ((m.pair >> 32) as u32, m.pair as u32);
+        let (rank, id) = tok.pair(left, right, &mut buf).expect("a table merge merges");
+        assert_eq!(id, m.new_id);
+        by_rank.push((m.rank, rank));
+    }
+    by_rank.sort_unstable();
+    assert!(by_rank.windows(2).all(|w| w[0].1 < w[1].1), "the merge order differs");
+}
