@@ -16,7 +16,7 @@ fn q8_0(rows: usize, cols: usize) -> Matrix {
     let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3).collect();
     let mut data = vec![BlockQ8_0::default(); rows * cols / 32];
     quantize_row_q8_0(&w, &mut data);
-    Matrix::Q8_0 { data, rows, cols }
+    Matrix::Q8_0 { data: data.into(), rows, cols }
 }
 
 /// Median seconds of `reps` calls of `f`, after 200 ms of warm-up calls (clock ramp-up, the

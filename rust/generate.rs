@@ -1,12 +1,12 @@
 //! The engine a Python `Model` wraps: weights, tokenizer, and one session (KV cache + scratch)
 //! behind a mutex; `Generation` is one prompt's decode loop, stepped a token at a time.
 
-use crate::config::{token_ids, Config};
+use crate::checkpoint::Checkpoint;
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{Model, Scratch, WeightType, CHUNK};
 use crate::ops::LogSumExp;
-use crate::safetensors::SafeTensors;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::threads::Threads;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -85,21 +85,10 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads a Hugging Face model directory.
+    /// Loads a Hugging Face model directory, a GGUF file, or a directory holding one GGUF.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Engine> {
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        if !meta.is_dir() {
-            return Err(Error::format(
-                path,
-                "expected a Hugging Face model directory (config.json, model.safetensors, tokenizer.json)",
-            ));
-        }
-        let config_path = path.join("config.json");
-        if !config_path.exists() {
-            return Err(Error::format(path, "no config.json in this directory"));
-        }
-        let config = Config::from_file(&config_path)?;
-        let max_inference_len = resolve_max_inference_len(&config, opts.max_inference_len)?;
+        let ck = Checkpoint::open(path)?;
+        let max_inference_len = resolve_max_inference_len(&ck.config, opts.max_inference_len)?;
         let threads = match opts.threads {
             Some(n) if n == 0 || n > MAX_THREADS => {
                 return Err(Error::InvalidArgument(format!("threads must be between 1 and {MAX_THREADS}, got {n}")))
@@ -107,22 +96,8 @@ impl Engine {
             Some(n) => Threads::new(n),
             None => Threads::new(Threads::available().min(MAX_THREADS)),
         };
-        let eos_token_ids = generation_eos(path)?.unwrap_or_else(|| config.eos_token_ids.clone());
-
-        let tokenizer_path = path.join("tokenizer.json");
-        let tokenizer = if tokenizer_path.exists() { Some(Tokenizer::from_file(&tokenizer_path)?) } else { None };
-        if let Some(t) = &tokenizer {
-            if t.vocab_size() > config.vocab_size {
-                return Err(Error::format(
-                    &tokenizer_path,
-                    format!("tokenizer has {} tokens, the model's vocab_size is {}", t.vocab_size(), config.vocab_size),
-                ));
-            }
-        }
-
-        let st = SafeTensors::open_dir(path)?;
-        let model = Model::load(config, &st, opts.weights, &threads)?;
-        drop(st);
+        let Checkpoint { source, config, tokenizer, eos_token_ids, .. } = ck;
+        let model = Model::load(config, &source, opts.weights, &threads)?;
         let c = &model.config;
         let session = Session {
             cache: KvCache::new(c.num_hidden_layers, max_inference_len, c.kv_dim()),
@@ -255,18 +230,6 @@ fn resolve_max_inference_len(c: &Config, requested: Option<usize>) -> Result<usi
         ))),
         Some(n) => Ok(n),
     }
-}
-
-/// `eos_token_id` of generation_config.json, when the file exists and sets it.
-fn generation_eos(dir: &Path) -> Result<Option<Vec<u32>>> {
-    let path = dir.join("generation_config.json");
-    let Ok(bytes) = std::fs::read(&path) else {
-        return Ok(None);
-    };
-    let v: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
-    let ids = token_ids(v.get("eos_token_id"));
-    Ok(if ids.is_empty() { None } else { Some(ids) })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -495,7 +458,7 @@ mod tests {
 
     /// transformers' `input_ids` (40 tokens) and `logits` (40 × vocab) for a tiny checkpoint.
     fn reference(dir: &Path) -> (Vec<u32>, Vec<f32>) {
-        let st = SafeTensors::open_files(&[dir.join("reference.safetensors")]).unwrap();
+        let st = crate::safetensors::SafeTensors::open_files(&[dir.join("reference.safetensors")]).unwrap();
         let ids = st.get("input_ids").unwrap().data.chunks_exact(8);
         let ids = ids.map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
         let logits = st.get("logits").unwrap();

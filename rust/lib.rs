@@ -1,7 +1,7 @@
 //! gemma_rs: Gemma 3 270M-class inference on small CPUs.
 //!
 //! Layers, each knowing only those below it (see DESIGN.md):
-//! `config` → `safetensors` (loader) → `ops` → `kv_cache` → `model` → `tokenizer`, `sampler`,
+//! `config` → `safetensors`, `gguf` → `checkpoint` (loaders) → `ops` → `kv_cache` → `model` → `tokenizer`, `sampler`,
 //! `generate` → `python` (the only module that knows PyO3).
 
 #[cfg(target_endian = "big")]
@@ -11,12 +11,15 @@ pub mod error;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
+pub mod checkpoint;
 pub mod config;
 pub mod generate;
+pub mod gguf;
 pub mod half;
 pub mod kv_cache;
 pub mod model;
 pub mod ops;
+pub mod pack;
 #[cfg(feature = "python")]
 mod python;
 pub mod quant;

@@ -4,12 +4,14 @@
 //! values into the cache and leaving the final-normed hidden states in `Scratch::x`; `lm_head`
 //! turns hidden states into logits with the tied embedding.
 
+use crate::checkpoint::{Source, Tensor};
 use crate::config::{Config, LayerType};
 use crate::error::{Error, Result};
+use crate::half::f32_to_bf16;
 use crate::kv_cache::KvCache;
 use crate::ops::{self, Activations, QuantBuf};
+use crate::quant::ggml::GgmlType;
 use crate::quant::{self, BlockQ8_0, QK8_0};
-use crate::safetensors::{SafeTensors, TensorView};
 use crate::tensor::Matrix;
 use crate::threads::{SharedMut, Threads};
 
@@ -134,33 +136,41 @@ impl Scratch {
 }
 
 impl Model {
-    /// Loads every weight from the checkpoint, checking names and shapes against `config`.
-    pub fn load(config: Config, st: &SafeTensors, wtype: WeightType, threads: &Threads) -> Result<Model> {
-        let prefix = ["model.", "language_model.model.", "model.language_model."]
-            .into_iter()
-            .find(|p| st.contains(&format!("{p}embed_tokens.weight")))
-            .unwrap_or("model.");
+    /// Loads every weight from `src`, checking names and shapes against `config`.
+    pub fn load(config: Config, src: &Source, wtype: WeightType, threads: &Threads) -> Result<Model> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
-            let name = format!("{prefix}{name}");
-            let t = checked(st, &name, &[rows, cols])?;
-            let path = st.path_of(&name);
-            let m = match wtype {
-                WeightType::F32 => Matrix::F32 { data: t.to_f32(path)?, rows, cols },
-                WeightType::Q8_0 if cols.is_multiple_of(QK8_0) => {
-                    Matrix::Q8_0 { data: pack_q8_0(st, &t, rows, cols, threads)?, rows, cols }
+            let t = checked(src, name, &[rows, cols])?;
+            let m = match (wtype, t.ty) {
+                // Used in place from the map when the file already holds the wanted type.
+                (WeightType::Q8_0, GgmlType::Q8_0) if src.in_place_q8_0(&t).is_some() => {
+                    return Ok(Matrix::Q8_0 { data: src.in_place_q8_0(&t).expect("checked"), rows, cols })
                 }
-                WeightType::Bf16 | WeightType::Q8_0 => Matrix::Bf16 { data: t.to_bf16(path)?, rows, cols },
+                (WeightType::F32, GgmlType::F32) if src.in_place::<f32>(&t).is_some() => {
+                    return Ok(Matrix::F32 { data: src.in_place(&t).expect("checked"), rows, cols })
+                }
+                (WeightType::Bf16, GgmlType::BF16) if src.in_place::<u16>(&t).is_some() => {
+                    return Ok(Matrix::Bf16 { data: src.in_place(&t).expect("checked"), rows, cols })
+                }
+                (WeightType::F32, _) => Matrix::F32 { data: t.to_f32().into(), rows, cols },
+                (WeightType::Q8_0, _) if cols.is_multiple_of(QK8_0) => {
+                    Matrix::Q8_0 { data: pack_q8_0(src, &t, rows, cols, threads).into(), rows, cols }
+                }
+                (WeightType::Bf16 | WeightType::Q8_0, _) => {
+                    let mut bits = Vec::with_capacity(rows * cols);
+                    for_slabs(&t, rows, cols, |_, x| bits.extend(x.iter().map(|&v| f32_to_bf16(v))));
+                    Matrix::Bf16 { data: bits.into(), rows, cols }
+                }
             };
-            st.release(&name);
+            src.release(&t, 0..t.data.len());
             Ok(m)
         };
-        // Gemma's RMSNorm multiplies by (1 + weight): store the sum, computed in f32.
+        // Gemma's RMSNorm multiplies by (1 + weight): store the sum, computed in f32 (GGUF
+        // files store the sum already).
         let norm = |name: &str, n: usize| -> Result<Vec<f32>> {
-            let name = format!("{prefix}{name}");
-            let t = checked(st, &name, &[n])?;
-            Ok(t.to_f32(st.path_of(&name))?.into_iter().map(|w| 1.0 + w).collect())
+            let w = checked(src, name, &[n])?.to_f32();
+            Ok(if src.norms_include_one() { w } else { w.into_iter().map(|w| 1.0 + w).collect() })
         };
         let layers = (0..c.num_hidden_layers)
             .map(|i| {
@@ -396,36 +406,45 @@ fn norm_and_add(threads: &Threads, x: &mut [f32], out: &mut [f32], n: usize, wid
 /// Source bytes quantized per step while packing.
 const PACK_SLAB_BYTES: usize = 1 << 20;
 
-/// The `(rows, cols)` tensor `t` as Q8_0 blocks, quantized straight from the map a slab of rows at
-/// a time; each slab's pages are released once packed, so loading never holds the whole source
-/// tensor resident, nor any full-precision copy of it.
-fn pack_q8_0(st: &SafeTensors, t: &TensorView, rows: usize, cols: usize, threads: &Threads) -> Result<Vec<BlockQ8_0>> {
-    let path = st.path_of(t.name);
-    let size = t.dtype.size();
-    let slab = (PACK_SLAB_BYTES / (cols * size)).max(1);
+/// The `(rows, cols)` tensor `t` as Q8_0 blocks, quantized from the map a slab of rows at a
+/// time (dequantized first when the file holds another quantization); each slab's pages are
+/// released once packed, so loading never holds the whole source tensor resident, nor any
+/// full-precision copy of it.
+pub fn pack_q8_0(src: &Source, t: &Tensor, rows: usize, cols: usize, threads: &Threads) -> Vec<BlockQ8_0> {
     let per_row = cols / QK8_0;
     let mut out = vec![BlockQ8_0::default(); rows * per_row];
-    let mut buf = vec![0f32; slab.min(rows) * cols];
-    for r0 in (0..rows).step_by(slab) {
-        let r1 = (r0 + slab).min(rows);
-        let x = &mut buf[..(r1 - r0) * cols];
-        t.read_f32(r0 * cols, x, path)?;
-        let (x, blocks) = (&*x, SharedMut::new(&mut out[r0 * per_row..r1 * per_row]));
-        threads.for_ranges(r1 - r0, 1, (r1 - r0) * cols * 4, |_, r| {
+    for_slabs(t, rows, cols, |r0, x| {
+        let n = x.len() / cols;
+        let blocks = SharedMut::new(&mut out[r0 * per_row..(r0 + n) * per_row]);
+        threads.for_ranges(n, 1, n * cols * 4, |_, r| {
             // SAFETY: row ranges are disjoint between threads and inside the slab.
             let blocks = unsafe { blocks.slice(r.start * per_row, r.len() * per_row) };
             quant::quantize_row_q8_0(&x[r.start * cols..r.end * cols], blocks);
         });
-        st.release_bytes(t.name, r0 * cols * size..r1 * cols * size);
-    }
-    Ok(out)
+        src.release(t, t.byte_range(r0 * cols..(r0 + n) * cols));
+    });
+    out
 }
 
-/// The tensor `name`, checked to be a float of `shape`.
-fn checked<'a>(st: &'a SafeTensors, name: &str, shape: &[usize]) -> Result<TensorView<'a>> {
-    let t = st.get(name)?;
+/// Calls `f(first_row, values)` for consecutive slabs of rows of `t (rows, cols)` read as f32,
+/// about `PACK_SLAB_BYTES` of source each.
+pub fn for_slabs(t: &Tensor, rows: usize, cols: usize, mut f: impl FnMut(usize, &[f32])) {
+    let row_bytes = t.byte_range(0..cols).len().max(1);
+    let slab = (PACK_SLAB_BYTES / row_bytes).max(1);
+    let mut buf = vec![0f32; slab.min(rows) * cols];
+    for r0 in (0..rows).step_by(slab) {
+        let r1 = (r0 + slab).min(rows);
+        let x = &mut buf[..(r1 - r0) * cols];
+        t.read_f32(r0 * cols, x);
+        f(r0, x);
+    }
+}
+
+/// The tensor `name`, checked to be of `shape`.
+fn checked<'a>(src: &'a Source, name: &str, shape: &[usize]) -> Result<Tensor<'a>> {
+    let t = src.tensor(name)?;
     if t.shape != shape {
-        return Err(Error::ShapeMismatch { name: name.to_string(), expected: shape.to_vec(), found: t.shape.to_vec() });
+        return Err(Error::ShapeMismatch { name: t.name, expected: shape.to_vec(), found: t.shape });
     }
     Ok(t)
 }

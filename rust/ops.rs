@@ -675,7 +675,7 @@ mod tests {
             let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut s)).collect();
             let want = naive_matmul(&x, n, &w, rows, cols);
             for threads in [1, 3] {
-                let m = Matrix::F32 { data: w.clone(), rows, cols };
+                let m = Matrix::F32 { data: w.clone().into(), rows, cols };
                 let mut out = vec![0f32; n * rows];
                 matmul(&mut out, &Activations::f32(&x, n, cols), &m, 0..rows, &Threads::new(threads));
                 for (a, b) in out.iter().zip(&want) {
@@ -728,8 +728,8 @@ mod tests {
         let wide: Vec<f32> = bits.iter().map(|&b| f32::from_bits((b as u32) << 16)).collect();
         let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
         let x = Activations::f32(&x, n, cols);
-        matmul(&mut a, &x, &Matrix::Bf16 { data: bits, rows, cols }, 0..rows, &Threads::new(1));
-        matmul(&mut b, &x, &Matrix::F32 { data: wide, rows, cols }, 0..rows, &Threads::new(1));
+        matmul(&mut a, &x, &Matrix::Bf16 { data: bits.into(), rows, cols }, 0..rows, &Threads::new(1));
+        matmul(&mut b, &x, &Matrix::F32 { data: wide.into(), rows, cols }, 0..rows, &Threads::new(1));
         assert_eq!(a, b);
     }
 
@@ -738,7 +738,7 @@ mod tests {
         let mut s = 11u64;
         let (n, rows, cols) = (7, 6, 640);
         let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut s)).collect();
-        let m = Matrix::F32 { data: (0..rows * cols).map(|_| lcg(&mut s)).collect(), rows, cols };
+        let m = Matrix::F32 { data: (0..rows * cols).map(|_| lcg(&mut s)).collect::<Vec<_>>().into(), rows, cols };
         let mut all = vec![0f32; n * rows];
         matmul(&mut all, &Activations::f32(&x, n, cols), &m, 0..rows, &Threads::new(1));
         for t in 0..n {
@@ -761,7 +761,7 @@ mod tests {
     fn q8_0(w: &[f32], rows: usize, cols: usize) -> Matrix {
         let mut data = vec![BlockQ8_0::default(); rows * cols / QK8_0];
         quant::quantize_row_q8_0(w, &mut data);
-        Matrix::Q8_0 { data, rows, cols }
+        Matrix::Q8_0 { data: data.into(), rows, cols }
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //! map errors. The typed, documented API is python/gemma_rs/__init__.py.
 
 use crate::error::Error;
-use crate::generate::{Completion, Engine, GenerateParams, Generation, LoadOptions};
+use crate::generate::{Completion, Engine, GenerateParams, Generation, LoadOptions, MAX_THREADS};
 use crate::model::WeightType;
 use crate::quant::{self, BlockQ8_0, QK8_0};
 use crate::sampler::SamplingParams;
+use crate::threads::Threads;
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString};
@@ -87,6 +88,49 @@ fn load(
     Ok(Model { engine: Arc::new(engine) })
 }
 
+/// Writes `src` (a Hugging Face directory or a GGUF file) to `dst` as a GGUF file; returns
+/// `(bytes written, tensors)`. `progress(done, total)` is called with source bytes as packing
+/// advances; an exception it raises (or Ctrl-C) stops packing and removes the partial file.
+#[pyfunction]
+#[pyo3(signature = (src, dst, weights, threads, progress))]
+fn pack(
+    py: Python<'_>,
+    src: PathBuf,
+    dst: PathBuf,
+    weights: &str,
+    threads: Option<i64>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<(u64, usize)> {
+    let weights = WeightType::parse(weights)?;
+    let threads = match threads {
+        Some(n) if n <= 0 || n > MAX_THREADS as i64 => {
+            return Err(value_error(format!("threads must be between 1 and {MAX_THREADS}, got {n}")))
+        }
+        Some(n) => Threads::new(n as usize),
+        None => Threads::new(Threads::available().min(MAX_THREADS)),
+    };
+    let mut raised: Option<PyErr> = None;
+    let report = compute(py, || {
+        crate::pack::pack(&src, &dst, weights, &threads, &mut |done, total| {
+            Python::attach(|py| {
+                let r = py.check_signals().and_then(|()| match &progress {
+                    Some(f) => f.call1(py, (done, total)).map(drop),
+                    None => Ok(()),
+                });
+                r.map_err(|e| {
+                    raised = Some(e);
+                    Error::Internal("packing interrupted".into())
+                })
+            })
+        })
+    });
+    if let Some(e) = raised {
+        return Err(e);
+    }
+    let report = report?;
+    Ok((report.bytes, report.tensors))
+}
+
 /// GGML Q8_0 blocks of little-endian f32 values (a whole number of 32-value blocks), as the
 /// loader packs weights: the bytes llama.cpp's `quantize_row_q8_0_ref` gives.
 #[pyfunction]
@@ -98,6 +142,29 @@ fn quantize_q8_0<'py>(py: Python<'py>, values: &[u8]) -> PyResult<Bound<'py, PyB
     let mut blocks = vec![BlockQ8_0::default(); x.len() / QK8_0];
     quant::quantize_row_q8_0(&x, &mut blocks);
     Ok(PyBytes::new(py, BlockQ8_0::as_bytes(&blocks)))
+}
+
+/// GGUF tensor data of ggml type `type_name` ("Q4_K", "F16", ...; a whole number of blocks)
+/// dequantized as the loader reads it: little-endian f32 values, for tests against gguf-py.
+#[pyfunction]
+fn _dequantize<'py>(py: Python<'py>, type_name: &str, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    use quant::ggml::{self, GgmlType};
+    let t = GgmlType::ALL
+        .into_iter()
+        .find(|t| t.name() == type_name)
+        .ok_or_else(|| value_error(format!("unknown or unsupported ggml type {type_name:?}")))?;
+    if !data.len().is_multiple_of(t.block_bytes()) {
+        let bb = t.block_bytes();
+        return Err(value_error(format!("{} bytes is not a whole number of {bb}-byte {type_name} blocks", data.len())));
+    }
+    let mut out = vec![0f32; data.len() / t.block_bytes() * t.block_values()];
+    ggml::dequantize(t, data, &mut out);
+    PyBytes::new_with(py, 4 * out.len(), |b| {
+        for (b, v) in b.chunks_exact_mut(4).zip(&out) {
+            b.copy_from_slice(&v.to_le_bytes());
+        }
+        Ok(())
+    })
 }
 
 #[pyclass(frozen, module = "gemma_rs._gemma_rs")]
@@ -331,7 +398,9 @@ fn _gemma_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GemmaError", m.py().get_type::<GemmaError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_function(wrap_pyfunction!(pack, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_q8_0, m)?)?;
+    m.add_function(wrap_pyfunction!(_dequantize, m)?)?;
     m.add_class::<Model>()?;
     m.add_class::<Stream>()?;
     Ok(())

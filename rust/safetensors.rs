@@ -7,7 +7,7 @@
 //! any tensor is read, so a lying header is an error, never an out-of-bounds read.
 
 use crate::error::{Error, Result};
-use crate::half::{bf16_to_f32, f16_to_f32, f32_to_bf16};
+use crate::half::{bf16_to_f32, f16_to_f32};
 use memmap2::Mmap;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -78,45 +78,6 @@ impl TensorView<'_> {
             }
         })
     }
-
-    /// Values `start..start + out.len()` widened to f32 into `out` (F32, F16 and BF16 only):
-    /// reads a slab of a tensor without converting all of it.
-    pub fn read_f32(&self, start: usize, out: &mut [f32], path: &Path) -> Result<()> {
-        let size = self.dtype.size();
-        let d = &self.data[start * size..(start + out.len()) * size];
-        match self.dtype {
-            Dtype::F32 => {
-                for (o, b) in out.iter_mut().zip(d.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-            }
-            Dtype::BF16 => {
-                for (o, b) in out.iter_mut().zip(d.chunks_exact(2)) {
-                    *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
-                }
-            }
-            Dtype::F16 => {
-                for (o, b) in out.iter_mut().zip(d.chunks_exact(2)) {
-                    *o = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
-                }
-            }
-            Dtype::Other(_) => {
-                return Err(Error::format(path, format!("tensor {} has a dtype that is not a float", self.name)))
-            }
-        }
-        Ok(())
-    }
-
-    /// The values as bf16 bits: BF16 as stored, F32 and F16 rounded to nearest even.
-    pub fn to_bf16(&self, path: &Path) -> Result<Vec<u16>> {
-        Ok(match self.dtype {
-            Dtype::BF16 => self.data.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect(),
-            Dtype::F32 => {
-                self.data.chunks_exact(4).map(|b| f32_to_bf16(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect()
-            }
-            _ => self.to_f32(path)?.into_iter().map(f32_to_bf16).collect(),
-        })
-    }
 }
 
 /// All tensors of a checkpoint, mapped.
@@ -184,6 +145,11 @@ impl SafeTensors {
     pub fn get(&self, name: &str) -> Result<TensorView<'_>> {
         let (key, e) = self.entries.get_key_value(name).ok_or_else(|| Error::MissingTensor(name.to_string()))?;
         Ok(TensorView { name: key, dtype: e.dtype, shape: &e.shape, data: &self.files[e.file].1[e.start..e.end] })
+    }
+
+    /// The absolute byte offset of tensor `name` in its file.
+    pub fn offset_of(&self, name: &str) -> Option<usize> {
+        self.entries.get(name).map(|e| e.start)
     }
 
     /// Tells the OS that the pages of tensor `name` are no longer needed, once it was copied out,

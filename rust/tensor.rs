@@ -1,23 +1,78 @@
-//! Weight matrices as stored in memory: f32, bf16 bits widened on the fly, or GGML Q8_0 blocks.
+//! Weight matrices as stored in memory: f32, bf16 bits widened on the fly, or GGML Q8_0 blocks;
+//! each either owned or used in place from a memory-mapped model file.
 
 use crate::quant::{self, BlockQ8_0, QK8_0};
+use memmap2::Mmap;
+use std::ops::Deref;
+use std::sync::Arc;
+
+/// Plain little-endian values that any aligned bytes of the right length are a valid slice of.
+///
+/// # Safety
+/// Implementors have no padding, no invalid bit patterns and no drop glue.
+pub unsafe trait Plain: Copy {}
+// SAFETY: integers and floats; `BlockQ8_0` is `repr(C)` of integers without padding.
+unsafe impl Plain for f32 {}
+unsafe impl Plain for u16 {}
+unsafe impl Plain for BlockQ8_0 {}
+
+/// The values of a weight: owned, or a range of a memory-mapped file used in place.
+pub enum Storage<T: Plain> {
+    Owned(Vec<T>),
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+}
+
+impl<T: Plain> Storage<T> {
+    /// `len` values at byte `offset` of `map`, or `None` if that range is outside the map or
+    /// not aligned for `T`.
+    pub fn mapped(map: &Arc<Mmap>, offset: usize, len: usize) -> Option<Storage<T>> {
+        let end = len.checked_mul(std::mem::size_of::<T>())?.checked_add(offset)?;
+        let aligned = (map.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<T>());
+        (end <= map.len() && aligned).then(|| Storage::Mapped { map: map.clone(), offset, len })
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, Storage::Mapped { .. })
+    }
+}
+
+impl<T: Plain> From<Vec<T>> for Storage<T> {
+    fn from(v: Vec<T>) -> Self {
+        Storage::Owned(v)
+    }
+}
+
+impl<T: Plain> Deref for Storage<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        match self {
+            Storage::Owned(v) => v,
+            // SAFETY: `mapped` checked the range and the alignment; `T: Plain` accepts any
+            // bytes; the map is read-only and lives as long as `self` (the `Arc`).
+            Storage::Mapped { map, offset, len } => unsafe {
+                std::slice::from_raw_parts(map.as_ptr().add(*offset) as *const T, *len)
+            },
+        }
+    }
+}
 
 /// A row-major `(rows, cols)` weight matrix.
 pub enum Matrix {
     F32 {
-        data: Vec<f32>,
+        data: Storage<f32>,
         rows: usize,
         cols: usize,
     },
     /// bf16 bit patterns; value = f32::from_bits(bits << 16).
     Bf16 {
-        data: Vec<u16>,
+        data: Storage<u16>,
         rows: usize,
         cols: usize,
     },
     /// `cols / 32` blocks per row.
     Q8_0 {
-        data: Vec<BlockQ8_0>,
+        data: Storage<BlockQ8_0>,
         rows: usize,
         cols: usize,
     },
@@ -33,6 +88,15 @@ impl Matrix {
     pub fn cols(&self) -> usize {
         match self {
             Matrix::F32 { cols, .. } | Matrix::Bf16 { cols, .. } | Matrix::Q8_0 { cols, .. } => *cols,
+        }
+    }
+
+    /// Whether the values are used in place from a mapped file.
+    pub fn is_mapped(&self) -> bool {
+        match self {
+            Matrix::F32 { data, .. } => data.is_mapped(),
+            Matrix::Bf16 { data, .. } => data.is_mapped(),
+            Matrix::Q8_0 { data, .. } => data.is_mapped(),
         }
     }
 

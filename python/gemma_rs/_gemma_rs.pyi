@@ -1,5 +1,6 @@
 """Type stubs of the Rust extension (rust/python.rs). Use the facade in gemma_rs/__init__.py."""
 
+from collections.abc import Callable
 from typing import Any
 
 __version__: str
@@ -34,4 +35,12 @@ class Stream:
     def completion(self) -> dict[str, Any] | None: ...
 
 def load(path: str, max_inference_len: int | None, weights: str, threads: int | None) -> Model: ...
+def pack(
+    src: str,
+    dst: str,
+    weights: str,
+    threads: int | None,
+    progress: Callable[[int, int], object] | None,
+) -> tuple[int, int]: ...
 def quantize_q8_0(values: bytes) -> bytes: ...
+def _dequantize(type_name: str, data: bytes) -> bytes: ...

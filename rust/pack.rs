@@ -1,0 +1,283 @@
+//! `pack`: writes a model (Hugging Face directory or GGUF) as a GGUF file that llama.cpp and
+//! gemma_rs both load: 2-D weights in the chosen type (Q8_0 by default, quantized exactly as
+//! gemma_rs quantizes at load, so a packed file and its source give the same bits), norms as F32
+//! `1 + w`, and the metadata llama.cpp's Gemma 3 loader reads, tokenizer and chat template
+//! included. A board then maps the file and starts without quantizing anything.
+
+use crate::checkpoint::{gguf_name, Checkpoint, Source};
+use crate::config::{Config, LayerType};
+use crate::error::{Error, Result};
+use crate::gguf::Writer;
+use crate::half::f32_to_bf16;
+use crate::model::{for_slabs, WeightType};
+use crate::quant::ggml::GgmlType;
+use crate::quant::{self, BlockQ8_0, QK8_0};
+use crate::threads::{SharedMut, Threads};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// What was written.
+#[derive(Clone, Debug)]
+pub struct PackReport {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub tensors: usize,
+}
+
+/// One tensor to write: its Hugging Face name (without `model.`), GGUF name, shape and type.
+struct Plan {
+    hf: String,
+    gguf: String,
+    rows: usize,
+    cols: usize,
+    ty: GgmlType,
+    norm: bool,
+}
+
+/// ggml's `llama_ftype` of a file whose matrices are `weights` (llama.h: ALL_F32 0,
+/// MOSTLY_Q8_0 7, MOSTLY_BF16 32).
+fn file_type(weights: WeightType) -> u32 {
+    match weights {
+        WeightType::F32 => 0,
+        WeightType::Q8_0 => 7,
+        WeightType::Bf16 => 32,
+    }
+}
+
+/// Writes `src` to `dst` as GGUF; `progress(done, total)` is called as source bytes are
+/// processed and may stop the work by returning an error.
+pub fn pack(
+    src: &Path,
+    dst: &Path,
+    weights: WeightType,
+    threads: &Threads,
+    progress: &mut dyn FnMut(u64, u64) -> Result<()>,
+) -> Result<PackReport> {
+    let ck = Checkpoint::open(src)?;
+    check_expressible(&ck.config, &ck.path)?;
+    let c = &ck.config;
+    let plans = plan(c, weights);
+    let mut w = Writer::new();
+    metadata(&mut w, &ck, weights)?;
+    let mut total = 0u64;
+    for p in &plans {
+        let t = ck.source.tensor(&p.hf)?;
+        let shape = if p.norm { vec![p.rows * p.cols] } else { vec![p.rows, p.cols] };
+        if t.shape != shape {
+            return Err(Error::ShapeMismatch { name: t.name, expected: shape, found: t.shape });
+        }
+        total += t.data.len() as u64;
+        let dims: Vec<usize> = if p.norm { vec![p.cols] } else { vec![p.cols, p.rows] };
+        w.tensor(&p.gguf, &dims, p.ty);
+    }
+
+    let partial = dst.with_file_name(format!(
+        "{}.partial",
+        dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model.gguf".into())
+    ));
+    let file = std::fs::File::create(&partial).map_err(|e| Error::io(&partial, e))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let mut done = 0u64;
+    // The data closure reports failures other than I/O through `failure`.
+    let mut failure: Option<Error> = None;
+    let result = w.write(&mut out, |i, sink| {
+        let r = write_tensor(&ck.source, &plans[i], threads, sink, &mut |bytes| {
+            done += bytes;
+            progress(done, total)
+        });
+        r.map_err(|e| {
+            let io = std::io::Error::other(e.to_string());
+            failure = Some(e);
+            io
+        })
+    });
+    let result = result.and_then(|()| out.flush()).and_then(|()| out.get_ref().sync_all());
+    drop(out);
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&partial);
+        return Err(failure.unwrap_or_else(|| Error::io(&partial, e)));
+    }
+    std::fs::rename(&partial, dst).map_err(|e| Error::io(dst, e))?;
+    let bytes = std::fs::metadata(dst).map_err(|e| Error::io(dst, e))?.len();
+    Ok(PackReport { path: dst.to_path_buf(), bytes, tensors: plans.len() })
+}
+
+/// Refuses configs that the GGUF metadata llama.cpp reads for Gemma 3 cannot express: the file
+/// would load as another model.
+fn check_expressible(c: &Config, path: &Path) -> Result<()> {
+    let every_sixth = c.layer_types.iter().enumerate().all(|(i, &t)| (t == LayerType::Global) == ((i + 1) % 6 == 0));
+    let problems = [
+        (c.query_pre_attn_scalar != c.head_dim as f64, "query_pre_attn_scalar differs from head_dim"),
+        (c.rope_local_base_freq != 10_000.0, "rope_local_base_freq is not 10000"),
+        (!every_sixth, "the global layers are not every sixth"),
+        (c.final_logit_softcapping.is_some(), "final_logit_softcapping is set"),
+    ];
+    match problems.iter().find(|(bad, _)| *bad) {
+        Some((_, what)) => Err(Error::format(
+            path,
+            format!("cannot be written as a Gemma 3 GGUF: {what}, which llama.cpp's gemma3 loader assumes otherwise"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The tensors of a Gemma 3 model in file order.
+fn plan(c: &Config, weights: WeightType) -> Vec<Plan> {
+    let matrix_type = |cols: usize| match weights {
+        WeightType::F32 => GgmlType::F32,
+        WeightType::Bf16 => GgmlType::BF16,
+        WeightType::Q8_0 if cols.is_multiple_of(QK8_0) => GgmlType::Q8_0,
+        WeightType::Q8_0 => GgmlType::BF16,
+    };
+    let (h, q, kv, inter, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.head_dim);
+    let entry = |hf: String, rows: usize, cols: usize, norm: bool| Plan {
+        gguf: gguf_name(&hf).expect("a Gemma 3 tensor name"),
+        hf,
+        rows,
+        cols,
+        ty: if norm { GgmlType::F32 } else { matrix_type(cols) },
+        norm,
+    };
+    let mut v = vec![entry("embed_tokens.weight".into(), c.vocab_size, h, false)];
+    for l in 0..c.num_hidden_layers {
+        let p = |what: &str| format!("layers.{l}.{what}.weight");
+        v.extend([
+            entry(p("input_layernorm"), 1, h, true),
+            entry(p("self_attn.q_proj"), q, h, false),
+            entry(p("self_attn.k_proj"), kv, h, false),
+            entry(p("self_attn.v_proj"), kv, h, false),
+            entry(p("self_attn.q_norm"), 1, hd, true),
+            entry(p("self_attn.k_norm"), 1, hd, true),
+            entry(p("self_attn.o_proj"), h, q, false),
+            entry(p("post_attention_layernorm"), 1, h, true),
+            entry(p("pre_feedforward_layernorm"), 1, h, true),
+            entry(p("mlp.gate_proj"), inter, h, false),
+            entry(p("mlp.up_proj"), inter, h, false),
+            entry(p("mlp.down_proj"), h, inter, false),
+            entry(p("post_feedforward_layernorm"), 1, h, true),
+        ]);
+    }
+    v.push(entry("norm.weight".into(), 1, h, true));
+    v
+}
+
+/// The metadata: copied from a GGUF source (but the file type), written from config.json and
+/// tokenizer.json otherwise, with the keys llama.cpp's gemma3 loader reads.
+fn metadata(w: &mut Writer, ck: &Checkpoint, weights: WeightType) -> Result<()> {
+    const OURS: [&str; 3] = ["general.file_type", "general.quantization_version", "general.alignment"];
+    if let Source::Gguf(g) = &ck.source {
+        for kv in g.kvs.iter().filter(|kv| !OURS.contains(&kv.key.as_str())) {
+            w.copy(g, kv);
+        }
+        w.u32("general.file_type", file_type(weights));
+        w.u32("general.quantization_version", 2);
+        return Ok(());
+    }
+    let c = &ck.config;
+    let name = ck.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "gemma3".into());
+    w.str("general.architecture", "gemma3");
+    w.str("general.type", "model");
+    w.str("general.name", &name);
+    w.u32("general.file_type", file_type(weights));
+    w.u32("general.quantization_version", 2);
+    let u = |n: usize| u32::try_from(n).map_err(|_| Error::Config(format!("{n} does not fit a GGUF u32")));
+    w.u32("gemma3.context_length", u(c.max_position_embeddings)?);
+    w.u32("gemma3.embedding_length", u(c.hidden_size)?);
+    w.u32("gemma3.block_count", u(c.num_hidden_layers)?);
+    w.u32("gemma3.feed_forward_length", u(c.intermediate_size)?);
+    w.u32("gemma3.attention.head_count", u(c.num_attention_heads)?);
+    w.f32("gemma3.attention.layer_norm_rms_epsilon", c.rms_norm_eps);
+    w.u32("gemma3.attention.key_length", u(c.head_dim)?);
+    w.u32("gemma3.attention.value_length", u(c.head_dim)?);
+    w.f32("gemma3.rope.freq_base", c.rope_theta as f32);
+    w.u32("gemma3.attention.sliding_window", u(c.sliding_window)?);
+    w.u32("gemma3.attention.head_count_kv", u(c.num_key_value_heads)?);
+    if let Some(t) = &ck.tokenizer {
+        let mut v = t.to_gguf_vocab();
+        if let Some(&eos) = ck.eos_token_ids.first() {
+            v.eos_id = Some(eos);
+        }
+        if let Some(pad) = c.raw.get("pad_token_id").and_then(|p| p.as_u64()).and_then(|p| u32::try_from(p).ok()) {
+            v.pad_id = Some(pad);
+        }
+        w.str("tokenizer.ggml.model", "llama");
+        w.str("tokenizer.ggml.pre", "default");
+        w.strings("tokenizer.ggml.tokens", &v.tokens);
+        w.f32s("tokenizer.ggml.scores", &v.scores);
+        w.i32s("tokenizer.ggml.token_type", &v.token_types);
+        for (key, id) in [
+            ("tokenizer.ggml.bos_token_id", v.bos_id),
+            ("tokenizer.ggml.eos_token_id", v.eos_id),
+            ("tokenizer.ggml.unknown_token_id", v.unk_id),
+            ("tokenizer.ggml.padding_token_id", v.pad_id),
+        ] {
+            if let Some(id) = id {
+                w.u32(key, id);
+            }
+        }
+        w.bool("tokenizer.ggml.add_bos_token", v.add_bos);
+        w.bool("tokenizer.ggml.add_eos_token", false);
+        w.bool("tokenizer.ggml.add_space_prefix", false);
+    }
+    if let Some(t) = &ck.chat_template {
+        w.str("tokenizer.chat_template", t);
+    }
+    Ok(())
+}
+
+/// Streams one tensor's bytes into `sink`, calling `advanced(source bytes)` after each slab.
+fn write_tensor(
+    src: &Source,
+    p: &Plan,
+    threads: &Threads,
+    sink: &mut dyn Write,
+    advanced: &mut dyn FnMut(u64) -> Result<()>,
+) -> Result<()> {
+    let t = src.tensor(&p.hf)?;
+    let io = |e: std::io::Error| Error::io(t.path(), e);
+    if p.norm {
+        let one = if src.norms_include_one() { 0.0 } else { 1.0 };
+        for v in t.to_f32() {
+            sink.write_all(&(one + v).to_le_bytes()).map_err(io)?;
+        }
+        return advanced(t.data.len() as u64);
+    }
+    if t.ty == p.ty {
+        // Already in the wanted type: copied as stored.
+        for chunk in t.data.chunks(1 << 20) {
+            sink.write_all(chunk).map_err(io)?;
+            advanced(chunk.len() as u64)?;
+        }
+        return Ok(());
+    }
+    let mut result = Ok(());
+    let mut blocks: Vec<BlockQ8_0> = Vec::new();
+    let mut bytes: Vec<u8> = Vec::new();
+    for_slabs(&t, p.rows, p.cols, |r0, x| {
+        if result.is_err() {
+            return;
+        }
+        let n = x.len() / p.cols;
+        bytes.clear();
+        match p.ty {
+            GgmlType::Q8_0 => {
+                let per_row = p.cols / QK8_0;
+                blocks.resize(n * per_row, BlockQ8_0::default());
+                let shared = SharedMut::new(&mut blocks[..]);
+                threads.for_ranges(n, 1, n * p.cols * 4, |_, r| {
+                    // SAFETY: row ranges are disjoint between threads and inside the slab.
+                    let b = unsafe { shared.slice(r.start * per_row, r.len() * per_row) };
+                    quant::quantize_row_q8_0(&x[r.start * p.cols..r.end * p.cols], b);
+                });
+                bytes.extend_from_slice(BlockQ8_0::as_bytes(&blocks));
+            }
+            GgmlType::BF16 => x.iter().for_each(|&v| bytes.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),
+            GgmlType::F32 => x.iter().for_each(|&v| bytes.extend_from_slice(&v.to_le_bytes())),
+            other => unreachable!("pack writes no {}", other.name()),
+        }
+        let range = t.byte_range(r0 * p.cols..(r0 + n) * p.cols);
+        result = sink.write_all(&bytes).map_err(io).and_then(|()| advanced(range.len() as u64));
+        src.release(&t, range);
+    });
+    result
+}
