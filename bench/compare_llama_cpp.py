@@ -2,6 +2,7 @@
 
     python bench/compare_llama_cpp.py [--threads 2] [--repeat 5] [--weights q8_0]
         [--prefill-tokens 512] [--decode-prompt-tokens 64] [--new-tokens 128] [--memory]
+        [--gguf FILE] [--model PATH]
 
 Both engines run the real Gemma 3 270M in one process, alternating (gemma_rs, llama.cpp,
 gemma_rs, ...) for --repeat rounds after --warmup untimed rounds, with the same thread count and
@@ -17,14 +18,11 @@ cached prefix beyond BOS.
   and an argmax of ``llama_get_logits_ith(ctx, -1)``). llama.cpp always decodes the full count;
   gemma_rs stops at <eos>, so the prompt is ordinary text and the actual counts are printed.
 
-Weights. llama.cpp loads ``gemma-3-270m-q8_0.gguf``, written once into ``$GEMMA_RS_CACHE``
-(default ``~/.cache/gemma_rs``) from the PyPI Q4_K_M GGUF: every 2-D tensor dequantized to f32
-(``gguf.quants.dequantize``) and requantized to Q8_0 (``gguf.quants.quantize``, bit-exact with
-ggml's ``quantize_row_q8_0_ref``), norms kept F32, all metadata copied. gemma_rs loads
-``gemma-3-270m-f32/`` (the same f32 dequantization; ``python tests/real_model.py --kind f32``)
-with ``weights="q8_0"``, which quantizes with the same reference rounding, so both engines hold
-byte-identical Q8_0 blocks; a few tensors are checked at start-up. (gemma_rs's norm weights are
-``(1 + w) - 1`` in f32, which can differ from GGUF's ``1 + w`` in the last bit.)
+Weights. Both engines load the same file, ``gemma-3-270m-q8_0.gguf``, written once into
+``$GEMMA_RS_CACHE`` (default ``~/.cache/gemma_rs``) by ``gemma_rs.pack`` from the PyPI Q4_K_M
+GGUF: every 2-D tensor dequantized as ggml does and quantized to Q8_0 with ggml's reference
+rounding, norms F32, all metadata copied. gemma_rs maps its Q8_0 blocks in place
+(``--model`` loads another source, e.g. a Hugging Face directory, instead).
 
 llama.cpp comes from llama-cpp-python built from the PyPI sdist for this CPU (-march=native)
 into the same venv as gemma_rs, e.g.:
@@ -39,9 +37,9 @@ The CPU time that other processes (and VM steal) take during the timed rounds is
 a warning above 0.1 CPU: with as many threads as cores, any competing process slows both engines
 and llama.cpp's (OpenMP, spin-waiting) threads far more, so such numbers mean little.
 
---memory additionally runs each engine in a child process (load with a 64-token context,
-generate 32 tokens) and reports the child's peak RSS (VmHWM), next to children that only import
-the Python packages (numpy and gemma_rs; and llama_cpp).
+--memory additionally runs each engine in fresh child processes (load with a 64-token context,
+generate 32 tokens) and reports the median load time and the child's peak RSS (VmHWM), next to
+children that only import the Python packages (gemma_rs; numpy and llama_cpp).
 """
 
 from __future__ import annotations
@@ -57,16 +55,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 import gemma_rs
 from gemma_rs import demo
 
 Q8_0_GGUF_NAME = "gemma-3-270m-q8_0.gguf"
-F32_DIR_NAME = "gemma-3-270m-f32"
-ROW_CHUNK = 16384  # rows requantized at a time (42 MB of f32 for the embedding)
 TEXT = (
     "Licensed under the Apache License, Version 2.0 (the License); you may not use this file "
     "except in compliance with the License. You may obtain a copy of the License at "
@@ -75,8 +68,6 @@ SALTS = (
     "Alpha Bravo Charlie Delta Echo Foxtrot Golf Hotel India Juliett Kilo Lima Mike November "
     "Oscar Papa Quebec Romeo Sierra Tango Uniform Victor Whiskey Xray Yankee Zulu"
 ).split()
-# Tensors whose Q8_0 bytes are compared between the GGUF and gemma_rs's quantizer at start-up.
-CHECKED = ("blk.0.attn_q.weight", "blk.17.ffn_down.weight", "token_embd.weight")
 
 
 def log(message: str) -> None:
@@ -86,90 +77,17 @@ def log(message: str) -> None:
 # --- the Q8_0 GGUF ------------------------------------------------------------------------------
 
 
-def build_q8_0_gguf(src: Path, dst: Path) -> None:
-    """Writes `src` (any GGUF ggml reads) with every 2-D tensor requantized to Q8_0."""
-    import gguf
-
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    reader = gguf.GGUFReader(src)
-    arch = reader.fields["general.architecture"].contents()
-    partial = dst.with_name(dst.name + ".partial")
-    writer = gguf.GGUFWriter(partial, arch)
-    for field in reader.fields.values():
-        # GGUF.* are virtual fields of the reader; the writer adds general.architecture itself.
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        if field.name == "general.file_type":
-            writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-
-    def converted(t: Any) -> np.ndarray:
-        if len(t.shape) == 1:
-            return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        chunks = []
-        for i in range(0, len(t.data), ROW_CHUNK):
-            x = gguf.quants.dequantize(t.data[i : i + ROW_CHUNK], t.tensor_type)
-            chunks.append(gguf.quants.quantize(x.astype(np.float32, copy=False), q8))
-        return np.concatenate(chunks)
-
-    # Tensor infos go first in the file: shapes from the Q8_0 byte sizes, data written after.
-    for t in reader.tensors:
-        rows, cols = int(np.prod(t.shape[1:])), int(t.shape[0])
-        if len(t.shape) == 1:
-            writer.add_tensor_info(t.name, (cols,), np.dtype(np.float32), 4 * cols)
-        else:
-            nbytes = rows * (cols // 32) * 34
-            writer.add_tensor_info(t.name, (rows, nbytes // rows), np.dtype(np.uint8), nbytes, q8)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for t in reader.tensors:
-        writer.write_tensor_data(converted(t))
-    writer.close()
-    os.replace(partial, dst)
-
-
 def q8_0_gguf_path() -> Path:
-    """The Q8_0 GGUF in the cache, built once from the PyPI Q4_K_M GGUF."""
+    """The Q8_0 GGUF in the cache, packed once from the PyPI Q4_K_M GGUF."""
     dst = demo.cache_dir() / Q8_0_GGUF_NAME
     dst.parent.mkdir(parents=True, exist_ok=True)
     with open(dst.with_name(dst.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time
         if not dst.exists():
             src = demo.gguf_path()
-            log(f"writing {dst} from {src.name} (once)")
-            t0 = time.perf_counter()
-            build_q8_0_gguf(src, dst)
-            log(f"wrote {dst} in {time.perf_counter() - t0:.0f}s")
+            log(f"packing {dst} from {src.name} (once)")
+            gemma_rs.pack(src, dst, "q8_0")
     return dst
-
-
-def check_same_q8_0(gguf_file: Path, model_dir: Path) -> str:
-    """Compares a few tensors' Q8_0 bytes in the GGUF with gemma_rs's quantizer applied to
-    model.safetensors (and gguf-py's). Raises if any differ."""
-    import gguf
-    from safetensors import safe_open
-
-    quantize_q8_0 = getattr(gemma_rs._gemma_rs, "quantize_q8_0", None)
-    tensors = {t.name: t for t in gguf.GGUFReader(gguf_file).tensors}
-    checked = []
-    with safe_open(model_dir / "model.safetensors", framework="numpy") as st:
-        for name in CHECKED:
-            t = tensors[name]
-            rows = slice(0, min(ROW_CHUNK, len(t.data)))  # the embedding's first rows will do
-            x = np.ascontiguousarray(st.get_slice(demo.hf_tensor_name(name))[rows], "<f4")
-            want = np.asarray(t.data[rows]).tobytes()
-            ours = bytes(quantize_q8_0(x.tobytes())) if quantize_q8_0 else None
-            if gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0).tobytes() != want:
-                raise SystemExit(f"{name}: gguf-py's Q8_0 of model.safetensors differs from GGUF")
-            if ours is not None and ours != want:
-                raise SystemExit(f"{name}: gemma_rs's Q8_0 of model.safetensors differs from GGUF")
-            checked.append(f"{name}[{x.shape[0]} rows]")
-    how = "gemma_rs.quantize_q8_0 and gguf-py" if quantize_q8_0 else "gguf-py"
-    return f"identical Q8_0 bytes ({how}) for " + ", ".join(checked)
 
 
 # --- the engines --------------------------------------------------------------------------------
@@ -178,9 +96,9 @@ def check_same_q8_0(gguf_file: Path, model_dir: Path) -> str:
 class Ours:
     name = "gemma_rs"
 
-    def __init__(self, model_dir: Path, ctx: int, weights: str, threads: int) -> None:
+    def __init__(self, model: Path, ctx: int, weights: str, threads: int) -> None:
         t0 = time.perf_counter()
-        self.model = gemma_rs.load(model_dir, ctx, weights=weights, threads=threads)
+        self.model = gemma_rs.load(model, ctx, weights=weights, threads=threads)
         self.load_seconds = time.perf_counter() - t0
 
     def prefill(self, ids: list[int]) -> float:
@@ -215,6 +133,8 @@ class Llama:
         self.n_vocab = self.llm.n_vocab()
 
     def _argmax(self) -> int:
+        import numpy as np  # here, not at the top: a gemma_rs child must not pay for numpy
+
         ptr = self.lib.llama_get_logits_ith(self.llm.ctx, -1)
         logits = np.ctypeslib.as_array(
             ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (self.n_vocab,)
@@ -270,25 +190,35 @@ def peak_rss_mib() -> float:
 
 def child(a: argparse.Namespace) -> int:
     """Loads a 64-token context and generates 32 tokens (*-import: only imports), then prints
-    the peak RSS."""
+    the load seconds and the peak RSS."""
     ids = [2, *range(1000, 1015)]  # 16 ids: BOS and plain vocabulary
+    t0 = time.perf_counter()
     if a.child == "gemma_rs":
-        m = gemma_rs.load(a.model_dir, 64, weights=a.weights, threads=a.threads)
+        m = gemma_rs.load(a.model, 64, weights=a.weights, threads=a.threads)
+        load = time.perf_counter() - t0
         m.complete(ids, 32, stop=None)
     elif a.child == "llama.cpp":
-        Llama(a.gguf, 64, a.threads, a.llama_flash_attn).decode(ids, 32)
+        llama = Llama(a.gguf, 64, a.threads, a.llama_flash_attn)
+        load = time.perf_counter() - t0
+        llama.decode(ids, 32)
     elif a.child == "llama.cpp-import":
         import llama_cpp  # noqa: F401
-    print(peak_rss_mib())
+
+        load = 0.0
+    else:
+        load = 0.0
+    print(load, peak_rss_mib())
     return 0
 
 
-def child_peak_rss_mib(a: argparse.Namespace, which: str) -> float:
+def child_load_and_peak(a: argparse.Namespace, which: str) -> tuple[float, float]:
+    """(load seconds, peak RSS MiB) of a fresh child process."""
     cmd = [sys.executable, __file__, "--child", which, "--threads", str(a.threads)]
-    cmd += ["--weights", a.weights, "--model-dir", str(a.model_dir), "--gguf", str(a.gguf)]
+    cmd += ["--weights", a.weights, "--model", str(a.model), "--gguf", str(a.gguf)]
     cmd += ["--llama-flash-attn"] if a.llama_flash_attn else []
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-    return float(out.split()[-1])
+    load, peak = out.split()[-2:]
+    return float(load), float(peak)
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -326,41 +256,39 @@ def main() -> int:
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--decode-prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--model-dir", type=Path, default=None, help="default: cache/" + F32_DIR_NAME)
     p.add_argument("--gguf", type=Path, default=None, help="default: cache/" + Q8_0_GGUF_NAME)
+    p.add_argument("--model", type=Path, default=None, help="gemma_rs's model (default: --gguf)")
     p.add_argument("--llama-flash-attn", action="store_true", help="flash attention in llama.cpp")
     p.add_argument(
         "--memory", action="store_true", help="peak RSS of each engine in a child process"
     )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
-    a.model_dir = a.model_dir or demo.cache_dir() / F32_DIR_NAME
     if a.child:
         return child(a)
-    if not (a.model_dir / "model.safetensors").exists():
-        raise SystemExit(f"no {a.model_dir}; run: python tests/real_model.py --kind f32")
     try:
         import llama_cpp
     except ImportError as e:
         hint = "--no-binary llama-cpp-python llama-cpp-python"
         raise SystemExit(f'{e}; run: CMAKE_ARGS="-DGGML_NATIVE=ON" pip install {hint}') from e
     a.gguf = a.gguf or q8_0_gguf_path()
+    a.model = a.model or a.gguf
 
     print(f"command: {Path(sys.executable).name} {' '.join(sys.argv)}")
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}")
-    print(f"gemma_rs {gemma_rs.__version__} weights={a.weights} dir={a.model_dir}")
+    print(f"gemma_rs {gemma_rs.__version__} weights={a.weights} model={a.model}")
     info = llama_cpp.llama_print_system_info().decode().strip()
     print(
         f"llama-cpp-python {llama_cpp.__version__} (Q8_0 {a.gguf}) flash_attn={a.llama_flash_attn}"
     )
     print(f"llama.cpp system info: {info}")
-    if a.weights == "q8_0":
-        print(f"weights: {check_same_q8_0(a.gguf, a.model_dir)}")
+    if a.weights == "q8_0" and a.model == a.gguf:
+        print("weights: the same Q8_0 file for both engines")
     else:
-        print(f"weights: NOT like for like (gemma_rs {a.weights} vs llama.cpp Q8_0)")
+        print(f"weights: NOT the same file (gemma_rs {a.weights} of {a.model} vs {a.gguf})")
 
     ctx = max(a.prefill_tokens + 1, a.decode_prompt_tokens + a.new_tokens)
-    ours = Ours(a.model_dir, ctx, a.weights, a.threads)
+    ours = Ours(a.model, ctx, a.weights, a.threads)
     llama = Llama(a.gguf, ctx, a.threads, a.llama_flash_attn)
     engines = (ours, llama)
     print(
@@ -416,9 +344,15 @@ def main() -> int:
         print("WARNING: the CPUs were shared; these numbers are not reliable. Rerun when idle.")
 
     if a.memory:
-        print(f"\npeak RSS of a child process (context 64, 32 new tokens, {a.threads} threads):")
+        print(
+            f"\nfresh child processes (context 64, 32 new tokens, {a.threads} threads), "
+            "median of 3: load seconds, peak RSS"
+        )
         for which in ("gemma_rs", "llama.cpp", "gemma_rs-import", "llama.cpp-import"):
-            print(f"  {which:<18} {child_peak_rss_mib(a, which):7.0f} MiB")
+            runs = [child_load_and_peak(a, which) for _ in range(3)]
+            load = statistics.median(r[0] for r in runs)
+            peak = statistics.median(r[1] for r in runs)
+            print(f"  {which:<18} {load:6.2f} s {peak:7.0f} MiB ({peak * 1.048576:.0f} MB)")
     return 0
 
 

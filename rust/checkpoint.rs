@@ -327,11 +327,20 @@ fn chat_template_json(dir: &Path) -> Result<Option<String>> {
     })
 }
 
+/// `query_pre_attn_scalar` as llama.cpp derives it for Gemma 3 (its `f_attention_scale`): the
+/// head dimension, but hidden / heads for the 62-layer 27B model. GGUF stores no key for it.
+pub fn query_pre_attn_scalar(layers: usize, hidden: usize, heads: usize, head_dim: usize) -> usize {
+    if layers == 62 {
+        hidden / heads.max(1)
+    } else {
+        head_dim
+    }
+}
+
 /// The model's config from `gemma3.*` metadata, written as the config.json transformers makes
 /// of it and checked by `Config::from_json`. What llama.cpp fixes for Gemma 3 rather than
-/// storing: the local RoPE base 10 000, every sixth layer global, `query_pre_attn_scalar` =
-/// head_dim (llama.cpp's `f_attention_scale` for every size but 27B, which stores no other
-/// key for it), the tanh GELU and tied embeddings.
+/// storing: the local RoPE base 10 000, every sixth layer global, `query_pre_attn_scalar` (see
+/// [`query_pre_attn_scalar`]), the tanh GELU and tied embeddings.
 pub fn gguf_config(g: &Gguf) -> Result<Config> {
     let bad = |msg: String| Error::format(&g.path, msg);
     let arch = g.get_str("general.architecture").ok_or_else(|| bad("no general.architecture".into()))?;
@@ -344,11 +353,18 @@ pub fn gguf_config(g: &Gguf) -> Result<Config> {
     };
     let float = |key: &str| -> Result<f64> {
         let full = format!("gemma3.{key}");
-        g.get(&full).and_then(|v| v.as_f64()).ok_or_else(|| bad(format!("{full} is missing or not a number")))
+        let v = g.get(&full).and_then(|v| v.as_f64());
+        v.filter(|v| v.is_finite()).ok_or_else(|| bad(format!("{full} is missing or not a finite number")))
     };
+    // llama.cpp scales RoPE when a factor is given (linear unless a type says otherwise).
     if let Some(kind) = g.get_str("gemma3.rope.scaling.type") {
         if kind != "none" {
             return Err(bad(format!("gemma3.rope.scaling.type {kind:?} is not supported")));
+        }
+    }
+    for key in ["gemma3.rope.scaling.factor", "gemma3.rope.scale_linear"] {
+        if let Some(f) = g.get(key).and_then(|v| v.as_f64()).filter(|&f| f != 0.0 && f != 1.0) {
+            return Err(bad(format!("{key} = {f}: RoPE scaling is not supported")));
         }
     }
     let head_dim = int("attention.key_length")?;
@@ -361,21 +377,22 @@ pub fn gguf_config(g: &Gguf) -> Result<Config> {
     if layers > 1 << 16 {
         return Err(bad(format!("gemma3.block_count {layers} is absurd")));
     }
+    let (hidden, heads) = (int("embedding_length")?, int("attention.head_count")?);
     let embd = g.tensor("token_embd.weight").ok_or_else(|| Error::MissingTensor("token_embd.weight".into()))?;
     let vocab = embd.dims.get(1).copied().unwrap_or(0);
     let mut raw = json!({
         "architectures": ["Gemma3ForCausalLM"],
         "model_type": "gemma3_text",
         "vocab_size": vocab,
-        "hidden_size": int("embedding_length")?,
+        "hidden_size": hidden,
         "intermediate_size": int("feed_forward_length")?,
         "num_hidden_layers": layers,
-        "num_attention_heads": int("attention.head_count")?,
+        "num_attention_heads": heads,
         "num_key_value_heads": int("attention.head_count_kv")?,
         "head_dim": head_dim,
         "max_position_embeddings": int("context_length")?,
         "rms_norm_eps": float("attention.layer_norm_rms_epsilon")?,
-        "query_pre_attn_scalar": head_dim,
+        "query_pre_attn_scalar": query_pre_attn_scalar(layers as usize, hidden as usize, heads as usize, head_dim as usize),
         "sliding_window": int("attention.sliding_window")?,
         "layer_types": (0..layers)
             .map(|i| if (i + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" })

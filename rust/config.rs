@@ -72,6 +72,14 @@ impl Config {
                  num_key_value_heads ({num_key_value_heads})"
             )));
         }
+        // The products size buffers; bounding them keeps every later size computation exact.
+        for (what, heads) in
+            [("num_attention_heads", num_attention_heads), ("num_key_value_heads", num_key_value_heads)]
+        {
+            if heads.checked_mul(head_dim).is_none_or(|n| n > 1 << 24) {
+                return Err(Error::Config(format!("{what} ({heads}) × head_dim ({head_dim}) is absurd")));
+            }
+        }
         if head_dim % 2 != 0 {
             return Err(Error::Config(format!("head_dim ({head_dim}) must be even for RoPE")));
         }
@@ -164,6 +172,9 @@ impl Config {
         };
         if config.query_pre_attn_scalar <= 0.0 || config.rms_norm_eps < 0.0 {
             return Err(Error::Config("query_pre_attn_scalar must be > 0 and rms_norm_eps >= 0".into()));
+        }
+        if config.rope_theta <= 0.0 || config.rope_local_base_freq <= 0.0 {
+            return Err(Error::Config("the RoPE bases must be > 0".into()));
         }
         Ok(config)
     }

@@ -14,6 +14,7 @@
 use crate::error::{Error, Result};
 use crate::quant::ggml::{self, GgmlType};
 use memmap2::Mmap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::ops::Range;
@@ -112,7 +113,7 @@ pub enum Value {
     F32(f32),
     F64(f64),
     Bool(bool),
-    /// Byte range of a UTF-8 string (already validated).
+    /// Byte range of a string (checked to be UTF-8 by the parser, and again by `Gguf::str`).
     Str(Range<usize>),
     /// `len` elements of type `elem`, stored in the byte range `data`.
     Array {
@@ -186,8 +187,12 @@ pub struct Gguf {
     pub map: Arc<Mmap>,
     pub version: u32,
     pub alignment: usize,
+    /// In file order.
     pub kvs: Vec<Kv>,
+    /// In file order.
     pub tensors: Vec<TensorInfo>,
+    kv_index: HashMap<String, usize>,
+    tensor_index: HashMap<String, usize>,
 }
 
 impl Gguf {
@@ -197,15 +202,26 @@ impl Gguf {
         // contract (as for every mmap-based loader).
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (version, alignment, kvs, tensors) = parse(&map).map_err(|msg| Error::format(path, msg))?;
-        Ok(Gguf { path: path.to_path_buf(), map: Arc::new(map), version, alignment, kvs, tensors })
+        let kv_index = kvs.iter().enumerate().map(|(i, kv)| (kv.key.clone(), i)).collect();
+        let tensor_index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(Gguf {
+            path: path.to_path_buf(),
+            map: Arc::new(map),
+            version,
+            alignment,
+            kvs,
+            tensors,
+            kv_index,
+            tensor_index,
+        })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.kvs.iter().find(|kv| kv.key == key).map(|kv| &kv.value)
+        self.kv_index.get(key).map(|&i| &self.kvs[i].value)
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors.iter().find(|t| t.name == name)
+        self.tensor_index.get(name).map(|&i| &self.tensors[i])
     }
 
     /// The bytes of a tensor (its range was checked at open).
@@ -216,8 +232,8 @@ impl Gguf {
     /// The string `v`, if it is one.
     pub fn str<'a>(&'a self, v: &Value) -> Option<&'a str> {
         match v {
-            // SAFETY: string ranges were validated as UTF-8 by `parse`.
-            Value::Str(r) => Some(unsafe { std::str::from_utf8_unchecked(&self.map[r.clone()]) }),
+            // `parse` validated its ranges; a `Value` may come from elsewhere, so check again.
+            Value::Str(r) => std::str::from_utf8(self.map.get(r.clone())?).ok(),
             _ => None,
         }
     }
@@ -230,7 +246,7 @@ impl Gguf {
     pub fn strings(&self, v: &Value) -> Option<Vec<&str>> {
         let Value::Array { elem: ValueType::Str, len, data } = v else { return None };
         let mut c = Cursor { buf: &self.map[..data.end], pos: data.start };
-        let mut out = Vec::with_capacity(*len);
+        let mut out = Vec::with_capacity((*len).min(data.len() / 8));
         for _ in 0..*len {
             let r = c.string().ok()?;
             out.push(self.str(&Value::Str(r))?);
@@ -390,7 +406,10 @@ fn parse(buf: &[u8]) -> Msg<Parsed> {
     let n_tensors = c.count("tensor count", 32)?;
     let n_kv = c.count("metadata count", 13)?;
 
-    let mut kvs: Vec<Kv> = Vec::with_capacity(n_kv);
+    // Capacities are not taken from the file's counts: a count is only checked against the
+    // file's size, and an item in memory is larger than its smallest encoding.
+    let mut kvs: Vec<Kv> = Vec::new();
+    let mut keys = HashSet::new();
     for _ in 0..n_kv {
         let key = c.string()?;
         // SAFETY: `string` validated the range as UTF-8.
@@ -398,7 +417,7 @@ fn parse(buf: &[u8]) -> Msg<Parsed> {
         let ty = c.value_type().map_err(|e| format!("{key}: {e}"))?;
         let start = c.pos;
         let value = c.value(ty, 0).map_err(|e| format!("metadata {key}: {e}"))?;
-        if kvs.iter().any(|kv| kv.key == key) {
+        if !keys.insert(key.clone()) {
             return Err(format!("metadata key {key} appears twice"));
         }
         kvs.push(Kv { key, ty, value, raw: start..c.pos });
@@ -411,7 +430,7 @@ fn parse(buf: &[u8]) -> Msg<Parsed> {
         },
     };
 
-    let mut infos = Vec::with_capacity(n_tensors);
+    let mut infos = Vec::new();
     for _ in 0..n_tensors {
         let name = c.string()?;
         // SAFETY: as for keys.
@@ -434,7 +453,8 @@ fn parse(buf: &[u8]) -> Msg<Parsed> {
         return Err(format!("the data section would start at {data_start}, past the end of the file"));
     }
 
-    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors);
+    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(infos.len());
+    let mut names = HashSet::new();
     for (name, dims, raw_ty, offset) in infos {
         let ty = GgmlType::from_u32(raw_ty).ok_or(raw_ty);
         let offset = usize::try_from(offset).map_err(|_| format!("tensor {name}: offset {offset} is too large"))?;
@@ -457,7 +477,7 @@ fn parse(buf: &[u8]) -> Msg<Parsed> {
             // Its size is unknown; using it is an error (see `Checkpoint`).
             Err(_) => start,
         };
-        if tensors.iter().any(|t| t.name == name) {
+        if !names.insert(name.clone()) {
             return Err(format!("tensor {name} appears twice"));
         }
         tensors.push(TensorInfo { name, dims, ty, data: start..end });
@@ -481,7 +501,7 @@ pub fn type_description(ty: std::result::Result<GgmlType, u32>) -> String {
 pub struct Writer {
     kv: Vec<u8>,
     n_kv: u64,
-    keys: Vec<String>,
+    keys: HashSet<String>,
     tensors: Vec<(String, Vec<usize>, GgmlType, usize)>,
 }
 
@@ -493,19 +513,18 @@ impl Default for Writer {
 
 impl Writer {
     pub fn new() -> Writer {
-        Writer { kv: Vec::new(), n_kv: 0, keys: Vec::new(), tensors: Vec::new() }
+        Writer { kv: Vec::new(), n_kv: 0, keys: HashSet::new(), tensors: Vec::new() }
     }
 
     fn key(&mut self, key: &str, ty: ValueType) {
-        assert!(!self.keys.iter().any(|k| k == key), "GGUF key {key} written twice");
-        self.keys.push(key.to_string());
+        assert!(self.keys.insert(key.to_string()), "GGUF key {key} written twice");
         self.n_kv += 1;
         put_str(&mut self.kv, key);
         self.kv.extend_from_slice(&ty.to_u32().to_le_bytes());
     }
 
     pub fn has(&self, key: &str) -> bool {
-        self.keys.iter().any(|k| k == key)
+        self.keys.contains(key)
     }
 
     pub fn u32(&mut self, key: &str, v: u32) {

@@ -1,8 +1,9 @@
 //! gemma_rs: Gemma 3 270M-class inference on small CPUs.
 //!
 //! Layers, each knowing only those below it (see DESIGN.md):
-//! `config` → `safetensors`, `gguf` → `checkpoint` (loaders) → `ops` → `kv_cache` → `model` → `tokenizer`, `sampler`,
-//! `generate` → `python` (the only module that knows PyO3).
+//! `half`, `quant`, `tensor`, `ops`, `threads` (pure kernels) and `config`, `tokenizer`,
+//! `safetensors`, `gguf` (formats) → `checkpoint` (a model on disk) → `kv_cache`, `model` →
+//! `sampler`, `generate`, `pack` → `python` (the only module that knows PyO3).
 
 #[cfg(target_endian = "big")]
 compile_error!("gemma_rs reads little-endian model files in place");

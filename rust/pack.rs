@@ -1,10 +1,11 @@
 //! `pack`: writes a model (Hugging Face directory or GGUF) as a GGUF file that llama.cpp and
 //! gemma_rs both load: 2-D weights in the chosen type (Q8_0 by default, quantized exactly as
-//! gemma_rs quantizes at load, so a packed file and its source give the same bits), norms as F32
+//! gemma_rs quantizes at load, so the packed file loaded with `weights="q8_0"` gives the same
+//! bits as its source loaded that way), norms as F32
 //! `1 + w`, and the metadata llama.cpp's Gemma 3 loader reads, tokenizer and chat template
 //! included. A board then maps the file and starts without quantizing anything.
 
-use crate::checkpoint::{gguf_name, Checkpoint, Source};
+use crate::checkpoint::{gguf_name, query_pre_attn_scalar, Checkpoint, Source};
 use crate::config::{Config, LayerType};
 use crate::error::{Error, Result};
 use crate::gguf::Writer;
@@ -76,6 +77,8 @@ pub fn pack(
         dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model.gguf".into())
     ));
     let file = std::fs::File::create(&partial).map_err(|e| Error::io(&partial, e))?;
+    // Removes the partial file on every way out but success (errors, panics).
+    let mut guard = RemoveOnDrop(Some(partial.clone()));
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut done = 0u64;
     // The data closure reports failures other than I/O through `failure`.
@@ -94,12 +97,23 @@ pub fn pack(
     let result = result.and_then(|()| out.flush()).and_then(|()| out.get_ref().sync_all());
     drop(out);
     if let Err(e) = result {
-        let _ = std::fs::remove_file(&partial);
         return Err(failure.unwrap_or_else(|| Error::io(&partial, e)));
     }
     std::fs::rename(&partial, dst).map_err(|e| Error::io(dst, e))?;
+    guard.0 = None; // complete: keep it
     let bytes = std::fs::metadata(dst).map_err(|e| Error::io(dst, e))?.len();
     Ok(PackReport { path: dst.to_path_buf(), bytes, tensors: plans.len() })
+}
+
+/// Deletes a file when dropped (a partial output), unless its path was taken out.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Refuses configs that the GGUF metadata llama.cpp reads for Gemma 3 cannot express: the file
@@ -107,7 +121,11 @@ pub fn pack(
 fn check_expressible(c: &Config, path: &Path) -> Result<()> {
     let every_sixth = c.layer_types.iter().enumerate().all(|(i, &t)| (t == LayerType::Global) == ((i + 1) % 6 == 0));
     let problems = [
-        (c.query_pre_attn_scalar != c.head_dim as f64, "query_pre_attn_scalar differs from head_dim"),
+        (
+            c.query_pre_attn_scalar
+                != query_pre_attn_scalar(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.head_dim) as f64,
+            "query_pre_attn_scalar differs from head_dim (hidden_size / heads for 62 layers)",
+        ),
         (c.rope_local_base_freq != 10_000.0, "rope_local_base_freq is not 10000"),
         (!every_sixth, "the global layers are not every sixth"),
         (c.final_logit_softcapping.is_some(), "final_logit_softcapping is set"),
@@ -197,6 +215,12 @@ fn metadata(w: &mut Writer, ck: &Checkpoint, weights: WeightType) -> Result<()> 
         if let Some(&eos) = ck.eos_token_ids.first() {
             v.eos_id = Some(eos);
         }
+        // llama.cpp checks that the vocabulary has a token per embedding row.
+        while v.tokens.len() < c.vocab_size {
+            v.tokens.push(format!("<unused_row_{}>", v.tokens.len()));
+            v.scores.push(-1000.0);
+            v.token_types.push(5); // unused
+        }
         if let Some(pad) = c.raw.get("pad_token_id").and_then(|p| p.as_u64()).and_then(|p| u32::try_from(p).ok()) {
             v.pad_id = Some(pad);
         }
@@ -214,6 +238,11 @@ fn metadata(w: &mut Writer, ck: &Checkpoint, weights: WeightType) -> Result<()> 
             if let Some(id) = id {
                 w.u32(key, id);
             }
+        }
+        // A second end-of-sequence id (an instruction-tuned model's <end_of_turn>) is GGUF's
+        // end-of-turn id; llama.cpp and gemma_rs both stop at it.
+        if let Some(&eot) = ck.eos_token_ids.get(1) {
+            w.u32("tokenizer.ggml.eot_token_id", eot);
         }
         w.bool("tokenizer.ggml.add_bos_token", v.add_bos);
         w.bool("tokenizer.ggml.add_eos_token", false);

@@ -17,7 +17,10 @@ unsafe impl Plain for u16 {}
 unsafe impl Plain for BlockQ8_0 {}
 
 /// The values of a weight: owned, or a range of a memory-mapped file used in place.
-pub enum Storage<T: Plain> {
+pub struct Storage<T: Plain>(Place<T>);
+
+/// Private, so that a mapped range exists only as `Storage::mapped` checked it.
+enum Place<T: Plain> {
     Owned(Vec<T>),
     Mapped { map: Arc<Mmap>, offset: usize, len: usize },
 }
@@ -28,17 +31,17 @@ impl<T: Plain> Storage<T> {
     pub fn mapped(map: &Arc<Mmap>, offset: usize, len: usize) -> Option<Storage<T>> {
         let end = len.checked_mul(std::mem::size_of::<T>())?.checked_add(offset)?;
         let aligned = (map.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<T>());
-        (end <= map.len() && aligned).then(|| Storage::Mapped { map: map.clone(), offset, len })
+        (end <= map.len() && aligned).then(|| Storage(Place::Mapped { map: map.clone(), offset, len }))
     }
 
     pub fn is_mapped(&self) -> bool {
-        matches!(self, Storage::Mapped { .. })
+        matches!(self.0, Place::Mapped { .. })
     }
 }
 
 impl<T: Plain> From<Vec<T>> for Storage<T> {
     fn from(v: Vec<T>) -> Self {
-        Storage::Owned(v)
+        Storage(Place::Owned(v))
     }
 }
 
@@ -46,11 +49,11 @@ impl<T: Plain> Deref for Storage<T> {
     type Target = [T];
 
     fn deref(&self) -> &[T] {
-        match self {
-            Storage::Owned(v) => v,
+        match &self.0 {
+            Place::Owned(v) => v,
             // SAFETY: `mapped` checked the range and the alignment; `T: Plain` accepts any
             // bytes; the map is read-only and lives as long as `self` (the `Arc`).
-            Storage::Mapped { map, offset, len } => unsafe {
+            Place::Mapped { map, offset, len } => unsafe {
                 std::slice::from_raw_parts(map.as_ptr().add(*offset) as *const T, *len)
             },
         }

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +158,29 @@ def test_packed_q8_0_file_loads_in_place(packed_q8_0):
     assert model.complete("The capital of France is", max_new_tokens=4).token_ids
 
 
+def test_peak_memory_of_a_process_with_the_packed_file(packed_q8_0):
+    """Import, load the packed Q8_0 file in place at max_inference_len=64 and generate 32
+    tokens: the whole process peaks under 330 MB (llama.cpp's own process with the same file at
+    n_ctx 64: 371 MB). bench/compare_llama_cpp.py --memory measures both side by side."""
+    code = (
+        "import re, sys, gemma_rs\n"
+        "m = gemma_rs.load(sys.argv[1], max_inference_len=64)\n"
+        "c = m.complete('The capital of France is', max_new_tokens=32)\n"
+        "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+        "print(len(c.token_ids), hwm)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(packed_q8_0)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    tokens, peak_kib = map(int, out.stdout.split())
+    assert tokens == 32
+    assert peak_kib * 1024 < 330e6, f"peak RSS {peak_kib * 1024 / 1e6:.0f} MB"
+
+
 def test_pack_from_gguf_and_with_other_weights(real_model_gguf, tmp_path, ref):
     """Q4_K_M → Q8_0 GGUF equals loading the Q4_K_M with q8_0; → f32 GGUF equals f32."""
     events: list[tuple[int, int]] = []
@@ -185,9 +210,6 @@ def test_pack_is_interruptible_and_leaves_no_partial_file(real_model_gguf, tmp_p
 
 
 def test_pack_cli(tmp_path, fixtures_dir):
-    import subprocess
-    import sys
-
     dst = tmp_path / "tiny.gguf"
     src = fixtures_dir / "tiny" / "tiny-gqa"
     out = subprocess.run(
@@ -288,6 +310,20 @@ def test_lying_tensor_infos(tiny_gguf, tmp_path):
         _load_bytes(tmp_path, _patched(tiny_gguf, type_at, "<I", 23))
     with pytest.raises(gemma_rs.GemmaError, match="unknown ggml type 1000"):
         _load_bytes(tmp_path, _patched(tiny_gguf, type_at, "<I", 1000))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("gemma3.rope.freq_base", float("nan"), "finite"),
+        ("gemma3.rope.freq_base", -1.0, "RoPE bases"),
+        ("gemma3.attention.layer_norm_rms_epsilon", float("inf"), "finite"),
+    ],
+)
+def test_absurd_metadata_values(tiny_gguf, tmp_path, key, value, message):
+    _, at, _ = gguf_edit.layout(tiny_gguf).kv[key]
+    with pytest.raises(gemma_rs.GemmaError, match=message):
+        _load_bytes(tmp_path, _patched(tiny_gguf, at + 4, "<f", value))
 
 
 def test_not_gemma3(tiny_gguf, tmp_path):

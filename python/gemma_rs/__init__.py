@@ -285,7 +285,8 @@ def pack(
     GGUF file that gemma_rs maps in place and llama.cpp loads.
 
     Matrices are stored as ``weights`` (Q8_0 by default, quantized exactly as :func:`load`
-    quantizes, so the packed file and its source give the same results), norms as F32
+    quantizes, so the packed file and its source, both loaded with ``weights="q8_0"``, give the
+    same logits to the bit), norms as F32
     ``1 + w`` (GGUF's convention for Gemma), with llama.cpp's ``gemma3.*`` metadata, the
     tokenizer and the chat template when the source has them. The file is written to
     ``dst + ".partial"`` and renamed when complete.
@@ -314,9 +315,11 @@ def pack(
     log = logging.getLogger("gemma_rs")
     start = time.perf_counter()
     log.info("packing %s into %s (%s)", os.fspath(src), os.fspath(dst), weights)
-    nbytes, tensors = _gemma_rs.pack(os.fspath(src), os.fspath(dst), weights, threads, report)
-    if isinstance(report, _ProgressLine):
-        report.close()
+    try:
+        nbytes, tensors = _gemma_rs.pack(os.fspath(src), os.fspath(dst), weights, threads, report)
+    finally:
+        if isinstance(report, _ProgressLine):
+            report.close()
     log.info(
         "wrote %s: %d tensors, %.1f MB in %.1f s",
         os.fspath(dst),

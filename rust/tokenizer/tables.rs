@@ -2,6 +2,9 @@
 //! byte trie of the added tokens. Each is a few flat vectors (no per-token allocation), which is
 //! what keeps Gemma 3's 262k-token, 515k-merge tokenizer at about 14 MB.
 
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+
 const NONE: u32 = u32::MAX;
 
 /// The token has a string (ids may have gaps).
@@ -23,6 +26,9 @@ pub(super) struct Vocab {
     flags: Vec<u8>,
     /// Open-addressing hash table (linear probing) of ids keyed by their string; `NONE` is free.
     slots: Vec<u32>,
+    /// A randomly keyed SipHash: a vocabulary crafted to collide (model files come from the
+    /// internet) cannot turn lookups quadratic.
+    hasher: RandomState,
 }
 
 impl Vocab {
@@ -44,6 +50,7 @@ impl Vocab {
             flags: Vec::with_capacity(id_space),
             // Load factor at most 2/3 (Gemma 3: 1/2).
             slots: vec![NONE; ((entries.len() + extra) * 3 / 2).next_power_of_two().max(16)],
+            hasher: RandomState::new(),
         };
         vocab.offsets.push(0);
         for e in entry_of {
@@ -83,10 +90,14 @@ impl Vocab {
         self.insert(id)
     }
 
+    fn hash(&self, bytes: &[u8]) -> usize {
+        self.hasher.hash_one(bytes) as usize
+    }
+
     fn insert(&mut self, id: u32) -> Result<(), String> {
         let token = self.get(id).unwrap_or_default();
         let mask = self.slots.len() - 1;
-        let mut i = hash(token.as_bytes()) & mask;
+        let mut i = self.hash(token.as_bytes()) & mask;
         while self.slots[i] != NONE {
             if self.get(self.slots[i]) == Some(token) {
                 return Err(format!("token {token:?} appears twice, with ids {} and {id}", self.slots[i]));
@@ -122,7 +133,7 @@ impl Vocab {
 
     /// The id of any token, model or added.
     pub fn find(&self, token: &[u8]) -> Option<u32> {
-        self.find_from(token, hash(token) & (self.slots.len() - 1))
+        self.find_from(token, self.hash(token) & (self.slots.len() - 1))
     }
 
     /// `find`, probing from slot `i` on.
@@ -148,17 +159,6 @@ impl Vocab {
     pub fn heap_bytes(&self) -> usize {
         self.text.capacity() + 4 * self.offsets.capacity() + self.flags.capacity() + 4 * self.slots.capacity()
     }
-}
-
-/// FNV-1a with a final mix, so the low bits index the table well.
-fn hash(bytes: &[u8]) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 32;
-    h = h.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (h ^ (h >> 29)) as usize
 }
 
 /// One BPE merge: the pair (left id << 32 | right id), its rank (line in `merges`), the merged id.
