@@ -205,7 +205,8 @@ impl Model {
         })
     }
 
-    /// Bytes of all weights held in memory.
+    /// Bytes of all weights, owned or used in place from a mapped file (those become resident
+    /// as file pages once read).
     pub fn weight_bytes(&self) -> usize {
         let norms = |l: &Layer| {
             4 * (l.input_layernorm.len()
@@ -403,8 +404,9 @@ fn norm_and_add(threads: &Threads, x: &mut [f32], out: &mut [f32], n: usize, wid
     });
 }
 
-/// Source bytes quantized per step while packing.
-const PACK_SLAB_BYTES: usize = 1 << 20;
+/// Source bytes converted per step (Q8_0 packing, bf16 conversion, `pack`): the most of a
+/// tensor's source that is resident, and of its f32 copy, at a time.
+const SLAB_BYTES: usize = 1 << 20;
 
 /// The `(rows, cols)` tensor `t` as Q8_0 blocks, quantized from the map a slab of rows at a
 /// time (dequantized first when the file holds another quantization); each slab's pages are
@@ -427,10 +429,10 @@ pub fn pack_q8_0(src: &Source, t: &Tensor, rows: usize, cols: usize, threads: &T
 }
 
 /// Calls `f(first_row, values)` for consecutive slabs of rows of `t (rows, cols)` read as f32,
-/// about `PACK_SLAB_BYTES` of source each.
+/// about `SLAB_BYTES` of source each.
 pub fn for_slabs(t: &Tensor, rows: usize, cols: usize, mut f: impl FnMut(usize, &[f32])) {
     let row_bytes = t.byte_range(0..cols).len().max(1);
-    let slab = (PACK_SLAB_BYTES / row_bytes).max(1);
+    let slab = (SLAB_BYTES / row_bytes).max(1);
     let mut buf = vec![0f32; slab.min(rows) * cols];
     for r0 in (0..rows).step_by(slab) {
         let r1 = (r0 + slab).min(rows);

@@ -184,7 +184,9 @@ fn plan(c: &Config, weights: WeightType) -> Vec<Plan> {
 fn metadata(w: &mut Writer, ck: &Checkpoint, weights: WeightType) -> Result<()> {
     const OURS: [&str; 3] = ["general.file_type", "general.quantization_version", "general.alignment"];
     if let Source::Gguf(g) = &ck.source {
-        for kv in g.kvs.iter().filter(|kv| !OURS.contains(&kv.key.as_str())) {
+        // `quantize.*` (e.g. the importance matrix used) describes the source's quantization.
+        let copied = |key: &str| !OURS.contains(&key) && !key.starts_with("quantize.");
+        for kv in g.kvs.iter().filter(|kv| copied(&kv.key)) {
             w.copy(g, kv);
         }
         w.u32("general.file_type", file_type(weights));

@@ -237,6 +237,20 @@ def test_pack_cli(tmp_path, fixtures_dir):
     assert bad.returncode == 1 and "cannot be written as a Gemma 3 GGUF" in bad.stderr
 
 
+def test_pack_keeps_the_chat_template(fixtures_dir, tmp_path):
+    src = tmp_path / "tiny"
+    shutil.copytree(fixtures_dir / "tiny" / "tiny-gqa", src)
+    template = "{% for m in messages %}<start_of_turn>{{ m['content'] }}{% endfor %}"
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    first = gemma_rs.pack(src, tmp_path / "a.gguf", progress=False)
+    assert gguf_edit.metadata(first.read_bytes())["tokenizer.chat_template"] == template
+    again = gemma_rs.pack(first, tmp_path / "b.gguf", progress=False)  # GGUF to GGUF
+    meta = gguf_edit.metadata(again.read_bytes())
+    assert meta["tokenizer.chat_template"] == template
+    assert meta["general.file_type"] == 7
+    assert again.read_bytes()[-4096:] == first.read_bytes()[-4096:]  # the same tensor data
+
+
 # --- malformed files -------------------------------------------------------------------------
 
 
