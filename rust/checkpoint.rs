@@ -7,7 +7,6 @@ use crate::config::{token_ids, Config};
 use crate::error::{Error, Result};
 use crate::gguf::{self, Gguf};
 use crate::quant::ggml::{self, GgmlType};
-use crate::quant::BlockQ8_0;
 use crate::safetensors::{Dtype, SafeTensors};
 use crate::tensor::{Plain, Storage};
 use crate::tokenizer::{GgufVocab, Tokenizer};
@@ -167,14 +166,6 @@ impl Source {
             return None;
         }
         Storage::mapped(&g.map, t.offset, t.data.len() / size)
-    }
-
-    /// Q8_0 blocks used in place.
-    pub fn in_place_q8_0(&self, t: &Tensor) -> Option<Storage<BlockQ8_0>> {
-        if t.ty != GgmlType::Q8_0 {
-            return None;
-        }
-        self.in_place(t)
     }
 
     /// Tells the OS that bytes `range` of `t` are no longer needed (once converted).

@@ -142,22 +142,22 @@ impl Model {
         let (h, hd) = (c.hidden_size, c.head_dim);
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
             let t = checked(src, name, &[rows, cols])?;
-            let m = match (wtype, t.ty) {
-                // Used in place from the map when the file already holds the wanted type.
-                (WeightType::Q8_0, GgmlType::Q8_0) if src.in_place_q8_0(&t).is_some() => {
-                    return Ok(Matrix::Q8_0 { data: src.in_place_q8_0(&t).expect("checked"), rows, cols })
-                }
-                (WeightType::F32, GgmlType::F32) if src.in_place::<f32>(&t).is_some() => {
-                    return Ok(Matrix::F32 { data: src.in_place(&t).expect("checked"), rows, cols })
-                }
-                (WeightType::Bf16, GgmlType::BF16) if src.in_place::<u16>(&t).is_some() => {
-                    return Ok(Matrix::Bf16 { data: src.in_place(&t).expect("checked"), rows, cols })
-                }
-                (WeightType::F32, _) => Matrix::F32 { data: t.to_f32().into(), rows, cols },
-                (WeightType::Q8_0, _) if cols.is_multiple_of(QK8_0) => {
+            // Used in place from the map when the file already holds the wanted type.
+            let in_place = match (wtype, t.ty) {
+                (WeightType::Q8_0, GgmlType::Q8_0) => src.in_place(&t).map(|data| Matrix::Q8_0 { data, rows, cols }),
+                (WeightType::F32, GgmlType::F32) => src.in_place(&t).map(|data| Matrix::F32 { data, rows, cols }),
+                (WeightType::Bf16, GgmlType::BF16) => src.in_place(&t).map(|data| Matrix::Bf16 { data, rows, cols }),
+                _ => None,
+            };
+            if let Some(m) = in_place {
+                return Ok(m);
+            }
+            let m = match wtype {
+                WeightType::F32 => Matrix::F32 { data: t.to_f32().into(), rows, cols },
+                WeightType::Q8_0 if cols.is_multiple_of(QK8_0) => {
                     Matrix::Q8_0 { data: pack_q8_0(src, &t, rows, cols, threads).into(), rows, cols }
                 }
-                (WeightType::Bf16 | WeightType::Q8_0, _) => {
+                WeightType::Bf16 | WeightType::Q8_0 => {
                     let mut bits = Vec::with_capacity(rows * cols);
                     for_slabs(&t, rows, cols, |_, x| bits.extend(x.iter().map(|&v| f32_to_bf16(v))));
                     Matrix::Bf16 { data: bits.into(), rows, cols }
@@ -417,15 +417,23 @@ pub fn pack_q8_0(src: &Source, t: &Tensor, rows: usize, cols: usize, threads: &T
     let mut out = vec![BlockQ8_0::default(); rows * per_row];
     for_slabs(t, rows, cols, |r0, x| {
         let n = x.len() / cols;
-        let blocks = SharedMut::new(&mut out[r0 * per_row..(r0 + n) * per_row]);
-        threads.for_ranges(n, 1, n * cols * 4, |_, r| {
-            // SAFETY: row ranges are disjoint between threads and inside the slab.
-            let blocks = unsafe { blocks.slice(r.start * per_row, r.len() * per_row) };
-            quant::quantize_row_q8_0(&x[r.start * cols..r.end * cols], blocks);
-        });
+        quantize_rows(x, cols, &mut out[r0 * per_row..(r0 + n) * per_row], threads);
         src.release(t, t.byte_range(r0 * cols..(r0 + n) * cols));
     });
     out
+}
+
+/// The rows of `x (n, cols)` quantized into `out` (`cols / 32` blocks a row), split across
+/// threads.
+pub fn quantize_rows(x: &[f32], cols: usize, out: &mut [BlockQ8_0], threads: &Threads) {
+    let (n, per_row) = (x.len() / cols, cols / QK8_0);
+    assert_eq!(out.len(), n * per_row, "quantize_rows: output length");
+    let blocks = SharedMut::new(out);
+    threads.for_ranges(n, 1, n * cols * 4, |_, r| {
+        // SAFETY: row ranges are disjoint between threads and inside `out`.
+        let blocks = unsafe { blocks.slice(r.start * per_row, r.len() * per_row) };
+        quant::quantize_row_q8_0(&x[r.start * cols..r.end * cols], blocks);
+    });
 }
 
 /// Calls `f(first_row, values)` for consecutive slabs of rows of `t (rows, cols)` read as f32,

@@ -10,10 +10,10 @@ use crate::config::{Config, LayerType};
 use crate::error::{Error, Result};
 use crate::gguf::Writer;
 use crate::half::f32_to_bf16;
-use crate::model::{for_slabs, WeightType};
+use crate::model::{for_slabs, quantize_rows, WeightType};
 use crate::quant::ggml::GgmlType;
-use crate::quant::{self, BlockQ8_0, QK8_0};
-use crate::threads::{SharedMut, Threads};
+use crate::quant::{BlockQ8_0, QK8_0};
+use crate::threads::Threads;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -292,14 +292,8 @@ fn write_tensor(
         bytes.clear();
         match p.ty {
             GgmlType::Q8_0 => {
-                let per_row = p.cols / QK8_0;
-                blocks.resize(n * per_row, BlockQ8_0::default());
-                let shared = SharedMut::new(&mut blocks[..]);
-                threads.for_ranges(n, 1, n * p.cols * 4, |_, r| {
-                    // SAFETY: row ranges are disjoint between threads and inside the slab.
-                    let b = unsafe { shared.slice(r.start * per_row, r.len() * per_row) };
-                    quant::quantize_row_q8_0(&x[r.start * p.cols..r.end * p.cols], b);
-                });
+                blocks.resize(n * (p.cols / QK8_0), BlockQ8_0::default());
+                quantize_rows(x, p.cols, &mut blocks, threads);
                 bytes.extend_from_slice(BlockQ8_0::as_bytes(&blocks));
             }
             GgmlType::BF16 => x.iter().for_each(|&v| bytes.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),
