@@ -21,13 +21,14 @@ cached prefix beyond BOS.
 Weights. Both engines load the same file, ``gemma-3-270m-q8_0.gguf``, written once into
 ``$GEMMA_RS_CACHE`` (default ``~/.cache/gemma_rs``) by ``gemma_rs.pack`` from the PyPI Q4_K_M
 GGUF: every 2-D tensor dequantized as ggml does and quantized to Q8_0 with ggml's reference
-rounding, norms F32, all metadata copied. gemma_rs maps its Q8_0 blocks in place
+rounding, norms F32, the metadata copied (but the file type). gemma_rs maps its Q8_0 blocks in
+place
 (``--model`` loads another source, e.g. a Hugging Face directory, instead).
 
 llama.cpp comes from llama-cpp-python built from the PyPI sdist for this CPU (-march=native)
 into the same venv as gemma_rs, e.g.:
 
-    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install --no-binary llama-cpp-python \\
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install --no-binary llama-cpp-python \\
         llama-cpp-python==0.3.36
 
 (``--no-binary :all:`` would also build cmake and ninja from source.) Both sides use their own

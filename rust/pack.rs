@@ -1,5 +1,6 @@
 //! `pack`: writes a model (Hugging Face directory or GGUF) as a GGUF file that llama.cpp and
-//! gemma_rs both load: 2-D weights in the chosen type (Q8_0 by default, quantized exactly as
+//! gemma_rs both load: 2-D weights in the chosen type (a Q8_0 matrix whose rows are not whole
+//! 32-value blocks is written BF16) (Q8_0 by default, quantized exactly as
 //! gemma_rs quantizes at load, so the packed file loaded with `weights="q8_0"` gives the same
 //! bits as its source loaded that way), norms as F32
 //! `1 + w`, and the metadata llama.cpp's Gemma 3 loader reads, tokenizer and chat template
@@ -179,8 +180,10 @@ fn plan(c: &Config, weights: WeightType) -> Vec<Plan> {
     v
 }
 
-/// The metadata: copied from a GGUF source (but the file type), written from config.json and
-/// tokenizer.json otherwise, with the keys llama.cpp's gemma3 loader reads.
+/// The metadata: copied from a GGUF source, except `general.file_type`,
+/// `general.quantization_version` and `general.alignment` (rewritten) and `quantize.*` (the
+/// source's quantization); written from config.json and tokenizer.json otherwise, with the keys
+/// llama.cpp's gemma3 loader reads.
 fn metadata(w: &mut Writer, ck: &Checkpoint, weights: WeightType) -> Result<()> {
     const OURS: [&str; 3] = ["general.file_type", "general.quantization_version", "general.alignment"];
     if let Source::Gguf(g) = &ck.source {

@@ -3,7 +3,7 @@
 >>> import gemma_rs
 >>> model = gemma_rs.load("path/to/gemma-3-270m")          # doctest: +SKIP
 >>> model.generate("The capital of France is", max_new_tokens=8)  # doctest: +SKIP
-' Paris, and the capital of Germany'
+' the capital of the country of France.'
 
 The weights, the KV cache, the tokenizer and the sampler live in Rust (``gemma_rs._gemma_rs``);
 this module is the typed facade. Every call releases the GIL while it computes; calls on one
@@ -201,7 +201,8 @@ class Model:
 
     @property
     def config(self) -> dict:
-        """config.json as read (the ``text_config`` of a multimodal config)."""
+        """config.json as read (the ``text_config`` of a multimodal config), or built from a
+        GGUF's ``gemma3.*`` metadata."""
         if self._config is None:
             import json
 
@@ -219,7 +220,8 @@ class Model:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        """Ids that end generation (generation_config.json, else config.json)."""
+        """Ids that end generation (generation_config.json, else config.json; for a GGUF, its
+        eos and eot ids)."""
         return self._inner.eos_token_ids
 
     @property
@@ -228,7 +230,8 @@ class Model:
 
     @property
     def has_tokenizer(self) -> bool:
-        """False when the model directory had no tokenizer.json: text methods then raise."""
+        """False when the model has no tokenizer (no tokenizer.json and, for a GGUF, no
+        ``tokenizer.ggml.*`` metadata): text methods then raise."""
         return self._inner.has_tokenizer
 
     @property
@@ -293,8 +296,9 @@ def pack(
 
     ``progress``: ``None`` shows a progress line on stderr when it is a terminal, ``True``
     always, ``False`` never; a callable gets ``(done, total)`` source bytes instead. An
-    exception it raises (or Ctrl-C) stops packing. The same events go to the ``gemma_rs``
-    logger.
+    exception it raises (or Ctrl-C) stops packing; the partial file is removed on any failure.
+    The start and the result (tensors, MB, seconds) are logged (INFO) to the ``gemma_rs`` logger.
+    Returns ``Path(dst)``.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
         raise TypeError(f"threads must be an int or None, got {type(threads).__name__}")

@@ -69,8 +69,8 @@ pub struct GgufVocab<'a> {
     pub unk_id: Option<u32>,
     /// `tokenizer.ggml.padding_token_id`: checked, not used by the tokenizer.
     pub pad_id: Option<u32>,
-    /// `tokenizer.ggml.add_bos_token`: not kept, since `encode` takes `add_bos` per call; callers
-    /// pass this.
+    /// `tokenizer.ggml.add_bos_token`: not kept (`encode` takes `add_bos` per call); gemma_rs
+    /// adds BOS to text prompts whatever the file says, and Gemma's files all say true.
     pub add_bos: bool,
 }
 
