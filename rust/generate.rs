@@ -2,7 +2,7 @@
 //! behind a mutex; `Generation` is one prompt's decode loop, stepped a token at a time.
 
 use crate::checkpoint::Checkpoint;
-use crate::config::Config;
+use crate::config::{Config, LayerType};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{Model, Scratch, WeightType, CHUNK};
@@ -26,11 +26,13 @@ pub struct LoadOptions {
     pub max_inference_len: Option<usize>,
     pub weights: WeightType,
     pub threads: Option<usize>,
+    /// Refuse to load when the memory plan's total exceeds this many bytes.
+    pub memory_limit: Option<usize>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { max_inference_len: None, weights: WeightType::Q8_0, threads: None }
+        LoadOptions { max_inference_len: None, weights: WeightType::Q8_0, threads: None, memory_limit: None }
     }
 }
 
@@ -41,6 +43,43 @@ pub struct Memory {
     pub kv_cache: usize,
     pub scratch: usize,
     pub tokenizer: usize,
+}
+
+impl Memory {
+    pub fn total(&self) -> usize {
+        self.weights + self.kv_cache + self.scratch + self.tokenizer
+    }
+
+    /// What a model of `ck` holds with these settings (the weights are not read).
+    fn plan(ck: &Checkpoint, max_len: usize, weights: WeightType, threads: usize) -> Result<Memory> {
+        let c = &ck.config;
+        Ok(Memory {
+            weights: Model::plan_weight_bytes(c, &ck.source, weights)?,
+            kv_cache: KvCache::bytes_for(&Model::cache_capacities(c, max_len), c.kv_dim()),
+            scratch: Scratch::bytes_for(c, max_len, threads),
+            tokenizer: ck.tokenizer.as_ref().map_or(0, Tokenizer::memory_bytes),
+        })
+    }
+}
+
+/// The memory a model at `path` would hold when loaded with `opts`, without loading its weights
+/// (their shapes and types are read, and the tokenizer is built): equal to `Engine::memory`
+/// after `Engine::load`.
+pub fn memory_plan(path: &Path, opts: &LoadOptions) -> Result<Memory> {
+    let ck = Checkpoint::open(path)?;
+    let max_len = resolve_max_inference_len(&ck.config, opts.max_inference_len)?;
+    Memory::plan(&ck, max_len, opts.weights, thread_count(opts.threads)?)
+}
+
+/// The worker count `threads` asks for (`None`: every CPU this process may use).
+fn thread_count(threads: Option<usize>) -> Result<usize> {
+    match threads {
+        Some(n) if n == 0 || n > MAX_THREADS => {
+            Err(Error::InvalidArgument(format!("threads must be between 1 and {MAX_THREADS}, got {n}")))
+        }
+        Some(n) => Ok(n),
+        None => Ok(Threads::available().min(MAX_THREADS)),
+    }
 }
 
 /// What the cache currently holds: the KV rows of `tokens`, positions `0..tokens.len()`.
@@ -61,8 +100,7 @@ impl Session {
         threads: &Threads,
         mut on_chunk: impl FnMut(&mut Scratch, usize, usize),
     ) -> usize {
-        let common = self.tokens.iter().zip(seq).take_while(|(a, b)| a == b).count();
-        let reused = common.min(seq.len() - 1);
+        let reused = self.reusable(model, seq);
         self.tokens.truncate(reused);
         for chunk in seq[reused..].chunks(CHUNK) {
             let start = self.tokens.len();
@@ -71,6 +109,27 @@ impl Session {
             on_chunk(&mut self.scratch, start, chunk.len());
         }
         reused
+    }
+
+    /// How many leading tokens of the cache can serve `seq`: the common prefix (but not the
+    /// whole of `seq`, whose last token must be recomputed for its logits), or none when a
+    /// sliding layer's ring already overwrote positions that the rest of `seq` reads.
+    fn reusable(&self, model: &Model, seq: &[u32]) -> usize {
+        let common = self.tokens.iter().zip(seq).take_while(|(a, b)| a == b).count();
+        let reused = common.min(seq.len() - 1);
+        let held = self.tokens.len();
+        let window = model.config.sliding_window;
+        // Continuing at `reused` reads positions reused - window + 1 .. reused - 1; a ring of
+        // `cap` slots still holds them after `held` positions when reused + cap >= held + window.
+        let intact = model.config.layer_types.iter().enumerate().all(|(l, t)| {
+            let cap = self.cache.capacity(l);
+            *t == LayerType::Global || held <= cap || reused + cap >= held + window
+        });
+        if intact {
+            reused
+        } else {
+            0
+        }
     }
 }
 
@@ -89,18 +148,30 @@ impl Engine {
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Engine> {
         let ck = Checkpoint::open(path)?;
         let max_inference_len = resolve_max_inference_len(&ck.config, opts.max_inference_len)?;
-        let threads = match opts.threads {
-            Some(n) if n == 0 || n > MAX_THREADS => {
-                return Err(Error::InvalidArgument(format!("threads must be between 1 and {MAX_THREADS}, got {n}")))
+        let n_threads = thread_count(opts.threads)?;
+        if let Some(limit) = opts.memory_limit {
+            let plan = Memory::plan(&ck, max_inference_len, opts.weights, n_threads)?;
+            if plan.total() > limit {
+                return Err(Error::MemoryLimit(format!(
+                    "{}: loading would take {:.1} MB (weights {:.1}, KV cache {:.1}, scratch {:.1}, \
+                     tokenizer {:.1}), more than memory_limit {:.1} MB; lower max_inference_len \
+                     (the KV cache) or use weights=\"q8_0\"",
+                    path.display(),
+                    plan.total() as f64 / 1e6,
+                    plan.weights as f64 / 1e6,
+                    plan.kv_cache as f64 / 1e6,
+                    plan.scratch as f64 / 1e6,
+                    plan.tokenizer as f64 / 1e6,
+                    limit as f64 / 1e6
+                )));
             }
-            Some(n) => Threads::new(n),
-            None => Threads::new(Threads::available().min(MAX_THREADS)),
-        };
+        }
+        let threads = Threads::new(n_threads);
         let Checkpoint { source, config, tokenizer, eos_token_ids, .. } = ck;
         let model = Model::load(config, &source, opts.weights, &threads)?;
         let c = &model.config;
         let session = Session {
-            cache: KvCache::new(c.num_hidden_layers, max_inference_len, c.kv_dim()),
+            cache: KvCache::new(&Model::cache_capacities(c, max_inference_len), c.kv_dim(), max_inference_len),
             scratch: Scratch::new(c, max_inference_len, threads.count()),
             tokens: Vec::new(),
         };
@@ -115,10 +186,15 @@ impl Engine {
         let c = &self.model.config;
         Memory {
             weights: self.model.weight_bytes(),
-            kv_cache: KvCache::bytes_for(c.num_hidden_layers, self.max_inference_len, c.kv_dim()),
+            kv_cache: KvCache::bytes_for(&Model::cache_capacities(c, self.max_inference_len), c.kv_dim()),
             scratch: Scratch::bytes_for(c, self.max_inference_len, self.threads.count()),
             tokenizer: self.tokenizer.as_ref().map_or(0, Tokenizer::memory_bytes),
         }
+    }
+
+    /// Forgets the cached sequence: the next call computes its prompt from the start.
+    pub fn reset(&self) {
+        self.session().tokens.clear();
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
@@ -517,7 +593,8 @@ mod tests {
         let Some(fx) = fixtures() else { return };
         let dir = fx.join("tiny").join("tiny-gqa");
         let (ids, _) = reference(&dir);
-        let opts = LoadOptions { max_inference_len: Some(12), weights: WeightType::F32, threads: Some(1) };
+        let opts =
+            LoadOptions { max_inference_len: Some(12), weights: WeightType::F32, threads: Some(1), memory_limit: None };
         let engine = Arc::new(Engine::load(&dir, &opts).unwrap());
         assert!(Generation::new(engine.clone(), ids[..13].to_vec(), GenerateParams::default()).is_err());
         let params = GenerateParams { max_new_tokens: 100, ..Default::default() };
@@ -539,6 +616,57 @@ mod tests {
         };
         assert_eq!(sampled(5), sampled(5));
         assert_ne!(sampled(5), sampled(6));
+    }
+
+    /// 256 tokens through tiny-gqa (sliding window 8): its sliding layers keep rings of 135
+    /// slots, which wrap; the logits have the bits of a cache that keeps every position, in one
+    /// pass and token by token. Prefix reuse over a wrapped ring reuses what the rings still hold
+    /// and recomputes otherwise, with the bits of a fresh model either way.
+    #[test]
+    fn sliding_rings_give_the_bits_of_a_full_cache() {
+        let Some(fx) = fixtures() else { return };
+        let dir = fx.join("tiny").join("tiny-gqa");
+        let opts = LoadOptions {
+            max_inference_len: Some(256),
+            weights: WeightType::F32,
+            threads: Some(2),
+            memory_limit: None,
+        };
+        let engine = Arc::new(Engine::load(&dir, &opts).unwrap());
+        let (m, c, threads) = (&engine.model, engine.config().clone(), &engine.threads);
+        assert!(Model::cache_capacities(&c, 256).contains(&135));
+        let vocab = c.vocab_size;
+        let ids: Vec<u32> = std::iter::once(2).chain((1..256).map(|i| (i * 37 % 500 + 5) as u32)).collect();
+        let mut ring = vec![0f32; ids.len() * vocab];
+        engine.logits(&ids, &mut ring).unwrap();
+
+        let mut full = vec![0f32; ids.len() * vocab];
+        let mut cache = KvCache::new(&vec![256; c.num_hidden_layers], c.kv_dim(), 256);
+        let mut s = Scratch::new(&c, 256, threads.count());
+        for (t, &tok) in ids.iter().enumerate() {
+            m.forward(&mut s, &mut cache, &[tok], t, threads);
+            let x = m.activations(&s.x, 1, c.hidden_size, &mut s.xq, threads);
+            m.lm_head(&mut full[t * vocab..(t + 1) * vocab], &x, 0..vocab, threads);
+        }
+        assert!(ring == full, "a ring changed the logits");
+
+        let run = |engine: &Arc<Engine>, prompt: &[u32]| {
+            let params = GenerateParams { max_new_tokens: 4, ..Default::default() };
+            Generation::new(engine.clone(), prompt.to_vec(), params).unwrap().run().unwrap()
+        };
+        let fresh = |prompt: &[u32]| run(&Arc::new(Engine::load(&dir, &opts).unwrap()), prompt);
+        run(&engine, &ids[..200]); // the session now holds 203 positions
+        let mut b = ids[..150].to_vec();
+        b.extend_from_slice(&[7, 8, 9]);
+        let got = run(&engine, &b);
+        assert_eq!(got.reused_tokens, 150); // 150 + 135 >= 203 + 8: the rings hold what it reads
+        assert_eq!(got.token_ids, fresh(&b).token_ids);
+        run(&engine, &ids[..240]);
+        let mut d = ids[..60].to_vec();
+        d.extend_from_slice(&[7, 8, 9]);
+        let got = run(&engine, &d);
+        assert_eq!(got.reused_tokens, 0); // 60 + 135 < 243 + 8: overwritten, so recomputed
+        assert_eq!(got.token_ids, fresh(&d).token_ids);
     }
 
     #[test]

@@ -1,58 +1,90 @@
-//! The fixed-capacity KV cache: sized once at load from `max_inference_len`, never grown.
+//! The fixed-capacity KV cache: sized once at load, never grown.
+//!
+//! Each layer has its own capacity. A global layer keeps every position of a sequence
+//! (`max_inference_len`); a sliding layer only needs the last `sliding_window` positions, so it
+//! keeps a ring: position `p` lives in slot `p % capacity`, and the keys a query reads come as
+//! two slices, oldest first, when they wrap around the end.
 
-/// Keys and values of every layer for positions `0..capacity`.
+/// Keys and values of every layer.
 pub struct KvCache {
-    k: Vec<f32>, // (n_layers, capacity, kv_dim)
-    v: Vec<f32>, // (n_layers, capacity, kv_dim)
-    n_layers: usize,
-    capacity: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Positions each layer holds.
+    capacities: Vec<usize>,
+    /// Where each layer starts in `k` and `v`, in floats.
+    starts: Vec<usize>,
     kv_dim: usize,
+    /// Positions of a sequence: `0..positions` (what a global layer holds).
+    positions: usize,
 }
 
 impl KvCache {
-    /// The memory is reserved zeroed; the OS backs pages only as positions are written.
-    pub fn new(n_layers: usize, capacity: usize, kv_dim: usize) -> KvCache {
-        let len = n_layers * capacity * kv_dim;
-        KvCache { k: vec![0.0; len], v: vec![0.0; len], n_layers, capacity, kv_dim }
+    /// Layers holding `capacities` positions each, of sequences of at most `positions` tokens.
+    /// The memory is reserved zeroed; the OS backs pages only as slots are written.
+    pub fn new(capacities: &[usize], kv_dim: usize, positions: usize) -> KvCache {
+        let mut starts = Vec::with_capacity(capacities.len());
+        let mut len = 0;
+        for &c in capacities {
+            starts.push(len);
+            len += c * kv_dim;
+        }
+        KvCache { k: vec![0.0; len], v: vec![0.0; len], capacities: capacities.to_vec(), starts, kv_dim, positions }
     }
 
-    /// Bytes of K and V together.
-    pub fn bytes_for(n_layers: usize, capacity: usize, kv_dim: usize) -> usize {
-        2 * n_layers * capacity * kv_dim * std::mem::size_of::<f32>()
+    /// Bytes of K and V together for layers of these capacities.
+    pub fn bytes_for(capacities: &[usize], kv_dim: usize) -> usize {
+        2 * capacities.iter().sum::<usize>() * kv_dim * std::mem::size_of::<f32>()
     }
 
     pub fn bytes(&self) -> usize {
-        Self::bytes_for(self.n_layers, self.capacity, self.kv_dim)
+        Self::bytes_for(&self.capacities, self.kv_dim)
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
+    /// Positions of a sequence.
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+
+    /// Positions `layer` holds: a window of the most recent ones when it is a ring.
+    pub fn capacity(&self, layer: usize) -> usize {
+        self.capacities[layer]
     }
 
     fn offset(&self, layer: usize, pos: usize) -> usize {
-        assert!(
-            layer < self.n_layers && pos < self.capacity,
-            "KV cache: position {pos} past capacity {}",
-            self.capacity
-        );
-        (layer * self.capacity + pos) * self.kv_dim
+        self.starts[layer] + (pos % self.capacities[layer]) * self.kv_dim
     }
 
-    /// Writes the key and value rows (each `kv_dim` long) of `pos` in `layer`.
+    /// Writes the key and value rows (each `kv_dim` long) of `pos` in `layer`, over whatever
+    /// position held its slot.
     pub fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        assert!(pos < self.positions, "KV cache: position {pos} past the {} of a sequence", self.positions);
         let o = self.offset(layer, pos);
         self.k[o..o + self.kv_dim].copy_from_slice(k);
         self.v[o..o + self.kv_dim].copy_from_slice(v);
     }
 
-    /// Keys of `layer` at positions `first..=last`, `(last - first + 1, kv_dim)`.
-    pub fn keys(&self, layer: usize, first: usize, last: usize) -> &[f32] {
-        &self.k[self.offset(layer, first)..self.offset(layer, last) + self.kv_dim]
+    /// The rows of positions `first..=last` of `layer`, oldest first, as two slices (the second
+    /// empty unless the range wraps around the ring).
+    fn rows<'a>(&self, data: &'a [f32], layer: usize, first: usize, last: usize) -> [&'a [f32]; 2] {
+        let cap = self.capacities[layer];
+        assert!(first <= last && last - first < cap, "KV cache: positions {first}..={last} exceed {cap} slots");
+        let (a, b) = (self.offset(layer, first), self.offset(layer, last) + self.kv_dim);
+        if a < b {
+            [&data[a..b], &[]]
+        } else {
+            let (start, end) = (self.starts[layer], self.starts[layer] + cap * self.kv_dim);
+            [&data[a..end], &data[start..b]]
+        }
     }
 
-    /// Values of `layer` at positions `first..=last`, `(last - first + 1, kv_dim)`.
-    pub fn values(&self, layer: usize, first: usize, last: usize) -> &[f32] {
-        &self.v[self.offset(layer, first)..self.offset(layer, last) + self.kv_dim]
+    /// Keys of `layer` at positions `first..=last`, `(last - first + 1, kv_dim)` in two slices.
+    pub fn keys(&self, layer: usize, first: usize, last: usize) -> [&[f32]; 2] {
+        self.rows(&self.k, layer, first, last)
+    }
+
+    /// Values of `layer` at positions `first..=last`, as `keys`.
+    pub fn values(&self, layer: usize, first: usize, last: usize) -> [&[f32]; 2] {
+        self.rows(&self.v, layer, first, last)
     }
 }
 
@@ -62,18 +94,40 @@ mod tests {
 
     #[test]
     fn rows_land_where_they_are_read() {
-        let mut c = KvCache::new(2, 5, 3);
+        let mut c = KvCache::new(&[5, 5], 3, 5);
         assert_eq!(c.bytes(), 2 * 2 * 5 * 3 * 4);
         c.store(1, 4, &[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0]);
         c.store(1, 3, &[7.0, 8.0, 9.0], &[0.0; 3]);
-        assert_eq!(c.keys(1, 3, 4), &[7.0, 8.0, 9.0, 1.0, 2.0, 3.0]);
-        assert_eq!(c.values(1, 4, 4), &[4.0, 5.0, 6.0]);
-        assert_eq!(c.keys(0, 4, 4), &[0.0; 3]);
+        assert_eq!(c.keys(1, 3, 4), [&[7.0, 8.0, 9.0, 1.0, 2.0, 3.0][..], &[]]);
+        assert_eq!(c.values(1, 4, 4)[0], &[4.0, 5.0, 6.0]);
+        assert_eq!(c.keys(0, 4, 4)[0], &[0.0; 3]);
     }
 
     #[test]
-    #[should_panic(expected = "past capacity")]
-    fn writing_past_capacity_is_refused() {
-        KvCache::new(1, 2, 1).store(0, 2, &[0.0], &[0.0]);
+    fn a_ring_keeps_the_last_positions_and_splits_a_wrapped_range() {
+        // Layer 0 holds 3 positions, layer 1 all 8.
+        let mut c = KvCache::new(&[3, 8], 1, 8);
+        assert_eq!(c.bytes(), 2 * 11 * 4);
+        for pos in 0..8 {
+            for layer in 0..2 {
+                c.store(layer, pos, &[pos as f32], &[-(pos as f32)]);
+            }
+        }
+        // Positions 5, 6, 7 sit in slots 2, 0, 1.
+        assert_eq!(c.keys(0, 5, 7), [&[5.0][..], &[6.0, 7.0][..]]);
+        assert_eq!(c.values(0, 6, 7), [&[-6.0, -7.0][..], &[]]);
+        assert_eq!(c.keys(1, 0, 7)[0], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "past the 8 of a sequence")]
+    fn writing_past_the_sequence_is_refused() {
+        KvCache::new(&[3, 8], 1, 8).store(1, 8, &[0.0], &[0.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "exceed 3 slots")]
+    fn reading_more_than_a_ring_holds_is_refused() {
+        KvCache::new(&[3], 1, 8).keys(0, 0, 3);
     }
 }

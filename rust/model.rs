@@ -205,6 +205,64 @@ impl Model {
         })
     }
 
+    /// Every weight tensor of a Gemma 3 model: (Hugging Face name without `model.`, shape).
+    /// Norms are 1-D.
+    pub fn tensors(c: &Config) -> Vec<(String, Vec<usize>)> {
+        let (h, q, kv, inter, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.head_dim);
+        let mut v = vec![("embed_tokens.weight".to_string(), vec![c.vocab_size, h])];
+        for l in 0..c.num_hidden_layers {
+            let p = |what: &str, shape: &[usize]| (format!("layers.{l}.{what}.weight"), shape.to_vec());
+            v.extend([
+                p("input_layernorm", &[h]),
+                p("self_attn.q_proj", &[q, h]),
+                p("self_attn.k_proj", &[kv, h]),
+                p("self_attn.v_proj", &[kv, h]),
+                p("self_attn.q_norm", &[hd]),
+                p("self_attn.k_norm", &[hd]),
+                p("self_attn.o_proj", &[h, q]),
+                p("post_attention_layernorm", &[h]),
+                p("pre_feedforward_layernorm", &[h]),
+                p("mlp.gate_proj", &[inter, h]),
+                p("mlp.up_proj", &[inter, h]),
+                p("mlp.down_proj", &[h, inter]),
+                p("post_feedforward_layernorm", &[h]),
+            ]);
+        }
+        v.push(("norm.weight".to_string(), vec![h]));
+        v
+    }
+
+    /// Bytes `load` would hold for the weights of `src` as `wtype`, from names and shapes only.
+    pub fn plan_weight_bytes(c: &Config, src: &Source, wtype: WeightType) -> Result<usize> {
+        let mut total = 0;
+        for (name, shape) in Model::tensors(c) {
+            checked(src, &name, &shape)?;
+            total += match (shape.as_slice(), wtype) {
+                (&[n], _) => 4 * n,
+                (&[rows, cols], WeightType::F32) => 4 * rows * cols,
+                (&[rows, cols], WeightType::Q8_0) if cols.is_multiple_of(QK8_0) => {
+                    rows * (cols / QK8_0) * std::mem::size_of::<BlockQ8_0>()
+                }
+                (&[rows, cols], WeightType::Bf16 | WeightType::Q8_0) => 2 * rows * cols,
+                _ => unreachable!("weights are 1-D or 2-D"),
+            };
+        }
+        Ok(total)
+    }
+
+    /// Positions each layer's KV cache holds for sequences of `max_len` tokens: all of them on a
+    /// global layer; on a sliding one, the window plus `CHUNK - 1` (a chunk writes its keys
+    /// before its first query reads the window behind it), as a ring.
+    pub fn cache_capacities(c: &Config, max_len: usize) -> Vec<usize> {
+        c.layer_types
+            .iter()
+            .map(|t| match t {
+                LayerType::Global => max_len,
+                LayerType::Sliding => max_len.min(c.sliding_window + CHUNK - 1),
+            })
+            .collect()
+    }
+
     /// Bytes of all weights, owned or used in place from a mapped file (those become resident
     /// as file pages once read).
     pub fn weight_bytes(&self) -> usize {
@@ -231,7 +289,7 @@ impl Model {
     pub fn forward(&self, s: &mut Scratch, cache: &mut KvCache, tokens: &[u32], start: usize, threads: &Threads) {
         let c = &self.config;
         let n = tokens.len();
-        assert!(n <= CHUNK && start + n <= cache.capacity(), "forward: chunk out of range");
+        assert!(n <= CHUNK && start + n <= cache.positions(), "forward: chunk out of range");
         let (h, hd, half) = (c.hidden_size, c.head_dim, c.head_dim / 2);
         let (q_dim, kv_dim, inter) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
 
@@ -309,7 +367,7 @@ impl Model {
         let (hd, heads) = (c.head_dim, c.num_attention_heads);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let group = heads / c.num_key_value_heads;
-        let capacity = cache.capacity();
+        let capacity = cache.positions();
         let window = match c.layer_types[layer] {
             LayerType::Sliding => c.sliding_window,
             LayerType::Global => usize::MAX,

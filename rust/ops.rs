@@ -295,15 +295,16 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Attention scores of `h` query heads (`q`, `(h, hd)`) against `len` keys, each `hd` values at
-/// `offset` in a row of `stride`: `out (h, len) = scale * q · kᵀ`. Four heads at a time share
-/// each key load; the bits are those of `dot(q_head, key) * scale` whatever `h`.
-pub fn attention_scores(out: &mut [f32], q: &[f32], keys: &[f32], stride: usize, offset: usize, scale: f32) {
-    let len = keys.len() / stride;
+/// `offset` in a row of `stride`: `out (h, len) = scale * q · kᵀ`. The keys come in two
+/// segments, oldest first (a ring buffer's wrap; the second may be empty). Four heads at a time
+/// share each key load; the bits are those of `dot(q_head, key) * scale` whatever `h`.
+pub fn attention_scores(out: &mut [f32], q: &[f32], keys: [&[f32]; 2], stride: usize, offset: usize, scale: f32) {
+    let len = (keys[0].len() + keys[1].len()) / stride;
     let h = out.len() / len;
     let hd = q.len() / h;
     let k = RowKernel::<f32>::best();
     let qrow = |i: usize| &q[i * hd..(i + 1) * hd];
-    for (j, key) in keys.chunks_exact(stride).enumerate() {
+    for (j, key) in keys[0].chunks_exact(stride).chain(keys[1].chunks_exact(stride)).enumerate() {
         let key = &key[offset..offset + hd];
         let mut i = 0;
         while i + 4 <= h {
@@ -322,9 +323,10 @@ pub fn attention_scores(out: &mut [f32], q: &[f32], keys: &[f32], stride: usize,
 }
 
 /// `out (h, hd) = p (h, len) · v`: the attention-weighted sum of `len` value rows (`hd` values at
-/// `offset` in a row of `stride`), in key order, one multiply and one add per term; 32 outputs at
-/// a time stay in registers while the value rows stream by.
-pub fn attention_values(out: &mut [f32], p: &[f32], values: &[f32], stride: usize, offset: usize) {
+/// `offset` in a row of `stride`, in two segments as for `attention_scores`), in key order, one
+/// multiply and one add per term; 32 outputs at a time stay in registers while the value rows
+/// stream by. Where the segments split does not change the bits.
+pub fn attention_values(out: &mut [f32], p: &[f32], values: [&[f32]; 2], stride: usize, offset: usize) {
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -334,26 +336,34 @@ pub fn attention_values(out: &mut [f32], p: &[f32], values: &[f32], stride: usiz
 }
 
 #[inline(always)]
-fn attention_values_portable(out: &mut [f32], p: &[f32], values: &[f32], stride: usize, offset: usize) {
+fn attention_values_portable(out: &mut [f32], p: &[f32], values: [&[f32]; 2], stride: usize, offset: usize) {
     const W: usize = 32; // output values kept in registers while the value rows stream by
-    let len = values.len() / stride;
+    let len = (values[0].len() + values[1].len()) / stride;
     let h = p.len() / len;
     let hd = out.len() / h;
     let full = hd / W * W;
-    let v = |j: usize, c: usize| j * stride + offset + c;
+    let split = values[0].len() / stride;
     for (o, p) in out.chunks_exact_mut(hd).zip(p.chunks_exact(len)) {
+        let parts = [(values[0], &p[..split]), (values[1], &p[split..])];
         for c in (0..full).step_by(W) {
             let mut acc = [0f32; W];
-            for (j, &a) in p.iter().enumerate() {
-                let x: &[f32; W] = values[v(j, c)..v(j, c) + W].try_into().expect("W values");
-                for e in 0..W {
-                    acc[e] += a * x[e];
+            for (seg, p) in parts {
+                for (j, &a) in p.iter().enumerate() {
+                    let at = j * stride + offset + c;
+                    let x: &[f32; W] = seg[at..at + W].try_into().expect("W values");
+                    for e in 0..W {
+                        acc[e] += a * x[e];
+                    }
                 }
             }
             o[c..c + W].copy_from_slice(&acc);
         }
         for (e, o) in o.iter_mut().enumerate().skip(full) {
-            *o = p.iter().enumerate().fold(0.0, |s, (j, &a)| s + a * values[v(j, e)]);
+            let mut sum = 0.0;
+            for (seg, p) in parts {
+                sum = p.iter().enumerate().fold(sum, |s, (j, &a)| s + a * seg[j * stride + offset + e]);
+            }
+            *o = sum;
         }
     }
 }
@@ -561,7 +571,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn attention_values(out: &mut [f32], p: &[f32], values: &[f32], stride: usize, offset: usize) {
+    pub unsafe fn attention_values(out: &mut [f32], p: &[f32], values: [&[f32]; 2], stride: usize, offset: usize) {
         super::attention_values_portable(out, p, values, stride, offset)
     }
 
