@@ -23,6 +23,8 @@ pub enum Error {
     InvalidArgument(String),
     /// A text method called on a model loaded without tokenizer.json (Python: `GemmaError`).
     NoTokenizer,
+    /// Loading would exceed the caller's memory limit (Python: `MemoryError`).
+    MemoryLimit(String),
     /// A bug or an unexpected state, e.g. a caught panic (Python: `GemmaError`).
     Internal(String),
 }
@@ -53,7 +55,7 @@ impl fmt::Display for Error {
             Error::ShapeMismatch { name, expected, found } => {
                 write!(f, "tensor {name} has shape {found:?}, expected {expected:?}")
             }
-            Error::InvalidArgument(msg) => f.write_str(msg),
+            Error::InvalidArgument(msg) | Error::MemoryLimit(msg) => f.write_str(msg),
             Error::NoTokenizer => f.write_str(
                 "this model was loaded without tokenizer.json: text methods are unavailable \
                  (pass token ids instead)",

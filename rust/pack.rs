@@ -11,7 +11,7 @@ use crate::config::{Config, LayerType};
 use crate::error::{Error, Result};
 use crate::gguf::Writer;
 use crate::half::f32_to_bf16;
-use crate::model::{for_slabs, quantize_rows, WeightType};
+use crate::model::{for_slabs, quantize_rows, Model, WeightType};
 use crate::quant::ggml::GgmlType;
 use crate::quant::{BlockQ8_0, QK8_0};
 use crate::threads::Threads;
@@ -140,7 +140,7 @@ fn check_expressible(c: &Config, path: &Path) -> Result<()> {
     }
 }
 
-/// The tensors of a Gemma 3 model in file order.
+/// The tensors of a Gemma 3 model in file order, with the GGUF type each is written as.
 fn plan(c: &Config, weights: WeightType) -> Vec<Plan> {
     let matrix_type = |cols: usize| match weights {
         WeightType::F32 => GgmlType::F32,
@@ -148,36 +148,24 @@ fn plan(c: &Config, weights: WeightType) -> Vec<Plan> {
         WeightType::Q8_0 if cols.is_multiple_of(QK8_0) => GgmlType::Q8_0,
         WeightType::Q8_0 => GgmlType::BF16,
     };
-    let (h, q, kv, inter, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.head_dim);
-    let entry = |hf: String, rows: usize, cols: usize, norm: bool| Plan {
-        gguf: gguf_name(&hf).expect("a Gemma 3 tensor name"),
-        hf,
-        rows,
-        cols,
-        ty: if norm { GgmlType::F32 } else { matrix_type(cols) },
-        norm,
-    };
-    let mut v = vec![entry("embed_tokens.weight".into(), c.vocab_size, h, false)];
-    for l in 0..c.num_hidden_layers {
-        let p = |what: &str| format!("layers.{l}.{what}.weight");
-        v.extend([
-            entry(p("input_layernorm"), 1, h, true),
-            entry(p("self_attn.q_proj"), q, h, false),
-            entry(p("self_attn.k_proj"), kv, h, false),
-            entry(p("self_attn.v_proj"), kv, h, false),
-            entry(p("self_attn.q_norm"), 1, hd, true),
-            entry(p("self_attn.k_norm"), 1, hd, true),
-            entry(p("self_attn.o_proj"), h, q, false),
-            entry(p("post_attention_layernorm"), 1, h, true),
-            entry(p("pre_feedforward_layernorm"), 1, h, true),
-            entry(p("mlp.gate_proj"), inter, h, false),
-            entry(p("mlp.up_proj"), inter, h, false),
-            entry(p("mlp.down_proj"), h, inter, false),
-            entry(p("post_feedforward_layernorm"), 1, h, true),
-        ]);
-    }
-    v.push(entry("norm.weight".into(), 1, h, true));
-    v
+    Model::tensors(c)
+        .into_iter()
+        .map(|(hf, shape)| {
+            let (rows, cols, norm) = match shape[..] {
+                [n] => (1, n, true),
+                [rows, cols] => (rows, cols, false),
+                _ => unreachable!("weights are 1-D or 2-D"),
+            };
+            Plan {
+                gguf: gguf_name(&hf).expect("a Gemma 3 tensor name"),
+                hf,
+                rows,
+                cols,
+                ty: if norm { GgmlType::F32 } else { matrix_type(cols) },
+                norm,
+            }
+        })
+        .collect()
 }
 
 /// The metadata: copied from a GGUF source, except `general.file_type`,

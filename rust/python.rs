@@ -2,12 +2,12 @@
 //! map errors. The typed, documented API is python/gemma_rs/__init__.py.
 
 use crate::error::Error;
-use crate::generate::{Completion, Engine, GenerateParams, Generation, LoadOptions, MAX_THREADS};
+use crate::generate::{Completion, Engine, GenerateParams, Generation, LoadOptions, Memory, MAX_THREADS};
 use crate::model::WeightType;
 use crate::quant::{self, BlockQ8_0, QK8_0};
 use crate::sampler::SamplingParams;
 use crate::threads::Threads;
-use pyo3::exceptions::{PyException, PyFileNotFoundError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyException, PyFileNotFoundError, PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -22,6 +22,7 @@ impl From<Error> for PyErr {
         match e {
             Error::NotFound(_) => PyFileNotFoundError::new_err(msg),
             Error::InvalidArgument(_) => PyValueError::new_err(msg),
+            Error::MemoryLimit(_) => PyMemoryError::new_err(msg),
             _ => GemmaError::new_err(msg),
         }
     }
@@ -63,15 +64,13 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
 }
 
-#[pyfunction]
-#[pyo3(signature = (path, max_inference_len, weights, threads))]
-fn load(
-    py: Python<'_>,
-    path: PathBuf,
+/// `LoadOptions` from Python arguments: positive integers or None.
+fn load_options(
     max_inference_len: Option<i64>,
     weights: &str,
     threads: Option<i64>,
-) -> PyResult<Model> {
+    memory_limit: Option<i64>,
+) -> PyResult<LoadOptions> {
     let positive = |name: &str, v: Option<i64>| -> PyResult<Option<usize>> {
         match v {
             Some(n) if n <= 0 => Err(value_error(format!("{name} must be a positive integer, got {n}"))),
@@ -79,13 +78,51 @@ fn load(
             None => Ok(None),
         }
     };
-    let opts = LoadOptions {
+    Ok(LoadOptions {
         max_inference_len: positive("max_inference_len", max_inference_len)?,
         weights: WeightType::parse(weights)?,
         threads: positive("threads", threads)?,
-    };
+        memory_limit: positive("memory_limit", memory_limit)?,
+    })
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, max_inference_len, weights, threads, memory_limit))]
+fn load(
+    py: Python<'_>,
+    path: PathBuf,
+    max_inference_len: Option<i64>,
+    weights: &str,
+    threads: Option<i64>,
+    memory_limit: Option<i64>,
+) -> PyResult<Model> {
+    let opts = load_options(max_inference_len, weights, threads, memory_limit)?;
     let engine = compute(py, || Engine::load(&path, &opts))?;
     Ok(Model { engine: Arc::new(engine) })
+}
+
+fn memory_dict<'py>(py: Python<'py>, m: &Memory) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("weights", m.weights)?;
+    d.set_item("kv_cache", m.kv_cache)?;
+    d.set_item("scratch", m.scratch)?;
+    d.set_item("tokenizer", m.tokenizer)?;
+    Ok(d)
+}
+
+/// The bytes a model would hold once loaded (`Model.memory`), without loading its weights.
+#[pyfunction]
+#[pyo3(signature = (path, max_inference_len, weights, threads))]
+fn memory_plan<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    max_inference_len: Option<i64>,
+    weights: &str,
+    threads: Option<i64>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let opts = load_options(max_inference_len, weights, threads, None)?;
+    let plan = compute(py, || crate::generate::memory_plan(&path, &opts))?;
+    memory_dict(py, &plan)
 }
 
 /// Writes `src` (a Hugging Face directory or a GGUF file) to `dst` as a GGUF file; returns
@@ -285,6 +322,14 @@ impl Model {
         Ok(Stream { generation: Mutex::new(generation) })
     }
 
+    /// Forgets the cached sequence (waits for a call in progress on another thread).
+    fn reset(&self, py: Python<'_>) -> PyResult<()> {
+        compute(py, || {
+            self.engine.reset();
+            Ok(())
+        })
+    }
+
     fn tokenize(&self, py: Python<'_>, text: &str, add_bos: bool) -> PyResult<Vec<u32>> {
         let text = text.to_string();
         compute(py, || self.engine.tokenize(&text, add_bos))
@@ -351,13 +396,7 @@ impl Model {
 
     #[getter]
     fn memory<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let m = self.engine.memory();
-        let d = PyDict::new(py);
-        d.set_item("weights", m.weights)?;
-        d.set_item("kv_cache", m.kv_cache)?;
-        d.set_item("scratch", m.scratch)?;
-        d.set_item("tokenizer", m.tokenizer)?;
-        Ok(d)
+        memory_dict(py, &self.engine.memory())
     }
 }
 
@@ -399,6 +438,7 @@ fn _gemma_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;
+    m.add_function(wrap_pyfunction!(memory_plan, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_q8_0, m)?)?;
     m.add_function(wrap_pyfunction!(_dequantize, m)?)?;
     m.add_class::<Model>()?;

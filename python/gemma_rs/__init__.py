@@ -30,7 +30,16 @@ if TYPE_CHECKING:  # numpy is imported only where an array is returned
 # Modules imported only where they are used (json, logging, pathlib, numpy): on a board every
 # megabyte of the interpreter's own counts, and these are several.
 
-__all__ = ["Completion", "GemmaError", "Model", "Stream", "__version__", "load", "pack"]
+__all__ = [
+    "Completion",
+    "GemmaError",
+    "Model",
+    "Stream",
+    "__version__",
+    "load",
+    "memory_plan",
+    "pack",
+]
 
 Prompt = Union[str, Sequence[int]]
 Stop = Union[str, Sequence[str], None]
@@ -176,6 +185,12 @@ class Model:
         """Like :meth:`generate`, as an iterator of text pieces."""
         return Stream(self._inner.stream(_Request.of(locals(), text=True)))
 
+    def reset(self) -> None:
+        """Forgets the cached sequence, so the next call computes its whole prompt. (A call
+        whose prompt starts with the previous call's tokens otherwise reuses their KV cache:
+        ``Completion.reused_tokens``.)"""
+        self._inner.reset()
+
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of ``text``, as transformers gives them. Special tokens written in the
         text (``<start_of_turn>``) are parsed as such."""
@@ -246,6 +261,7 @@ def load(
     *,
     weights: Literal["q8_0", "bf16", "f32"] = "q8_0",
     threads: int | None = None,
+    memory_limit: int | None = None,
 ) -> Model:
     """Loads a Gemma 3 model: a Hugging Face directory or a GGUF file.
 
@@ -265,15 +281,39 @@ def load(
     checkpoint). ``threads`` is the number of worker threads (``None``: every CPU this process
     may use).
 
-    Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for bad arguments and
-    :class:`GemmaError` for a malformed model.
+    ``memory_limit`` (bytes): when :func:`memory_plan` says the model would hold more, loading
+    stops before reading any weight with a ``MemoryError`` that gives the plan.
+
+    Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for bad arguments,
+    ``MemoryError`` above ``memory_limit`` and :class:`GemmaError` for a malformed model.
     """
-    for name, value in (("max_inference_len", max_inference_len), ("threads", threads)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    _check_ints(max_inference_len=max_inference_len, threads=threads, memory_limit=memory_limit)
     if not isinstance(weights, str):
         raise TypeError(f"weights must be a str, got {type(weights).__name__}")
-    return Model(_gemma_rs.load(os.fspath(path), max_inference_len, weights, threads))
+    return Model(_gemma_rs.load(os.fspath(path), max_inference_len, weights, threads, memory_limit))
+
+
+def memory_plan(
+    path: str | os.PathLike[str],
+    max_inference_len: int | None = None,
+    weights: Literal["q8_0", "bf16", "f32"] = "q8_0",
+    *,
+    threads: int | None = None,
+) -> dict[str, int]:
+    """The bytes :func:`load` with these arguments would hold — ``weights``, ``kv_cache``,
+    ``scratch`` and ``tokenizer``, equal to ``Model.memory`` after loading — computed from the
+    config and the tensors' shapes and types, without reading the weights (the tokenizer is
+    built, a fraction of a second). ``sum(plan.values())`` is what ``memory_limit`` checks."""
+    _check_ints(max_inference_len=max_inference_len, threads=threads)
+    if not isinstance(weights, str):
+        raise TypeError(f"weights must be a str, got {type(weights).__name__}")
+    return _gemma_rs.memory_plan(os.fspath(path), max_inference_len, weights, threads)
+
+
+def _check_ints(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
 
 
 def pack(
