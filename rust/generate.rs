@@ -2,7 +2,7 @@
 //! behind a mutex; `Generation` is one prompt's decode loop, stepped a token at a time.
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{Config, LayerType};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{Model, Scratch, WeightType, CHUNK};
@@ -55,7 +55,7 @@ impl Memory {
         let c = &ck.config;
         Ok(Memory {
             weights: Model::plan_weight_bytes(c, &ck.source, weights)?,
-            kv_cache: KvCache::bytes_for(&Model::cache_capacities(c, max_len), c.kv_dim()),
+            kv_cache: KvCache::bytes_for(&Model::cache_capacities(c, max_len), c.kv_dim(), max_len),
             scratch: Scratch::bytes_for(c, max_len, threads),
             tokenizer: ck.tokenizer.as_ref().map_or(0, Tokenizer::memory_bytes),
         })
@@ -113,18 +113,13 @@ impl Session {
 
     /// How many leading tokens of the cache can serve `seq`: the common prefix (but not the
     /// whole of `seq`, whose last token must be recomputed for its logits), or none when a
-    /// sliding layer's ring already overwrote positions that the rest of `seq` reads.
+    /// sliding layer's ring no longer holds a position that the rest of `seq` reads (the window
+    /// behind the first recomputed position), as the ring's slot tags tell.
     fn reusable(&self, model: &Model, seq: &[u32]) -> usize {
         let common = self.tokens.iter().zip(seq).take_while(|(a, b)| a == b).count();
         let reused = common.min(seq.len() - 1);
-        let held = self.tokens.len();
-        let window = model.config.sliding_window;
-        // Continuing at `reused` reads positions reused - window + 1 .. reused - 1; a ring of
-        // `cap` slots still holds them after `held` positions when reused + cap >= held + window.
-        let intact = model.config.layer_types.iter().enumerate().all(|(l, t)| {
-            let cap = self.cache.capacity(l);
-            *t == LayerType::Global || held <= cap || reused + cap >= held + window
-        });
+        let first = (reused + 1).saturating_sub(model.config.sliding_window);
+        let intact = (0..model.config.num_hidden_layers).all(|l| self.cache.holds(l, first, reused));
         if intact {
             reused
         } else {
@@ -152,10 +147,11 @@ impl Engine {
         if let Some(limit) = opts.memory_limit {
             let plan = Memory::plan(&ck, max_inference_len, opts.weights, n_threads)?;
             if plan.total() > limit {
+                let hint = if opts.weights == WeightType::Q8_0 { "" } else { " or use weights=\"q8_0\"" };
                 return Err(Error::MemoryLimit(format!(
                     "{}: loading would take {:.1} MB (weights {:.1}, KV cache {:.1}, scratch {:.1}, \
                      tokenizer {:.1}), more than memory_limit {:.1} MB; lower max_inference_len \
-                     (the KV cache) or use weights=\"q8_0\"",
+                     (the KV cache){hint}",
                     path.display(),
                     plan.total() as f64 / 1e6,
                     plan.weights as f64 / 1e6,
@@ -186,7 +182,11 @@ impl Engine {
         let c = &self.model.config;
         Memory {
             weights: self.model.weight_bytes(),
-            kv_cache: KvCache::bytes_for(&Model::cache_capacities(c, self.max_inference_len), c.kv_dim()),
+            kv_cache: KvCache::bytes_for(
+                &Model::cache_capacities(c, self.max_inference_len),
+                c.kv_dim(),
+                self.max_inference_len,
+            ),
             scratch: Scratch::bytes_for(c, self.max_inference_len, self.threads.count()),
             tokenizer: self.tokenizer.as_ref().map_or(0, Tokenizer::memory_bytes),
         }
@@ -665,8 +665,20 @@ mod tests {
         let mut d = ids[..60].to_vec();
         d.extend_from_slice(&[7, 8, 9]);
         let got = run(&engine, &d);
-        assert_eq!(got.reused_tokens, 0); // 60 + 135 < 243 + 8: overwritten, so recomputed
+        assert_eq!(got.reused_tokens, 0); // positions 53..59 were overwritten: recomputed
         assert_eq!(got.token_ids, fresh(&d).token_ids);
+
+        // A shorter sequence after a longer one: the slots of positions 43..49 hold 178..184 of
+        // the 200-token sequence even though the session holds only 104 tokens since.
+        run(&engine, &ids[..200]);
+        let mut e = ids[..100].to_vec();
+        e.push(7);
+        assert_eq!(run(&engine, &e).reused_tokens, 100);
+        let mut f = ids[..50].to_vec();
+        f.extend_from_slice(&[7, 8, 9]);
+        let got = run(&engine, &f);
+        assert_eq!(got.reused_tokens, 0);
+        assert_eq!(got.token_ids, fresh(&f).token_ids);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Each layer has its own capacity. A global layer keeps every position of a sequence
 //! (`max_inference_len`); a sliding layer only needs the last `sliding_window` positions, so it
 //! keeps a ring: position `p` lives in slot `p % capacity`, and the keys a query reads come as
-//! two slices, oldest first, when they wrap around the end.
+//! two slices, oldest first, when they wrap around the end. A ring remembers which position each
+//! slot holds, so that a caller can tell whether the positions it wants to reuse survived.
 
 /// Keys and values of every layer.
 pub struct KvCache {
@@ -16,6 +17,9 @@ pub struct KvCache {
     kv_dim: usize,
     /// Positions of a sequence: `0..positions` (what a global layer holds).
     positions: usize,
+    /// For each layer that is a ring (capacity below `positions`): the position each slot
+    /// last received, `u32::MAX` when none.
+    tags: Vec<Vec<u32>>,
 }
 
 impl KvCache {
@@ -28,16 +32,33 @@ impl KvCache {
             starts.push(len);
             len += c * kv_dim;
         }
-        KvCache { k: vec![0.0; len], v: vec![0.0; len], capacities: capacities.to_vec(), starts, kv_dim, positions }
+        let tags = capacities.iter().map(|&c| if c < positions { vec![u32::MAX; c] } else { Vec::new() }).collect();
+        KvCache {
+            k: vec![0.0; len],
+            v: vec![0.0; len],
+            capacities: capacities.to_vec(),
+            starts,
+            kv_dim,
+            positions,
+            tags,
+        }
     }
 
-    /// Bytes of K and V together for layers of these capacities.
-    pub fn bytes_for(capacities: &[usize], kv_dim: usize) -> usize {
-        2 * capacities.iter().sum::<usize>() * kv_dim * std::mem::size_of::<f32>()
+    /// Bytes of K and V together (and of the rings' slot tags) for layers of these capacities.
+    pub fn bytes_for(capacities: &[usize], kv_dim: usize, positions: usize) -> usize {
+        let rings: usize = capacities.iter().filter(|&&c| c < positions).sum();
+        2 * capacities.iter().sum::<usize>() * kv_dim * std::mem::size_of::<f32>() + rings * std::mem::size_of::<u32>()
     }
 
     pub fn bytes(&self) -> usize {
-        Self::bytes_for(&self.capacities, self.kv_dim)
+        Self::bytes_for(&self.capacities, self.kv_dim, self.positions)
+    }
+
+    /// Whether `layer` still holds positions `first..last` as last written (a ring may have
+    /// given their slots to other positions since).
+    pub fn holds(&self, layer: usize, first: usize, last: usize) -> bool {
+        let tags = &self.tags[layer];
+        tags.is_empty() || (first..last).all(|p| tags[p % tags.len()] == p as u32)
     }
 
     /// Positions of a sequence.
@@ -58,6 +79,11 @@ impl KvCache {
     /// position held its slot.
     pub fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         assert!(pos < self.positions, "KV cache: position {pos} past the {} of a sequence", self.positions);
+        let tags = &mut self.tags[layer];
+        if !tags.is_empty() {
+            let n = tags.len();
+            tags[pos % n] = pos as u32;
+        }
         let o = self.offset(layer, pos);
         self.k[o..o + self.kv_dim].copy_from_slice(k);
         self.v[o..o + self.kv_dim].copy_from_slice(v);
@@ -107,7 +133,8 @@ mod tests {
     fn a_ring_keeps_the_last_positions_and_splits_a_wrapped_range() {
         // Layer 0 holds 3 positions, layer 1 all 8.
         let mut c = KvCache::new(&[3, 8], 1, 8);
-        assert_eq!(c.bytes(), 2 * 11 * 4);
+        assert_eq!(c.bytes(), 2 * 11 * 4 + 3 * 4);
+        assert!(!c.holds(0, 0, 1) && c.holds(1, 0, 8));
         for pos in 0..8 {
             for layer in 0..2 {
                 c.store(layer, pos, &[pos as f32], &[-(pos as f32)]);
@@ -117,6 +144,11 @@ mod tests {
         assert_eq!(c.keys(0, 5, 7), [&[5.0][..], &[6.0, 7.0][..]]);
         assert_eq!(c.values(0, 6, 7), [&[-6.0, -7.0][..], &[]]);
         assert_eq!(c.keys(1, 0, 7)[0], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+        // The ring knows what it lost: positions 5..8 are there, 4 is not; rewriting 3 gives
+        // its slot back to 3 (and takes it from 6).
+        assert!(c.holds(0, 5, 8) && !c.holds(0, 4, 8));
+        c.store(0, 3, &[3.0], &[-3.0]);
+        assert!(c.holds(0, 3, 4) && !c.holds(0, 6, 7) && c.holds(0, 7, 8));
     }
 
     #[test]

@@ -68,8 +68,10 @@ def test_prefix_reuse_gives_the_output_of_a_fresh_model(real_model_gguf, long_ap
 
 
 def test_reuse_is_refused_when_the_ring_lost_what_it_needs(real_model_gguf, long_apache):
-    """After 739 tokens the rings hold positions 100..738: continuing at 300 would read 289..299,
-    overwritten, so everything is recomputed, with the output of a fresh model."""
+    """After 739 tokens the rings hold positions 100..738: continuing at 300 would read 0..299,
+    of which 0..99 were overwritten, so everything is recomputed, with the output of a fresh
+    model. And after a shorter sequence that reused a wrapped one, the rings still hold the
+    longer one's positions in some slots: reuse is refused there too."""
     ids = long_apache["prompt_ids"]
     model = gemma_rs.load(real_model_gguf, max_inference_len=1024)
     model.complete(ids, 1)
@@ -78,6 +80,15 @@ def test_reuse_is_refused_when_the_ring_lost_what_it_needs(real_model_gguf, long
     assert got.reused_tokens == 0
     model.reset()
     assert model.complete(other, 8).token_ids == got.token_ids
+    # 700 tokens (slots 0..60 hold positions 639..699), then 573 reused (+1 new), then 100:
+    # positions 0..99 are not all there any more.
+    model.complete(ids[:700], 1)
+    assert model.complete(ids[:573] + [5000], 1).reused_tokens == 573
+    third = ids[:100] + [6000, 6001]
+    got = model.complete(third, 8)
+    assert got.reused_tokens == 0
+    model.reset()
+    assert model.complete(third, 8).token_ids == got.token_ids
 
 
 def test_cache_size_with_sliding_rings(real_model_gguf):
