@@ -2,10 +2,11 @@
 
     python bench/prefix_reuse.py [MODEL] [--prefix 600] [--suffix 10] [--repeat 5] [--threads 2]
 
-Per round: `model.reset()`, then a prefix of --prefix tokens + a --suffix-token suffix A (the
-whole prompt is prefilled), then the same prefix + another suffix B (only B is prefilled: the
-cache of the prefix is reused). Prints the prefill times of both calls, their ratio (median of
---repeat rounds), and checks that call B's output equals a fresh model's. MODEL defaults to the
+Per round (after one untimed warm-up round): `model.reset()`, then a prefix of --prefix tokens
++ a --suffix-token suffix A (the whole prompt is prefilled), then the same prefix + another
+suffix B (only B is prefilled: the cache of the prefix is reused). Prints the prefill times of
+both calls, their ratio (median of --repeat rounds), and checks that call B's output equals a
+fresh model's. MODEL defaults to the
 Q8_0 GGUF packed by bench/compare_llama_cpp.py (or the PyPI Q4_K_M GGUF).
 """
 
@@ -38,7 +39,7 @@ def main() -> int:
     fresh = gemma_rs.load(path, a.prefix + 2 * a.suffix + 64, threads=a.threads)
     vocab_ids = list(range(1000, 1000 + a.prefix))  # plain vocabulary, no special tokens
     first, second, ratios = [], [], []
-    for r in range(a.repeat):
+    for r in range(a.repeat + 1):  # round 0 is a warm-up (first reads of the mapped weights)
         prefix = [2, 3000 + r] + vocab_ids[: a.prefix - 2]
         suffix_a = list(range(5000 + 100 * r, 5000 + 100 * r + a.suffix))
         suffix_b = list(range(9000 + 100 * r, 9000 + 100 * r + a.suffix))
@@ -49,6 +50,8 @@ def main() -> int:
         fresh.reset()
         want = fresh.complete(prefix + suffix_b, 8, stop=None)
         assert cb.token_ids == want.token_ids, "prefix reuse changed the output"
+        if r == 0:
+            continue
         first.append(ca.prefill_seconds)
         second.append(cb.prefill_seconds)
         ratios.append(ca.prefill_seconds / cb.prefill_seconds)
