@@ -135,6 +135,8 @@ pub struct Engine {
     /// Generation stops at any of these (generation_config.json, else config.json).
     pub eos_token_ids: Vec<u32>,
     pub threads: Threads,
+    /// The model's own chat template, when its files have one.
+    pub chat_template: Option<String>,
     session: Mutex<Session>,
 }
 
@@ -163,7 +165,7 @@ impl Engine {
             }
         }
         let threads = Threads::new(n_threads);
-        let Checkpoint { source, config, tokenizer, eos_token_ids, .. } = ck;
+        let Checkpoint { source, config, tokenizer, eos_token_ids, chat_template, .. } = ck;
         let model = Model::load(config, &source, opts.weights, &threads)?;
         let c = &model.config;
         let session = Session {
@@ -171,7 +173,15 @@ impl Engine {
             scratch: Scratch::new(c, max_inference_len, threads.count()),
             tokens: Vec::new(),
         };
-        Ok(Engine { model, tokenizer, max_inference_len, eos_token_ids, threads, session: Mutex::new(session) })
+        Ok(Engine {
+            model,
+            tokenizer,
+            max_inference_len,
+            eos_token_ids,
+            threads,
+            chat_template,
+            session: Mutex::new(session),
+        })
     }
 
     pub fn config(&self) -> &Config {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
+pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 pub mod generate;

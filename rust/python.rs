@@ -168,6 +168,16 @@ fn pack(
     Ok((report.bytes, report.tensors))
 }
 
+/// Renders a model's Jinja chat template with `context` (a JSON object: `messages`, `tools`,
+/// `add_generation_prompt`, `bos_token`, ...), as transformers' `apply_chat_template` does.
+#[pyfunction]
+fn render_template(py: Python<'_>, template: &str, context: &str) -> PyResult<String> {
+    let ctx: serde_json::Value =
+        serde_json::from_str(context).map_err(|e| value_error(format!("template context is not JSON: {e}")))?;
+    let template = template.to_string();
+    compute(py, move || crate::chat_template::render(&template, &ctx))
+}
+
 /// GGML Q8_0 blocks of little-endian f32 values (a whole number of 32-value blocks), as the
 /// loader packs weights: the bytes llama.cpp's `quantize_row_q8_0_ref` gives.
 #[pyfunction]
@@ -395,6 +405,11 @@ impl Model {
     }
 
     #[getter]
+    fn chat_template(&self) -> Option<String> {
+        self.engine.chat_template.clone()
+    }
+
+    #[getter]
     fn memory<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         memory_dict(py, &self.engine.memory())
     }
@@ -439,6 +454,7 @@ fn _gemma_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;
     m.add_function(wrap_pyfunction!(memory_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(render_template, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_q8_0, m)?)?;
     m.add_function(wrap_pyfunction!(_dequantize, m)?)?;
     m.add_class::<Model>()?;

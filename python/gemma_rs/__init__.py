@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -27,10 +27,14 @@ if TYPE_CHECKING:  # numpy is imported only where an array is returned
 
     import numpy as np
 
+    from .chat import function_schema, render_chat
+    from .tools import ParsedOutput, ToolCall, parse_tool_calls
+
 # Modules imported only where they are used (json, logging, pathlib, numpy): on a board every
 # megabyte of the interpreter's own counts, and these are several.
 
 __all__ = [
+    "ChatResult",
     "Completion",
     "GemmaError",
     "Model",
@@ -39,7 +43,31 @@ __all__ = [
     "load",
     "memory_plan",
     "pack",
+    "ParsedOutput",
+    "ToolCall",
+    "function_schema",
+    "parse_tool_calls",
+    "render_chat",
 ]
+
+# Chat and tool-call helpers live in submodules imported on first use (they import json, re and
+# inspect, which a process that only generates text does not need).
+_LAZY = {
+    "render_chat": "chat",
+    "function_schema": "chat",
+    "parse_tool_calls": "tools",
+    "ToolCall": "tools",
+    "ParsedOutput": "tools",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 Prompt = Union[str, Sequence[int]]
 Stop = Union[str, Sequence[str], None]
@@ -64,6 +92,22 @@ class Completion:
     """Time from the call to the first new token's logits."""
     decode_seconds: float
     """Time of the forward passes after the first new token."""
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """The result of :meth:`Model.chat`."""
+
+    text: str
+    """What is left for the user: the output without its function-call blocks."""
+    tool_calls: list[ToolCall]
+    """The function calls the model wrote, arguments as typed Python values."""
+    finish_reason: FinishReason
+    """``"stop"`` at a chat stop (end of turn, a function response expected), ``"eos"`` or
+    ``"length"``."""
+    raw: str
+    """The generated text as the model wrote it (cut before the stop sequence)."""
+    completion: Completion
 
 
 @dataclass(frozen=True)
@@ -184,6 +228,79 @@ class Model:
     ) -> Stream:
         """Like :meth:`generate`, as an iterator of text pieces."""
         return Stream(self._inner.stream(_Request.of(locals(), text=True)))
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Any] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        stop: Stop = None,
+        **sampling: Any,
+    ) -> ChatResult:
+        """One model turn of a chat: renders ``messages`` (and ``tools``: OpenAI-style dicts,
+        bare ``{name, description, parameters}`` dicts or Python functions) as a prompt,
+        generates until the turn ends, and parses the function calls out of the output.
+
+        The prompt is the model's own chat template when its files have one
+        (:attr:`chat_template`, rendered as transformers' ``apply_chat_template`` would), else
+        :func:`render_chat` (FunctionGemma's format). Generation stops at ``<end_of_turn>``, at
+        ``<start_function_response>`` (the application runs the calls and sends the results
+        back as ``{"role": "tool", ...}`` messages), at end-of-sequence, or at ``stop``.
+        ``sampling`` is :meth:`complete`'s ``max_new_tokens``, ``temperature``, ``top_k``,
+        ``top_p``, ``min_p``, ``repetition_penalty`` and ``seed``. A tokenizer without
+        FunctionGemma's control tokens (base Gemma 3) still gets the tool prompt, with a warning.
+        """
+        from . import chat as _chat
+        from . import tools as _tools
+
+        if tools and len(self.tokenize(_tools.CALL_START, add_bos=False)) != 1:
+            import warnings
+
+            warnings.warn(
+                "this tokenizer has no FunctionGemma control tokens (<start_function_call>, "
+                "<escape>, ...): the tool prompt is spelled out in ordinary tokens, and only a "
+                "FunctionGemma checkpoint is trained to answer it",
+                stacklevel=2,
+            )
+        template = self.chat_template
+        if template is None:
+            text = _chat.render_chat(messages, tools, add_generation_prompt)
+            ids = self.tokenize(text, add_bos=True)
+        else:
+            import json
+
+            schemas = _chat.normalize_tools(tools or [])
+            bos = self.config.get("bos_token_id")
+            context = {
+                "messages": [dict(m) for m in messages],
+                "tools": [{"type": "function", "function": t} for t in schemas] or None,
+                "add_generation_prompt": add_generation_prompt,
+                "bos_token": self.detokenize([bos]) if isinstance(bos, int) else "<bos>",
+                "eos_token": self.detokenize(self.eos_token_ids[:1]) if self.eos_token_ids else "",
+            }
+            text = _gemma_rs.render_template(template, json.dumps(context, default=str))
+            ids = self.tokenize(text, add_bos=False)
+        stops = [_tools.RESPONSE_START, "<end_of_turn>"]
+        if isinstance(stop, str):
+            stops.append(stop)
+        elif stop is not None:
+            stops.extend(stop)
+        c = self.complete(ids, stop=stops, **sampling)
+        parsed = _tools.parse_tool_calls(c.text)
+        return ChatResult(
+            text=parsed.text,
+            tool_calls=parsed.tool_calls,
+            finish_reason=c.finish_reason,
+            raw=c.text,
+            completion=c,
+        )
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own Jinja chat template (tokenizer_config.json's ``chat_template`` or a
+        GGUF's ``tokenizer.chat_template``), or None."""
+        return self._inner.chat_template
 
     def reset(self) -> None:
         """Forgets the cached sequence, so the next call computes its whole prompt. (A call
