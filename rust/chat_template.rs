@@ -1,9 +1,12 @@
 //! A model's own chat template (`chat_template` of tokenizer_config.json, or
 //! `tokenizer.chat_template` of a GGUF), rendered with MiniJinja the way transformers'
 //! `apply_chat_template` renders it with Jinja2: the same context (`messages`, `tools`,
-//! `add_generation_prompt`, `bos_token`, `eos_token`, plus the caller's extra keys), the
-//! functions HF templates call (`raise_exception`, `strftime_now`), and Jinja2's whitespace
-//! defaults (`trim_blocks` and `lstrip_blocks` off, a final newline kept).
+//! `add_generation_prompt`, `bos_token`, `eos_token`, keys in the caller's order), the
+//! environment transformers sets up (`trim_blocks` and `lstrip_blocks` on, a final newline
+//! dropped, loop controls), the functions HF templates call (`raise_exception`,
+//! `strftime_now`), a `tojson` like transformers' (`json.dumps` with `ensure_ascii=False`: no
+//! escaping of `<` or non-ASCII), and Python's string and dict methods (`.strip()`, `.items()`,
+//! ...; minijinja-contrib's pycompat).
 
 use crate::error::{Error, Result};
 use minijinja::{Environment, ErrorKind, Value};
@@ -11,7 +14,10 @@ use minijinja::{Environment, ErrorKind, Value};
 /// Renders `template` with `context` (a JSON object: its keys become the template's variables).
 pub fn render(template: &str, context: &serde_json::Value) -> Result<String> {
     let mut env = Environment::new();
-    env.set_keep_trailing_newline(true);
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_filter("tojson", tojson);
     env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
         Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
     });
@@ -20,6 +26,54 @@ pub fn render(template: &str, context: &serde_json::Value) -> Result<String> {
     env.add_template("chat", template).map_err(bad)?;
     let t = env.get_template("chat").map_err(bad)?;
     t.render(Value::from_serialize(context)).map_err(bad)
+}
+
+/// transformers' `tojson`: `json.dumps(value, ensure_ascii=False, indent=indent)`.
+fn tojson(value: Value, indent: Option<usize>) -> std::result::Result<Value, minijinja::Error> {
+    let bad = |e: serde_json::Error| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string());
+    let text = match indent {
+        None => {
+            // Python's separators: ", " and ": ".
+            let mut out = Vec::new();
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter);
+            serde::Serialize::serialize(&value, &mut ser).map_err(bad)?;
+            String::from_utf8(out).expect("JSON is UTF-8")
+        }
+        Some(n) => {
+            let indent = " ".repeat(n);
+            let mut out = Vec::new();
+            let fmt = serde_json::ser::PrettyFormatter::with_indent(indent.as_bytes());
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+            serde::Serialize::serialize(&value, &mut ser).map_err(bad)?;
+            String::from_utf8(out).expect("JSON is UTF-8")
+        }
+    };
+    Ok(Value::from_safe_string(text))
+}
+
+/// `json.dumps`'s default separators, `", "` between items and `": "` after keys.
+struct PythonFormatter;
+
+impl serde_json::ser::Formatter for PythonFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
 }
 
 /// The current UTC date and time formatted with the C `strftime` directives HF templates use
@@ -92,12 +146,20 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn renders_like_jinja2() {
+    fn renders_like_transformers() {
         let t = "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}\n{% endfor %}\
                  {% if add_generation_prompt %}<model>\n{% endif %}";
         let ctx = json!({"bos_token": "<bos>", "add_generation_prompt": true,
                          "messages": [{"role": "user", "content": " hi "}]});
         assert_eq!(render(t, &ctx).unwrap(), "<bos><user>hi\n<model>\n");
+        // trim_blocks and lstrip_blocks on, the final newline dropped (Jinja2 3.1 gives this).
+        let t = "{% for m in messages %}\n  <{{ m.role }}>{{ m.content }}\n{% endfor %}\n";
+        let ctx = json!({"messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(render(t, &ctx).unwrap(), "  <user>hi\n");
+        // Python's methods, and json.dumps's text (key order kept, no escaping).
+        let t = "{{ m.content.strip() }}|{% for k, v in m.items() %}{{ k }}{% endfor %}|{{ m | tojson }}";
+        let ctx = json!({"m": {"role": "<b>", "content": " x é "}});
+        assert_eq!(render(t, &ctx).unwrap(), r#"x é|rolecontent|{"role": "<b>", "content": " x é "}"#);
     }
 
     #[test]

@@ -46,7 +46,7 @@ def test_tool_chat_renders_declarations_and_warns_without_control_tokens(model):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         r = model.chat(messages, tools=[get_weather], max_new_tokens=8, stop=["\n"])
-    assert any("FunctionGemma control tokens" in str(w.message) for w in caught)
+    assert any("lacks FunctionGemma's control tokens" in str(w.message) for w in caught)
     assert isinstance(r, gemma_rs.ChatResult)
     text = gemma_rs.render_chat(messages, [get_weather])
     assert "declaration:get_weather{description:<escape>Gets the current weather" in text
@@ -127,3 +127,42 @@ def test_chat_uses_the_checkpoints_own_template(real_model_bf16_dir, tmp_path):
     want = model.complete(gemma_rs.render_chat(messages, [get_weather]), 4)
     assert r.completion.prompt_tokens == want.prompt_tokens
     assert r.completion.token_ids == want.token_ids
+
+
+def test_a_template_reads_tool_calls_in_the_openai_form(real_model_bf16_dir, tmp_path):
+    """ToolCall objects in a conversation reach a checkpoint's template as OpenAI-style dicts
+    (what transformers passes), with tojson writing json.dumps's text."""
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% for tc in m.tool_calls or [] %}"
+        "{{ tc.function.name }}({{ tc.function.arguments | tojson }}){% endfor %}"
+        "{{ m.content }}\n{% endfor %}"
+    )
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / name).symlink_to(real_model_bf16_dir / name)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    model = gemma_rs.load(tmp_path, max_inference_len=128)
+    call = gemma_rs.ToolCall("get_weather", {"location": "Paris, FR", "unit": "celsius"})
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+    ]
+    r = model.chat(messages, max_new_tokens=2)
+    text = 'Weather?\nget_weather({"location": "Paris, FR", "unit": "celsius"})\n'
+    assert r.completion.prompt_tokens == len(model.tokenize(text))
+
+
+def test_google_style_tool_responses():
+    """Google's guide writes a response as {"name", "response"}, a list of them for parallel
+    calls: one function response each, under its own name."""
+    calls = [{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}]
+    messages = [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": "", "tool_calls": calls},
+        {"role": "tool", "content": [
+            {"name": "a", "response": {"x": 1}}, {"name": "b", "response": {"y": "z"}}]},
+    ]  # fmt: skip
+    text = gemma_rs.render_chat(messages)
+    assert text.endswith(
+        "<start_function_response>response:a{x:1}<end_function_response>"
+        "<start_function_response>response:b{y:<escape>z<escape>}<end_function_response>"
+    )

@@ -103,7 +103,8 @@ class ChatResult:
     tool_calls: list[ToolCall]
     """The function calls the model wrote, arguments as typed Python values."""
     finish_reason: FinishReason
-    """``"stop"`` at a chat stop (end of turn, a function response expected), ``"eos"`` or
+    """``"stop"`` at a chat stop written as text (``<end_of_turn>``, ``<start_function_response>``)
+    or a caller's stop, ``"eos"`` at an end-of-sequence id (a GGUF's end-of-turn id is one), or
     ``"length"``."""
     raw: str
     """The generated text as the model wrote it (cut before the stop sequence)."""
@@ -254,15 +255,18 @@ class Model:
         from . import chat as _chat
         from . import tools as _tools
 
-        if tools and len(self.tokenize(_tools.CALL_START, add_bos=False)) != 1:
-            import warnings
+        if tools:
+            one_token = lambda t: len(self.tokenize(t, add_bos=False)) == 1  # noqa: E731
+            missing = [t for t in _tools.CONTROL_TOKENS if not one_token(t)]
+            if missing:
+                import warnings
 
-            warnings.warn(
-                "this tokenizer has no FunctionGemma control tokens (<start_function_call>, "
-                "<escape>, ...): the tool prompt is spelled out in ordinary tokens, and only a "
-                "FunctionGemma checkpoint is trained to answer it",
-                stacklevel=2,
-            )
+                warnings.warn(
+                    f"this tokenizer lacks FunctionGemma's control tokens {missing}: the tools "
+                    "are declared in ordinary tokens, and only a FunctionGemma checkpoint is "
+                    "trained to call them",
+                    stacklevel=2,
+                )
         template = self.chat_template
         if template is None:
             text = _chat.render_chat(messages, tools, add_generation_prompt)
@@ -272,14 +276,21 @@ class Model:
 
             schemas = _chat.normalize_tools(tools or [])
             bos = self.config.get("bos_token_id")
+            # Chat templates read tool calls in the OpenAI form (transformers passes them so).
+            msgs = [
+                {**m, "tool_calls": _chat.tool_calls_openai(m["tool_calls"])}
+                if m.get("tool_calls")
+                else dict(m)
+                for m in messages
+            ]
             context = {
-                "messages": [dict(m) for m in messages],
+                "messages": msgs,
                 "tools": [{"type": "function", "function": t} for t in schemas] or None,
                 "add_generation_prompt": add_generation_prompt,
                 "bos_token": self.detokenize([bos]) if isinstance(bos, int) else "<bos>",
                 "eos_token": self.detokenize(self.eos_token_ids[:1]) if self.eos_token_ids else "",
             }
-            text = _gemma_rs.render_template(template, json.dumps(context, default=str))
+            text = _gemma_rs.render_template(template, json.dumps(context, ensure_ascii=False))
             ids = self.tokenize(text, add_bos=False)
         stops = [_tools.RESPONSE_START, "<end_of_turn>"]
         if isinstance(stop, str):

@@ -324,6 +324,23 @@ def _tool_call(call: Any) -> tuple[str, dict[str, Any], str | None]:
     return str(name), _arguments(getattr(call, "arguments", None)), getattr(call, "id", None)
 
 
+def _is_named_response(content: Any) -> bool:
+    return isinstance(content, Mapping) and set(content) == {"name", "response"}
+
+
+def tool_calls_openai(calls: Sequence[Any]) -> list[dict[str, Any]]:
+    """Tool calls (``ToolCall``s, OpenAI-style or ``{name, arguments}`` dicts) in the OpenAI
+    form chat templates read: ``{"type": "function", "function": {"name", "arguments"}}``."""
+    out = []
+    for call in calls:
+        name, arguments, call_id = _tool_call(call)
+        d: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        if call_id is not None:
+            d["id"] = call_id
+        out.append(d)
+    return out
+
+
 def _response(content: Any) -> dict[str, Any]:
     """A tool message's content as the response object: a dict, a JSON string of one, or
     anything else as ``{"value": content}``."""
@@ -360,6 +377,8 @@ def render_chat(
             tool message's content is a dict or a JSON string of one (anything else is sent as
             ``{"value": content}``); its function name is its ``name``, or that of the call with
             its ``tool_call_id``, or that of the next unanswered call of the previous assistant.
+            Content of the form ``{"name": ..., "response": {...}}`` (Google's FunctionGemma
+            guide), or a list of those, gives one response per item under its own name.
         tools: OpenAI-style tool dicts, bare ``{"name", "description", "parameters"}`` dicts or
             Python functions (see :func:`normalize_tools`). Their declarations follow the text of
             the first message if it is a system/developer message; otherwise a developer turn
@@ -403,7 +422,17 @@ def render_chat(
                 if (call_id is not None and i == call_id) or (call_id is None and n == name):
                     del pending[k]
                     break
-            out.append(format_response(str(name), _response(message.get("content"))))
+            content = message.get("content")
+            # Google's FunctionGemma guide writes responses as {"name", "response"} (a list of
+            # them for parallel calls): one function response each.
+            if _is_named_response(content):
+                content = [content]
+            if isinstance(content, list) and content and all(map(_is_named_response, content)):
+                for r in content:
+                    out.append(format_response(str(r["name"]), _response(r["response"])))
+                    pending = [(n, i) for n, i in pending if n != r["name"]]
+                continue
+            out.append(format_response(str(name), _response(content)))
             continue
         if role not in _ROLES:
             raise ValueError(f"unknown role {role!r} (expected one of {sorted(_ROLES)} or 'tool')")

@@ -31,6 +31,7 @@ from typing import Any
 __all__ = [
     "CALL_END",
     "CALL_START",
+    "CONTROL_TOKENS",
     "ESCAPE",
     "RESPONSE_END",
     "RESPONSE_START",
@@ -47,6 +48,16 @@ CALL_END = "<end_function_call>"
 RESPONSE_START = "<start_function_response>"
 RESPONSE_END = "<end_function_response>"
 ESCAPE = "<escape>"
+#: FunctionGemma's seven control tokens (its ids 46-52; base Gemma 3's <unused40>..<unused46>).
+CONTROL_TOKENS = (
+    "<start_function_declaration>",
+    "<end_function_declaration>",
+    CALL_START,
+    CALL_END,
+    RESPONSE_START,
+    RESPONSE_END,
+    ESCAPE,
+)
 
 _CALL_PREFIX = "call:"
 _RESPONSE_PREFIX = "response:"
