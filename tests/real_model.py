@@ -226,6 +226,33 @@ def model_dir(kind: str) -> Path:
     return target
 
 
+# A fresh interpreter that loads a model with a 64-token cap and generates 32 tokens, then prints
+# the token count and its peak RSS. VmHWM, not ru_maxrss: the latter inherits the forking
+# parent's peak (the pytest process).
+_PEAK_RSS_CHILD = (
+    "import re, sys, gemma_rs\n"
+    "m = gemma_rs.load(sys.argv[1], max_inference_len=64)\n"
+    "c = m.complete('The capital of France is', max_new_tokens=32)\n"
+    "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+    "print(len(c.token_ids), hwm)\n"
+)
+
+
+def run_python(code: str, *args: object) -> str:
+    """The stdout of ``python -c code args...`` in a fresh interpreter (fails on an error)."""
+    import subprocess
+
+    cmd = [sys.executable, "-c", code, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+
+
+def peak_rss_of_load_and_generate(model: Path) -> tuple[int, int]:
+    """(new tokens, peak RSS in bytes) of a whole process that imports gemma_rs, loads `model`
+    at max_inference_len=64 and generates 32 tokens."""
+    tokens, peak_kib = map(int, run_python(_PEAK_RSS_CHILD, model).split())
+    return tokens, peak_kib * 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Build the cached Gemma 3 270M model dirs.")
     parser.add_argument("--kind", choices=(*KINDS, "all"), default="all")

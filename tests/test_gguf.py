@@ -18,6 +18,7 @@ import pytest
 
 import gemma_rs
 import gguf_edit
+import real_model
 
 
 @pytest.fixture(scope="module")
@@ -165,16 +166,10 @@ def test_packed_q8_0_file_loads_in_place(packed_q8_0):
         "heavy = sorted({'numpy', 'json', 'logging', 'pathlib'} & set(sys.modules))\n"
         "print(m.memory['weights'], after_load, rss(), ','.join(heavy) or '-', repr(text))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(packed_q8_0)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    weights, after_load_kib, after_generate_kib, heavy, text = out.stdout.split(maxsplit=4)
+    out = real_model.run_python(code, packed_q8_0)
+    weights, after_load_kib, after_generate_kib, heavy, text = out.split(maxsplit=4)
     assert int(weights) == 285018624
-    assert int(after_load_kib) < 60 * 1024, out.stdout  # packing at load would hold 285 MB
+    assert int(after_load_kib) < 60 * 1024, out  # packing at load would hold 285 MB
     assert int(after_generate_kib) > 250 * 1024  # the weights were read (the pages are real)
     assert heavy == "-", f"imported: {heavy}"
     assert text.strip() == repr(" the capital of the")
@@ -185,23 +180,9 @@ def test_peak_memory_of_a_process_with_the_packed_file(packed_q8_0):
     tokens: the whole process peaks under 330 MB (llama.cpp's process with the same file at n_ctx
     64, through llama-cpp-python: 390 MB). bench/compare_llama_cpp.py --memory measures both
     side by side."""
-    code = (
-        "import re, sys, gemma_rs\n"
-        "m = gemma_rs.load(sys.argv[1], max_inference_len=64)\n"
-        "c = m.complete('The capital of France is', max_new_tokens=32)\n"
-        "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
-        "print(len(c.token_ids), hwm)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(packed_q8_0)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    tokens, peak_kib = map(int, out.stdout.split())
+    tokens, peak = real_model.peak_rss_of_load_and_generate(packed_q8_0)
     assert tokens == 32
-    assert peak_kib * 1024 < 330e6, f"peak RSS {peak_kib * 1024 / 1e6:.0f} MB"
+    assert peak < 330e6, f"peak RSS {peak / 1e6:.0f} MB"
 
 
 def test_pack_from_gguf_and_with_other_weights(real_model_gguf, tmp_path, ref):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 
 import gemma_rs
+import real_model
 
 KINDS = ["f32", "bf16"]
 
@@ -164,21 +163,6 @@ def test_q8_0_default_weights_stay_close_to_the_reference(real_model_bf16_dir, f
 def test_peak_memory_of_a_whole_process_with_q8_0(real_model_bf16_dir):
     """Load the bf16 checkpoint (536 MB on disk) packing Q8_0, generate 32 tokens: the process's
     peak RSS, interpreter included, stays at most 400 MB (llama.cpp's with the Q8_0 GGUF: 371)."""
-    # VmHWM, not ru_maxrss: the latter inherits the forking parent's peak (this pytest process).
-    code = (
-        "import re, sys, gemma_rs\n"
-        "m = gemma_rs.load(sys.argv[1], max_inference_len=64)\n"
-        "c = m.complete('The capital of France is', max_new_tokens=32)\n"
-        "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
-        "print(len(c.token_ids), hwm)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(real_model_bf16_dir)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    tokens, peak_kib = map(int, out.stdout.split())
+    tokens, peak = real_model.peak_rss_of_load_and_generate(real_model_bf16_dir)
     assert tokens > 0
-    assert peak_kib / 1024 <= 400, f"peak RSS {peak_kib / 1024:.0f} MiB"
+    assert peak / 2**20 <= 400, f"peak RSS {peak / 2**20:.0f} MiB"
