@@ -72,7 +72,7 @@ pub fn memory_plan(path: &Path, opts: &LoadOptions) -> Result<Memory> {
 }
 
 /// The worker count `threads` asks for (`None`: every CPU this process may use).
-fn thread_count(threads: Option<usize>) -> Result<usize> {
+pub fn thread_count(threads: Option<usize>) -> Result<usize> {
     match threads {
         Some(n) if n == 0 || n > MAX_THREADS => {
             Err(Error::InvalidArgument(format!("threads must be between 1 and {MAX_THREADS}, got {n}")))

@@ -523,10 +523,6 @@ impl Writer {
         self.kv.extend_from_slice(&ty.to_u32().to_le_bytes());
     }
 
-    pub fn has(&self, key: &str) -> bool {
-        self.keys.contains(key)
-    }
-
     pub fn u32(&mut self, key: &str, v: u32) {
         self.key(key, ValueType::U32);
         self.kv.extend_from_slice(&v.to_le_bytes());

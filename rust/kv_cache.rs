@@ -66,11 +66,6 @@ impl KvCache {
         self.positions
     }
 
-    /// Positions `layer` holds: a window of the most recent ones when it is a ring.
-    pub fn capacity(&self, layer: usize) -> usize {
-        self.capacities[layer]
-    }
-
     fn offset(&self, layer: usize, pos: usize) -> usize {
         self.starts[layer] + (pos % self.capacities[layer]) * self.kv_dim
     }

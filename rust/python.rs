@@ -2,7 +2,7 @@
 //! map errors. The typed, documented API is python/gemma_rs/__init__.py.
 
 use crate::error::Error;
-use crate::generate::{Completion, Engine, GenerateParams, Generation, LoadOptions, Memory, MAX_THREADS};
+use crate::generate::{thread_count, Completion, Engine, GenerateParams, Generation, LoadOptions, Memory};
 use crate::model::WeightType;
 use crate::quant::{self, BlockQ8_0, QK8_0};
 use crate::sampler::SamplingParams;
@@ -64,6 +64,15 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
 }
 
+/// A positive integer argument, or None.
+fn positive(name: &str, v: Option<i64>) -> PyResult<Option<usize>> {
+    match v {
+        Some(n) if n <= 0 => Err(value_error(format!("{name} must be a positive integer, got {n}"))),
+        Some(n) => Ok(Some(n as usize)),
+        None => Ok(None),
+    }
+}
+
 /// `LoadOptions` from Python arguments: positive integers or None.
 fn load_options(
     max_inference_len: Option<i64>,
@@ -71,13 +80,6 @@ fn load_options(
     threads: Option<i64>,
     memory_limit: Option<i64>,
 ) -> PyResult<LoadOptions> {
-    let positive = |name: &str, v: Option<i64>| -> PyResult<Option<usize>> {
-        match v {
-            Some(n) if n <= 0 => Err(value_error(format!("{name} must be a positive integer, got {n}"))),
-            Some(n) => Ok(Some(n as usize)),
-            None => Ok(None),
-        }
-    };
     Ok(LoadOptions {
         max_inference_len: positive("max_inference_len", max_inference_len)?,
         weights: WeightType::parse(weights)?,
@@ -139,13 +141,7 @@ fn pack(
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(u64, usize)> {
     let weights = WeightType::parse(weights)?;
-    let threads = match threads {
-        Some(n) if n <= 0 || n > MAX_THREADS as i64 => {
-            return Err(value_error(format!("threads must be between 1 and {MAX_THREADS}, got {n}")))
-        }
-        Some(n) => Threads::new(n as usize),
-        None => Threads::new(Threads::available().min(MAX_THREADS)),
-    };
+    let threads = Threads::new(thread_count(positive("threads", threads)?)?);
     let mut raised: Option<PyErr> = None;
     let report = compute(py, || {
         crate::pack::pack(&src, &dst, weights, &threads, &mut |done, total| {

@@ -33,10 +33,6 @@ impl<T: Plain> Storage<T> {
         let aligned = (map.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<T>());
         (end <= map.len() && aligned).then(|| Storage(Place::Mapped { map: map.clone(), offset, len }))
     }
-
-    pub fn is_mapped(&self) -> bool {
-        matches!(self.0, Place::Mapped { .. })
-    }
 }
 
 impl<T: Plain> From<Vec<T>> for Storage<T> {
@@ -91,15 +87,6 @@ impl Matrix {
     pub fn cols(&self) -> usize {
         match self {
             Matrix::F32 { cols, .. } | Matrix::Bf16 { cols, .. } | Matrix::Q8_0 { cols, .. } => *cols,
-        }
-    }
-
-    /// Whether the values are used in place from a mapped file.
-    pub fn is_mapped(&self) -> bool {
-        match self {
-            Matrix::F32 { data, .. } => data.is_mapped(),
-            Matrix::Bf16 { data, .. } => data.is_mapped(),
-            Matrix::Q8_0 { data, .. } => data.is_mapped(),
         }
     }
 
