@@ -288,6 +288,14 @@ pub fn matmul(out: &mut [f32], x: &Activations, w: &Matrix, rows: Range<usize>, 
     });
 }
 
+/// `out (n, rows) = x · wᵀ` for a Q8_0 weight of `rows` rows with one named kernel, on this thread:
+/// the products of `matmul` (same tiling), for comparing kernels with each other.
+pub fn matmul_q8_0_with(kernel: &Kernel, out: &mut [f32], x: &Activations, w: &[BlockQ8_0], rows: usize) {
+    assert!(x.q.is_some() && w.len() == rows * (x.cols / QK8_0) && out.len() >= x.n * rows, "matmul shapes");
+    let out = Out { ptr: SharedMut::new(out), stride: rows, row0: 0 };
+    matmul_q8_0(kernel, out, x, w, 0..rows);
+}
+
 /// Plain f32 dot product, bit-identical to a matrix product row.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     // SAFETY: `best` only returns kernels this CPU supports.

@@ -187,6 +187,53 @@ fn quantize_q8_0<'py>(py: Python<'py>, values: &[u8]) -> PyResult<Bound<'py, PyB
     Ok(PyBytes::new(py, BlockQ8_0::as_bytes(&blocks)))
 }
 
+/// What this CPU offers the Q8_0 kernels and which kernel runs: `{"arch", "features", "kernels",
+/// "kernel"}` (kernels fastest first; `kernel` is the one every model uses, `GEMMA_RS_KERNEL`
+/// permitting).
+#[pyfunction]
+fn cpu_features<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("arch", std::env::consts::ARCH)?;
+    d.set_item("features", quant::cpu_features())?;
+    d.set_item("kernels", quant::Kernel::available().iter().map(|k| k.name).collect::<Vec<_>>())?;
+    d.set_item("kernel", quant::Kernel::best().name)?;
+    Ok(d)
+}
+
+/// `x (n, cols) · wᵀ` as little-endian f32 bytes `(n, rows)`, with the Q8_0 kernel named `kernel`
+/// on this thread: `w` is `rows` rows of Q8_0 blocks, `x` little-endian f32 values. For tests
+/// that compare the kernels of this CPU with the scalar one.
+#[pyfunction]
+fn _q8_0_matmul<'py>(py: Python<'py>, kernel: &str, w: &[u8], rows: usize, x: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    use crate::ops::{matmul_q8_0_with, Activations, QuantBuf};
+    let k = quant::Kernel::named(kernel)
+        .ok_or_else(|| value_error(format!("kernel {kernel:?} is not available on this CPU")))?;
+    let block = std::mem::size_of::<BlockQ8_0>();
+    if rows == 0 || !w.len().is_multiple_of(rows * block) || !x.len().is_multiple_of(4) {
+        return Err(value_error("weights are not `rows` rows of Q8_0 blocks, or x is not f32".into()));
+    }
+    let cols = w.len() / rows / block * QK8_0;
+    if x.is_empty() || !(x.len() / 4).is_multiple_of(cols) {
+        return Err(value_error(format!("x is not a whole number of {cols}-value rows")));
+    }
+    let blocks: Vec<BlockQ8_0> = w
+        .chunks_exact(block)
+        .map(|b| {
+            let mut qs = [0i8; QK8_0];
+            qs.iter_mut().zip(&b[2..]).for_each(|(q, &v)| *q = v as i8);
+            BlockQ8_0 { d: u16::from_le_bytes([b[0], b[1]]), qs }
+        })
+        .collect();
+    let xf: Vec<f32> = x.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let n = xf.len() / cols;
+    let mut buf = QuantBuf::new(xf.len());
+    let acts = Activations::quantized(&xf, n, cols, &mut buf, &Threads::new(1));
+    let mut out = vec![0f32; n * rows];
+    matmul_q8_0_with(k, &mut out, &acts, &blocks, rows);
+    let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Ok(PyBytes::new(py, &bytes))
+}
+
 /// GGUF tensor data of ggml type `type_name` ("Q4_K", "F16", ...; a whole number of blocks)
 /// dequantized as the loader reads it: little-endian f32 values, for tests against gguf-py.
 #[pyfunction]
@@ -453,6 +500,8 @@ fn _gemma_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(render_template, m)?)?;
     m.add_function(wrap_pyfunction!(quantize_q8_0, m)?)?;
     m.add_function(wrap_pyfunction!(_dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
+    m.add_function(wrap_pyfunction!(_q8_0_matmul, m)?)?;
     m.add_class::<Model>()?;
     m.add_class::<Stream>()?;
     Ok(())

@@ -36,10 +36,12 @@ if TYPE_CHECKING:  # numpy is imported only where an array is returned
 __all__ = [
     "ChatResult",
     "Completion",
+    "CpuFeatures",
     "GemmaError",
     "Model",
     "Stream",
     "__version__",
+    "cpu_features",
     "load",
     "memory_plan",
     "pack",
@@ -436,6 +438,32 @@ def memory_plan(
     if not isinstance(weights, str):
         raise TypeError(f"weights must be a str, got {type(weights).__name__}")
     return _gemma_rs.memory_plan(os.fspath(path), max_inference_len, weights, threads)
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What :func:`cpu_features` reports."""
+
+    arch: str
+    """``"x86_64"``, ``"aarch64"``, ..."""
+    features: list[str]
+    """The CPU features the Q8_0 kernels are chosen by, as detected at run time: ``avx2``,
+    ``fma``, ``f16c``, ``avx512vnni``, ``avx512vl`` on x86_64; ``neon``, ``dotprod`` on aarch64."""
+    kernels: list[str]
+    """The Q8_0 kernels this CPU runs, fastest first; ``"scalar"`` is always last."""
+    kernel: str
+    """The kernel every model of this process uses: the first of ``kernels``, or the one named by
+    the environment variable ``GEMMA_RS_KERNEL`` when this CPU runs it (read once)."""
+
+
+def cpu_features() -> CpuFeatures:
+    """The CPU as the Q8_0 matrix products see it, and the kernel they use.
+
+    >>> f = cpu_features()
+    >>> f.kernel in f.kernels and f.kernels[-1] == "scalar"
+    True
+    """
+    return CpuFeatures(**_gemma_rs.cpu_features())
 
 
 def _check_ints(**values: int | None) -> None:

@@ -129,6 +129,17 @@ fn quantize_activations_portable(x: &[f32], d: &mut [f32], qs: &mut [i8]) {
     }
 }
 
+/// The CPU features the kernels are chosen by, as detected at run time: "avx2", "fma", "f16c",
+/// "avx512vnni", "avx512vl" on x86_64; "neon", "dotprod" on aarch64 (none elsewhere).
+pub fn cpu_features() -> Vec<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    return x86::features();
+    #[cfg(target_arch = "aarch64")]
+    return neon::features();
+    #[allow(unreachable_code)]
+    Vec::new()
+}
+
 /// Dot products of one Q8_0 weight row with quantized activation rows.
 ///
 /// `dot4` and `dot1` of one kernel give the same bits for a token (same operations in the same
@@ -180,6 +191,11 @@ impl Kernel {
                 all[0]
             })
         })
+    }
+
+    /// The available kernel called `name`, if this CPU runs it.
+    pub fn named(name: &str) -> Option<&'static Kernel> {
+        Kernel::available().into_iter().find(|k| k.name == name)
     }
 
     /// Safe wrapper of `dot1` with the length checks (tests and one-off products).

@@ -36,6 +36,17 @@ pub fn available() -> Vec<&'static Kernel> {
     v
 }
 
+pub fn features() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if std::arch::is_aarch64_feature_detected!("neon") {
+        v.push("neon");
+    }
+    if std::arch::is_aarch64_feature_detected!("dotprod") {
+        v.push("dotprod");
+    }
+    v
+}
+
 pub static NEON_DOTPROD: Kernel =
     Kernel { name: "neon-dotprod", dot4: dotprod_dot4, dot1: dotprod_dot1, tile4: dotprod_tile4 };
 pub static NEON: Kernel = Kernel { name: "neon", dot4: neon_dot4, dot1: neon_dot1, tile4: neon_tile4 };

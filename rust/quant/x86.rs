@@ -21,6 +21,15 @@ pub fn available() -> Vec<&'static Kernel> {
     v
 }
 
+pub fn features() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    macro_rules! detect {
+        ($($f:tt),*) => { $(if is_x86_feature_detected!($f) { v.push($f); })* };
+    }
+    detect!("avx2", "fma", "f16c", "avx512vnni", "avx512vl");
+    v
+}
+
 pub fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
