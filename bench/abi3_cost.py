@@ -48,7 +48,9 @@ def build(tmp: Path, abi3: bool) -> Path:
     if not abi3:
         manifest = src / "Cargo.toml"
         text = manifest.read_text()
-        manifest.write_text(re.sub(r', "abi3-py\d+"', "", text))
+        text, n = re.subn(r', "abi3-py\d+"', "", text)
+        assert n == 1, "no abi3 feature found in Cargo.toml"
+        manifest.write_text(text)
     out = tmp / ("dist-abi3" if abi3 else "dist-cp")
     cmd = [sys.executable, "-m", "maturin", "build", "--release", "--strip", "-i", sys.executable]
     cmd += ["--out", str(out)]

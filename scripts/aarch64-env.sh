@@ -16,7 +16,14 @@ ROOTFS=$WORK/rootfs
 step() { printf '\n== %s\n' "$*"; }
 
 as_root() {
-    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+    if [ "$(id -u)" = 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null; then
+        sudo "$@"
+    else
+        echo "scripts/aarch64-env.sh: '$*' needs root, and there is no sudo" >&2
+        return 1
+    fi
 }
 
 # Debian packages: the cross compiler, its std, the gcc cross linker (for `cargo test`), qemu-user
@@ -70,11 +77,16 @@ cross() {
 # libraries; -L /usr/aarch64-linux-gnu (the cross libc) makes thread creation hang.
 aarch64_rootfs() {
     if [ ! -L "$ROOTFS/lib" ] || [ ! -x "$ROOTFS/usr/bin/python3" ] ||
-        [ ! -e "$ROOTFS/usr/lib/aarch64-linux-gnu/libc.so.6" ]; then
+        [ ! -e "$ROOTFS/usr/lib/aarch64-linux-gnu/libc.so.6" ] ||
+        [ ! -e "$ROOTFS/usr/lib/aarch64-linux-gnu/libstdc++.so.6" ]; then
         step "arm64 rootfs with python3 at $ROOTFS"
-        rm -rf "$ROOTFS"
-        as_root mmdebstrap --variant=extract --architectures=arm64 --include=libc6,libgcc-s1,python3 \
+        as_root rm -rf "$ROOTFS"
+        # libstdc++6: numpy's extension needs it (else qemu would quietly take the host's).
+        as_root mmdebstrap --variant=extract --architectures=arm64 \
+            --include=libc6,libgcc-s1,libstdc++6,python3 \
             --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr bookworm "$ROOTFS"
+        # Owned by the user, so that Python can write its .pyc files there.
+        as_root chown -R "$(id -u):$(id -g)" "$ROOTFS"
     fi
 }
 
