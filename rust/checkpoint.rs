@@ -129,8 +129,9 @@ impl Source {
                 Ok(Tensor { name: full, ty, shape: t.shape.to_vec(), data: t.data, offset, path })
             }
             Source::Gguf(g) => {
-                let gname = gguf_name(name).ok_or_else(|| Error::MissingTensor(name.to_string()))?;
-                let info = g.tensor(&gname).ok_or_else(|| Error::MissingTensor(format!("{gname} ({name})")))?;
+                let missing = |n: String| Error::MissingTensor { path: g.path.clone(), name: n };
+                let gname = gguf_name(name).ok_or_else(|| missing(name.to_string()))?;
+                let info = g.tensor(&gname).ok_or_else(|| missing(format!("{gname} ({name})")))?;
                 let ty = info.ty.map_err(|_| {
                     Error::format(
                         &g.path,
@@ -373,7 +374,9 @@ pub fn gguf_config(g: &Gguf) -> Result<Config> {
         return Err(bad(format!("gemma3.block_count {layers} is absurd")));
     }
     let (hidden, heads) = (int("embedding_length")?, int("attention.head_count")?);
-    let embd = g.tensor("token_embd.weight").ok_or_else(|| Error::MissingTensor("token_embd.weight".into()))?;
+    let embd = g
+        .tensor("token_embd.weight")
+        .ok_or_else(|| Error::MissingTensor { path: g.path.clone(), name: "token_embd.weight".into() })?;
     let vocab = embd.dims.get(1).copied().unwrap_or(0);
     let mut raw = json!({
         "architectures": ["Gemma3ForCausalLM"],

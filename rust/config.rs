@@ -12,6 +12,9 @@ pub enum LayerType {
     Global,
 }
 
+/// The most layers a config may declare.
+pub const MAX_LAYERS: usize = 1024;
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub vocab_size: usize,
@@ -64,6 +67,10 @@ impl Config {
         let hidden_size = c.usize("hidden_size", None)?;
         let num_attention_heads = c.usize("num_attention_heads", None)?;
         let num_hidden_layers = c.usize("num_hidden_layers", None)?;
+        // Per-layer tables are sized by it before any tensor is read: bound it (Gemma 3 27B has 62).
+        if num_hidden_layers > MAX_LAYERS {
+            return Err(Error::Config(format!("num_hidden_layers ({num_hidden_layers}) is above {MAX_LAYERS}")));
+        }
         let head_dim = c.usize("head_dim", Some(hidden_size / num_attention_heads.max(1)))?;
         let num_key_value_heads = c.usize("num_key_value_heads", Some(num_attention_heads))?;
         if num_attention_heads % num_key_value_heads != 0 {

@@ -15,16 +15,21 @@ pub enum Error {
     Format { path: PathBuf, msg: String },
     /// A config value that is missing or out of range (Python: `GemmaError`).
     Config(String),
-    /// A tensor absent from the checkpoint (Python: `GemmaError`).
-    MissingTensor(String),
+    /// A tensor absent from the checkpoint file(s) at `path` (Python: `GemmaError`).
+    MissingTensor { path: PathBuf, name: String },
     /// A tensor whose shape is not what the config implies (Python: `GemmaError`).
-    ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
+    ShapeMismatch { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
     /// A caller's argument out of range (Python: `ValueError`).
     InvalidArgument(String),
     /// A text method called on a model loaded without tokenizer.json (Python: `GemmaError`).
     NoTokenizer,
     /// Loading would exceed the caller's memory limit (Python: `MemoryError`).
     MemoryLimit(String),
+    /// A call stopped by its cancel check, e.g. Ctrl-C (Python: the signal handler's exception,
+    /// `KeyboardInterrupt`).
+    Interrupted,
+    /// NaN or infinite weights or logits (Python: `GemmaError`).
+    NonFinite(String),
     /// A bug or an unexpected state, e.g. a caught panic (Python: `GemmaError`).
     Internal(String),
 }
@@ -51,11 +56,14 @@ impl fmt::Display for Error {
             Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Format { path, msg } => write!(f, "{}: {msg}", path.display()),
             Error::Config(msg) => write!(f, "config: {msg}"),
-            Error::MissingTensor(name) => write!(f, "tensor {name} is missing from the checkpoint"),
-            Error::ShapeMismatch { name, expected, found } => {
-                write!(f, "tensor {name} has shape {found:?}, expected {expected:?}")
-            }
-            Error::InvalidArgument(msg) | Error::MemoryLimit(msg) => f.write_str(msg),
+            Error::MissingTensor { path, name } => write!(f, "{}: tensor {name} is missing", path.display()),
+            Error::ShapeMismatch { path, name, expected, found } => write!(
+                f,
+                "{}: tensor {name} has shape {found:?}, but the config's sizes imply {expected:?}",
+                path.display()
+            ),
+            Error::InvalidArgument(msg) | Error::MemoryLimit(msg) | Error::NonFinite(msg) => f.write_str(msg),
+            Error::Interrupted => f.write_str("interrupted"),
             Error::NoTokenizer => f.write_str(
                 "this model was loaded without tokenizer.json: text methods are unavailable \
                  (pass token ids instead)",

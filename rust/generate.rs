@@ -92,23 +92,29 @@ struct Session {
 impl Session {
     /// Makes the cache hold `seq` (non-empty), reusing the longest prefix it already holds but
     /// always recomputing the last token, and calls `on_chunk(scratch, start, len)` after each
-    /// forward chunk with the chunk's hidden states in `scratch.x`. Returns the reused count.
+    /// forward chunk with the chunk's hidden states in `scratch.x`. Returns the reused count, or
+    /// `Error::Interrupted` when `cancel()` says so before a chunk (the cache then holds the
+    /// chunks done so far, consistently).
     fn extend_to(
         &mut self,
         model: &Model,
         seq: &[u32],
         threads: &Threads,
+        cancel: Cancel<'_>,
         mut on_chunk: impl FnMut(&mut Scratch, usize, usize),
-    ) -> usize {
+    ) -> Result<usize> {
         let reused = self.reusable(model, seq);
         self.tokens.truncate(reused);
         for chunk in seq[reused..].chunks(CHUNK) {
+            if cancel() {
+                return Err(Error::Interrupted);
+            }
             let start = self.tokens.len();
             model.forward(&mut self.scratch, &mut self.cache, chunk, start, threads);
             self.tokens.extend_from_slice(chunk);
             on_chunk(&mut self.scratch, start, chunk.len());
         }
-        reused
+        Ok(reused)
     }
 
     /// How many leading tokens of the cache can serve `seq`: the common prefix (but not the
@@ -126,6 +132,15 @@ impl Session {
             0
         }
     }
+}
+
+/// Asked between chunks of a forward pass and between tokens: `true` stops the call with
+/// `Error::Interrupted` (the Python binding answers it from Python's signal handlers: Ctrl-C).
+pub type Cancel<'a> = &'a mut dyn FnMut() -> bool;
+
+/// A `Cancel` that never cancels.
+pub fn never() -> bool {
+    false
 }
 
 pub struct Engine {
@@ -246,7 +261,7 @@ impl Engine {
 
     /// Logits `(ids.len(), vocab)` of a fresh forward pass over `ids`, into `out` (the caller
     /// allocates it, after `check_sequence`, so that a too large request fails there).
-    pub fn logits(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
+    pub fn logits(&self, ids: &[u32], out: &mut [f32], cancel: Cancel<'_>) -> Result<()> {
         self.check_sequence(ids, "the sequence")?;
         let vocab = self.model.config.vocab_size;
         if out.len() != ids.len() * vocab {
@@ -254,18 +269,36 @@ impl Engine {
         }
         let mut s = self.session();
         s.tokens.clear();
-        s.extend_to(&self.model, ids, &self.threads, |scratch, start, n| {
+        let mut non_finite = None;
+        s.extend_to(&self.model, ids, &self.threads, cancel, |scratch, start, n| {
             let rows = &mut out[start * vocab..(start + n) * vocab];
             let h = self.model.config.hidden_size;
             let x = self.model.activations(&scratch.x, n, h, &mut scratch.xq, &self.threads);
             self.model.lm_head(rows, &x, 0..vocab, &self.threads);
-        });
-        Ok(())
+            if non_finite.is_none() {
+                non_finite = rows.iter().position(|v| !v.is_finite()).map(|i| start + i / vocab);
+            }
+        })?;
+        match non_finite {
+            Some(pos) => Err(self.non_finite(pos)),
+            None => Ok(()),
+        }
+    }
+
+    /// The error for NaN or infinite logits at `position`: names the first weight tensor that
+    /// holds such a value (tensors used in place from a file are not scanned at load), or says
+    /// that the weights are finite and an activation overflowed.
+    fn non_finite(&self, position: usize) -> Error {
+        let cause = match self.model.first_non_finite_weight() {
+            Some((name, i)) => format!("tensor {name} holds a NaN or infinite value (element {i})"),
+            None => "the weights are finite, so an activation overflowed f32".to_string(),
+        };
+        Error::NonFinite(format!("the forward pass gave NaN or infinite logits at position {position}: {cause}"))
     }
 
     /// `log p(ids[i + 1] | ids[..=i])` for every `i`, teacher-forced, vocabulary tile by tile
     /// so that no more than the scratch logits buffer is ever held.
-    pub fn logprobs(&self, ids: &[u32]) -> Result<Vec<f32>> {
+    pub fn logprobs(&self, ids: &[u32], cancel: Cancel<'_>) -> Result<Vec<f32>> {
         self.check_sequence(ids, "the sequence")?;
         if ids.len() < 2 {
             return Ok(Vec::new());
@@ -274,7 +307,7 @@ impl Engine {
         let mut out = vec![0f32; ids.len() - 1];
         let mut s = self.session();
         s.tokens.clear();
-        s.extend_to(&self.model, ids, &self.threads, |scratch, start, n| {
+        s.extend_to(&self.model, ids, &self.threads, cancel, |scratch, start, n| {
             let n = n.min(ids.len() - 1 - start); // the last token has no target
             if n == 0 {
                 return;
@@ -301,8 +334,11 @@ impl Engine {
             for t in 0..n {
                 out[start + t] = (target[t] as f64 - lse[t].value()) as f32;
             }
-        });
-        Ok(out)
+        })?;
+        match out.iter().position(|v| !v.is_finite()) {
+            Some(pos) => Err(self.non_finite(pos)),
+            None => Ok(out),
+        }
     }
 }
 
@@ -417,22 +453,23 @@ impl Generation {
 
     /// Generates one token and returns the text that became final (possibly empty); `None`
     /// once the generation is finished and all its text was returned.
-    pub fn step(&mut self) -> Result<Option<String>> {
+    pub fn step(&mut self, cancel: Cancel<'_>) -> Result<Option<String>> {
         let engine = Arc::clone(&self.engine);
         let mut session = engine.session();
-        Ok(self.step_with(&mut session)?.map(|piece| self.text[piece].to_string()))
+        Ok(self.step_with(&mut session, cancel)?.map(|piece| self.text[piece].to_string()))
     }
 
-    /// Steps until the end, holding the session throughout, and returns the completion.
-    pub fn run(&mut self) -> Result<Completion> {
+    /// Steps until the end, holding the session throughout, and returns the completion;
+    /// `cancel` is asked before every token (and between prefill chunks).
+    pub fn run(&mut self, cancel: Cancel<'_>) -> Result<Completion> {
         let engine = Arc::clone(&self.engine);
         let mut session = engine.session();
-        while self.step_with(&mut session)?.is_some() {}
+        while self.step_with(&mut session, cancel)?.is_some() {}
         Ok(self.completion().expect("finished"))
     }
 
     /// One token; returns the range of `text` that became final.
-    fn step_with(&mut self, s: &mut Session) -> Result<Option<Range<usize>>> {
+    fn step_with(&mut self, s: &mut Session, cancel: Cancel<'_>) -> Result<Option<Range<usize>>> {
         if self.finish.is_none()
             && (self.generated().len() >= self.params.max_new_tokens || self.seq.len() >= self.engine.max_inference_len)
         {
@@ -446,12 +483,15 @@ impl Generation {
         let model = &engine.model;
         let (vocab, h) = (model.config.vocab_size, model.config.hidden_size);
         let mut last_row = 0;
-        let reused = s.extend_to(model, &self.seq, &engine.threads, |_, _, n| last_row = n - 1);
+        let reused = s.extend_to(model, &self.seq, &engine.threads, cancel, |_, _, n| last_row = n - 1)?;
         let scratch = &mut s.scratch;
         let logits = &mut scratch.logits[..vocab];
         let x = &scratch.x[last_row * h..(last_row + 1) * h];
         let x = model.activations(x, 1, h, &mut scratch.xq, &engine.threads);
         model.lm_head(logits, &x, 0..vocab, &engine.threads);
+        if logits.iter().any(|v| !v.is_finite()) {
+            return Err(engine.non_finite(self.seq.len() - 1));
+        }
         let tok = self.sampler.sample(logits, &self.seq);
         if self.generated().is_empty() {
             self.reused_tokens = reused;
@@ -569,7 +609,7 @@ mod tests {
                     let engine = Engine::load(&dir, &opts).unwrap();
                     let vocab = engine.config().vocab_size;
                     let mut full = vec![0f32; ids.len() * vocab];
-                    engine.logits(&ids, &mut full).unwrap();
+                    engine.logits(&ids, &mut full, &mut never).unwrap();
                     let err = max_abs_diff(&full, &want);
                     assert!(err < tol, "{name} {weights:?}: one pass off by {err}");
 
@@ -578,18 +618,19 @@ mod tests {
                     s.tokens.clear();
                     let mut stepped = vec![0f32; ids.len() * vocab];
                     for i in 0..ids.len() {
-                        let reused = s.extend_to(&engine.model, &ids[..=i], &engine.threads, |scratch, _, n| {
-                            assert_eq!(n, 1);
-                            let h = engine.model.config.hidden_size;
-                            let x = engine.model.activations(&scratch.x, 1, h, &mut scratch.xq, &engine.threads);
-                            engine.model.lm_head(
-                                &mut stepped[i * vocab..(i + 1) * vocab],
-                                &x,
-                                0..vocab,
-                                &engine.threads,
-                            );
-                        });
-                        assert_eq!(reused, i);
+                        let reused =
+                            s.extend_to(&engine.model, &ids[..=i], &engine.threads, &mut never, |scratch, _, n| {
+                                assert_eq!(n, 1);
+                                let h = engine.model.config.hidden_size;
+                                let x = engine.model.activations(&scratch.x, 1, h, &mut scratch.xq, &engine.threads);
+                                engine.model.lm_head(
+                                    &mut stepped[i * vocab..(i + 1) * vocab],
+                                    &x,
+                                    0..vocab,
+                                    &engine.threads,
+                                );
+                            });
+                        assert_eq!(reused.unwrap(), i);
                     }
                     // Same bits as the batched pass: a token's arithmetic does not depend on its batch.
                     assert_eq!(stepped, full, "{name} {weights:?}: token-by-token differs from one pass");
@@ -609,7 +650,7 @@ mod tests {
         assert!(Generation::new(engine.clone(), ids[..13].to_vec(), GenerateParams::default()).is_err());
         let params = GenerateParams { max_new_tokens: 100, ..Default::default() };
         let mut g = Generation::new(engine.clone(), ids[..9].to_vec(), params.clone()).unwrap();
-        let c = g.run().unwrap();
+        let c = g.run(&mut never).unwrap();
         assert_eq!((c.token_ids.len(), c.finish_reason), (3, FinishReason::Length));
 
         let sampled = |seed| {
@@ -622,7 +663,7 @@ mod tests {
             let mut g =
                 Generation::new(engine.clone(), ids[..2].to_vec(), GenerateParams { sampling, ..params.clone() })
                     .unwrap();
-            g.run().unwrap().token_ids
+            g.run(&mut never).unwrap().token_ids
         };
         assert_eq!(sampled(5), sampled(5));
         assert_ne!(sampled(5), sampled(6));
@@ -648,7 +689,7 @@ mod tests {
         let vocab = c.vocab_size;
         let ids: Vec<u32> = std::iter::once(2).chain((1..256).map(|i| (i * 37 % 500 + 5) as u32)).collect();
         let mut ring = vec![0f32; ids.len() * vocab];
-        engine.logits(&ids, &mut ring).unwrap();
+        engine.logits(&ids, &mut ring, &mut never).unwrap();
 
         let mut full = vec![0f32; ids.len() * vocab];
         let mut cache = KvCache::new(&vec![256; c.num_hidden_layers], c.kv_dim(), 256);
@@ -662,7 +703,7 @@ mod tests {
 
         let run = |engine: &Arc<Engine>, prompt: &[u32]| {
             let params = GenerateParams { max_new_tokens: 4, ..Default::default() };
-            Generation::new(engine.clone(), prompt.to_vec(), params).unwrap().run().unwrap()
+            Generation::new(engine.clone(), prompt.to_vec(), params).unwrap().run(&mut never).unwrap()
         };
         let fresh = |prompt: &[u32]| run(&Arc::new(Engine::load(&dir, &opts).unwrap()), prompt);
         run(&engine, &ids[..200]); // the session now holds 203 positions

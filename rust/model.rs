@@ -153,13 +153,13 @@ impl Model {
                 return Ok(m);
             }
             let m = match wtype {
-                WeightType::F32 => Matrix::F32 { data: t.to_f32().into(), rows, cols },
+                WeightType::F32 => Matrix::F32 { data: finite_f32(&t)?.into(), rows, cols },
                 WeightType::Q8_0 if cols.is_multiple_of(QK8_0) => {
-                    Matrix::Q8_0 { data: pack_q8_0(src, &t, rows, cols, threads).into(), rows, cols }
+                    Matrix::Q8_0 { data: pack_q8_0(src, &t, rows, cols, threads)?.into(), rows, cols }
                 }
                 WeightType::Bf16 | WeightType::Q8_0 => {
                     let mut bits = Vec::with_capacity(rows * cols);
-                    for_slabs(&t, rows, cols, |_, x| bits.extend(x.iter().map(|&v| f32_to_bf16(v))));
+                    for_slabs(&t, rows, cols, |_, x| bits.extend(x.iter().map(|&v| f32_to_bf16(v))))?;
                     Matrix::Bf16 { data: bits.into(), rows, cols }
                 }
             };
@@ -169,7 +169,7 @@ impl Model {
         // Gemma's RMSNorm multiplies by (1 + weight): store the sum, computed in f32 (GGUF
         // files store the sum already).
         let norm = |name: &str, n: usize| -> Result<Vec<f32>> {
-            let w = checked(src, name, &[n])?.to_f32();
+            let w = finite_f32(&checked(src, name, &[n])?)?;
             Ok(if src.norms_include_one() { w } else { w.into_iter().map(|w| 1.0 + w).collect() })
         };
         let layers = (0..c.num_hidden_layers)
@@ -203,6 +203,51 @@ impl Model {
             inv_freq_global: ops::rope_inv_freq(c.rope_theta, hd),
             config,
         })
+    }
+
+    /// The first weight tensor holding a NaN or an infinity, with the element's index: a full
+    /// scan, for the error path (tensors used in place from a file are not checked at load).
+    pub fn first_non_finite_weight(&self) -> Option<(String, usize)> {
+        let vector = |v: &[f32]| v.iter().position(|x| !x.is_finite());
+        if let Some(i) = self.embed_tokens.first_non_finite() {
+            return Some(("embed_tokens.weight".into(), i));
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let Layer {
+                input_layernorm,
+                q_proj,
+                k_proj,
+                v_proj,
+                q_norm,
+                k_norm,
+                o_proj,
+                post_attention_layernorm,
+                pre_feedforward_layernorm,
+                gate_proj,
+                up_proj,
+                down_proj,
+                post_feedforward_layernorm,
+            } = layer;
+            let found = [
+                ("input_layernorm", vector(input_layernorm)),
+                ("self_attn.q_proj", q_proj.first_non_finite()),
+                ("self_attn.k_proj", k_proj.first_non_finite()),
+                ("self_attn.v_proj", v_proj.first_non_finite()),
+                ("self_attn.q_norm", vector(q_norm)),
+                ("self_attn.k_norm", vector(k_norm)),
+                ("self_attn.o_proj", o_proj.first_non_finite()),
+                ("post_attention_layernorm", vector(post_attention_layernorm)),
+                ("pre_feedforward_layernorm", vector(pre_feedforward_layernorm)),
+                ("mlp.gate_proj", gate_proj.first_non_finite()),
+                ("mlp.up_proj", up_proj.first_non_finite()),
+                ("mlp.down_proj", down_proj.first_non_finite()),
+                ("post_feedforward_layernorm", vector(post_feedforward_layernorm)),
+            ];
+            if let Some((name, Some(i))) = found.into_iter().find(|(_, i)| i.is_some()) {
+                return Some((format!("layers.{l}.{name}.weight"), i));
+            }
+        }
+        vector(&self.norm).map(|i| ("norm.weight".into(), i))
     }
 
     /// Every weight tensor of a Gemma 3 model: (Hugging Face name without `model.`, shape).
@@ -470,15 +515,15 @@ const SLAB_BYTES: usize = 1 << 20;
 /// time (dequantized first when the file holds another quantization); each slab's pages are
 /// released once packed, so loading never holds the whole source tensor resident, nor any
 /// full-precision copy of it.
-pub fn pack_q8_0(src: &Source, t: &Tensor, rows: usize, cols: usize, threads: &Threads) -> Vec<BlockQ8_0> {
+pub fn pack_q8_0(src: &Source, t: &Tensor, rows: usize, cols: usize, threads: &Threads) -> Result<Vec<BlockQ8_0>> {
     let per_row = cols / QK8_0;
     let mut out = vec![BlockQ8_0::default(); rows * per_row];
     for_slabs(t, rows, cols, |r0, x| {
         let n = x.len() / cols;
         quantize_rows(x, cols, &mut out[r0 * per_row..(r0 + n) * per_row], threads);
         src.release(t, t.byte_range(r0 * cols..(r0 + n) * cols));
-    });
-    out
+    })?;
+    Ok(out)
 }
 
 /// The rows of `x (n, cols)` quantized into `out` (`cols / 32` blocks a row), split across
@@ -495,8 +540,9 @@ pub fn quantize_rows(x: &[f32], cols: usize, out: &mut [BlockQ8_0], threads: &Th
 }
 
 /// Calls `f(first_row, values)` for consecutive slabs of rows of `t (rows, cols)` read as f32,
-/// about `SLAB_BYTES` of source each.
-pub fn for_slabs(t: &Tensor, rows: usize, cols: usize, mut f: impl FnMut(usize, &[f32])) {
+/// about `SLAB_BYTES` of source each; a NaN or infinite value is an error (Q8_0 packing would
+/// silently turn a NaN into 0: the block's maximum skips it).
+pub fn for_slabs(t: &Tensor, rows: usize, cols: usize, mut f: impl FnMut(usize, &[f32])) -> Result<()> {
     let row_bytes = t.byte_range(0..cols).len().max(1);
     let slab = (SLAB_BYTES / row_bytes).max(1);
     let mut buf = vec![0f32; slab.min(rows) * cols];
@@ -504,15 +550,37 @@ pub fn for_slabs(t: &Tensor, rows: usize, cols: usize, mut f: impl FnMut(usize, 
         let r1 = (r0 + slab).min(rows);
         let x = &mut buf[..(r1 - r0) * cols];
         t.read_f32(r0 * cols, x);
+        check_finite(t, r0 * cols, x)?;
         f(r0, x);
     }
+    Ok(())
+}
+
+/// The whole tensor as f32, refused if it holds a NaN or an infinity.
+pub fn finite_f32(t: &Tensor) -> Result<Vec<f32>> {
+    let v = t.to_f32();
+    check_finite(t, 0, &v)?;
+    Ok(v)
+}
+
+/// `x`, values `first..` of `t`, must be finite.
+fn check_finite(t: &Tensor, first: usize, x: &[f32]) -> Result<()> {
+    // An integer OR over the exponent test vectorizes (a float search would branch per value).
+    let non_finite = |v: &f32| (v.to_bits() & 0x7FFF_FFFF) >= 0x7F80_0000;
+    if x.iter().fold(false, |any, v| any | non_finite(v)) {
+        let i = first + x.iter().position(non_finite).unwrap_or(0);
+        let what = format!("tensor {} holds a NaN or infinite value (element {i})", t.name);
+        return Err(Error::format(t.path(), what));
+    }
+    Ok(())
 }
 
 /// The tensor `name`, checked to be of `shape`.
 fn checked<'a>(src: &'a Source, name: &str, shape: &[usize]) -> Result<Tensor<'a>> {
     let t = src.tensor(name)?;
     if t.shape != shape {
-        return Err(Error::ShapeMismatch { name: t.name, expected: shape.to_vec(), found: t.shape });
+        let path = t.path().to_path_buf();
+        return Err(Error::ShapeMismatch { path, name: t.name, expected: shape.to_vec(), found: t.shape });
     }
     Ok(t)
 }

@@ -288,9 +288,12 @@ pub fn matmul(out: &mut [f32], x: &Activations, w: &Matrix, rows: Range<usize>, 
     });
 }
 
-/// `out (n, rows) = x · wᵀ` for a Q8_0 weight of `rows` rows with one named kernel, on this thread:
-/// the products of `matmul` (same tiling), for comparing kernels with each other.
-pub fn matmul_q8_0_with(kernel: &Kernel, out: &mut [f32], x: &Activations, w: &[BlockQ8_0], rows: usize) {
+/// `out (n, rows) = x · wᵀ` for a Q8_0 weight of `rows` rows with one given kernel, on this
+/// thread: the products of `matmul` (same tiling), for comparing kernels with each other.
+///
+/// # Safety
+/// `kernel` comes from `Kernel::available()` (or `Kernel::named`): this CPU runs it.
+pub unsafe fn matmul_q8_0_with(kernel: &Kernel, out: &mut [f32], x: &Activations, w: &[BlockQ8_0], rows: usize) {
     assert!(x.q.is_some() && w.len() == rows * (x.cols / QK8_0) && out.len() >= x.n * rows, "matmul shapes");
     let out = Out { ptr: SharedMut::new(out), stride: rows, row0: 0 };
     matmul_q8_0(kernel, out, x, w, 0..rows);

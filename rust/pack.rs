@@ -66,7 +66,8 @@ pub fn pack(
         let t = ck.source.tensor(&p.hf)?;
         let shape = if p.norm { vec![p.rows * p.cols] } else { vec![p.rows, p.cols] };
         if t.shape != shape {
-            return Err(Error::ShapeMismatch { name: t.name, expected: shape, found: t.shape });
+            let path = t.path().to_path_buf();
+            return Err(Error::ShapeMismatch { path, name: t.name, expected: shape, found: t.shape });
         }
         total += t.data.len() as u64;
         let dims: Vec<usize> = if p.norm { vec![p.cols] } else { vec![p.cols, p.rows] };
@@ -259,7 +260,7 @@ fn write_tensor(
     let io = |e: std::io::Error| Error::io(t.path(), e);
     if p.norm {
         let one = if src.norms_include_one() { 0.0 } else { 1.0 };
-        for v in t.to_f32() {
+        for v in crate::model::finite_f32(&t)? {
             sink.write_all(&(one + v).to_le_bytes()).map_err(io)?;
         }
         return advanced(t.data.len() as u64);
@@ -294,6 +295,6 @@ fn write_tensor(
         let range = t.byte_range(r0 * p.cols..(r0 + n) * p.cols);
         result = sink.write_all(&bytes).map_err(io).and_then(|()| advanced(range.len() as u64));
         src.release(&t, range);
-    });
+    })?;
     result
 }

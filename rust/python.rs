@@ -2,12 +2,14 @@
 //! map errors. The typed, documented API is python/gemma_rs/__init__.py.
 
 use crate::error::Error;
-use crate::generate::{thread_count, Completion, Engine, GenerateParams, Generation, LoadOptions, Memory};
+use crate::generate::{thread_count, Cancel, Completion, Engine, GenerateParams, Generation, LoadOptions, Memory};
 use crate::model::WeightType;
 use crate::quant::{self, BlockQ8_0, QK8_0};
 use crate::sampler::SamplingParams;
 use crate::threads::Threads;
-use pyo3::exceptions::{PyException, PyFileNotFoundError, PyMemoryError, PyTypeError, PyValueError};
+use pyo3::exceptions::{
+    PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyMemoryError, PyTypeError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -23,6 +25,7 @@ impl From<Error> for PyErr {
             Error::NotFound(_) => PyFileNotFoundError::new_err(msg),
             Error::InvalidArgument(_) => PyValueError::new_err(msg),
             Error::MemoryLimit(_) => PyMemoryError::new_err(msg),
+            Error::Interrupted => PyKeyboardInterrupt::new_err(msg),
             _ => GemmaError::new_err(msg),
         }
     }
@@ -41,6 +44,25 @@ fn compute<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send)
         })
     })
     .map_err(PyErr::from)
+}
+
+/// `compute` for long calls: `f` gets a `Cancel` that, on Python's main thread (the only one
+/// where signal handlers run), runs the pending handlers; when one raises (Ctrl-C's
+/// `KeyboardInterrupt`), the call stops at the next token or prefill chunk and that exception
+/// is raised. Elsewhere the check costs nothing: no GIL is taken per token.
+fn compute_cancellable<T: Send>(py: Python<'_>, f: impl FnOnce(Cancel<'_>) -> crate::Result<T> + Send) -> PyResult<T> {
+    let threading = py.import("threading")?;
+    let main = threading.call_method0("main_thread")?.getattr("ident")?;
+    let on_main = main.eq(threading.call_method0("get_ident")?)?;
+    let mut raised: Option<PyErr> = None;
+    let result = compute(py, || {
+        let mut cancel = || on_main && Python::attach(|py| py.check_signals()).map_err(|e| raised = Some(e)).is_err();
+        f(&mut cancel)
+    });
+    match raised {
+        Some(e) => Err(e),
+        None => result,
+    }
 }
 
 fn value_error(msg: String) -> PyErr {
@@ -229,7 +251,8 @@ fn _q8_0_matmul<'py>(py: Python<'py>, kernel: &str, w: &[u8], rows: usize, x: &[
     let mut buf = QuantBuf::new(xf.len());
     let acts = Activations::quantized(&xf, n, cols, &mut buf, &Threads::new(1));
     let mut out = vec![0f32; n * rows];
-    matmul_q8_0_with(k, &mut out, &acts, &blocks, rows);
+    // SAFETY: `k` comes from `Kernel::named`, which lists only the kernels this CPU runs.
+    unsafe { matmul_q8_0_with(k, &mut out, &acts, &blocks, rows) };
     let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
     Ok(PyBytes::new(py, &bytes))
 }
@@ -344,7 +367,7 @@ fn completion_dict<'py>(py: Python<'py>, c: &Completion) -> PyResult<Bound<'py, 
 fn f32_bytearray<'py>(
     py: Python<'py>,
     n: usize,
-    fill: impl FnOnce(&mut [f32]) -> crate::Result<()> + Send,
+    fill: impl FnOnce(&mut [f32], Cancel<'_>) -> crate::Result<()> + Send,
 ) -> PyResult<Bound<'py, PyByteArray>> {
     let bytes = n.checked_mul(4).ok_or_else(|| value_error(format!("{n} floats do not fit in memory")))?;
     PyByteArray::new_with(py, bytes, |buf| {
@@ -355,7 +378,7 @@ fn f32_bytearray<'py>(
             return Err(GemmaError::new_err("internal error: unaligned bytearray"));
         }
         // No other Python code can see the bytearray yet, so it may be filled without the GIL.
-        compute(py, || fill(floats))
+        compute_cancellable(py, |cancel| fill(floats, cancel))
     })
 }
 
@@ -364,7 +387,7 @@ impl Model {
     fn complete<'py>(&self, py: Python<'py>, request: Request<'py>) -> PyResult<Bound<'py, PyDict>> {
         let (prompt, params) = request.parse()?;
         let engine = Arc::clone(&self.engine);
-        let completion = compute(py, move || prompt.start(engine, params)?.run())?;
+        let completion = compute_cancellable(py, move |cancel| prompt.start(engine, params)?.run(cancel))?;
         completion_dict(py, &completion)
     }
 
@@ -402,15 +425,15 @@ impl Model {
         let ids = ids_from(ids)?;
         self.engine.check_sequence(&ids, "the sequence")?;
         let vocab = self.engine.config().vocab_size;
-        let out = f32_bytearray(py, ids.len() * vocab, |out| self.engine.logits(&ids, out))?;
+        let out = f32_bytearray(py, ids.len() * vocab, |out, cancel| self.engine.logits(&ids, out, cancel))?;
         Ok((out, ids.len(), vocab))
     }
 
     /// A bytearray of float32 log-probabilities, `len(ids) - 1` of them.
     fn logprobs<'py>(&self, py: Python<'py>, ids: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyByteArray>> {
         let ids = ids_from(ids)?;
-        let lp = compute(py, || self.engine.logprobs(&ids))?;
-        f32_bytearray(py, lp.len(), |out| {
+        let lp = compute_cancellable(py, |cancel| self.engine.logprobs(&ids, cancel))?;
+        f32_bytearray(py, lp.len(), |out, _| {
             out.copy_from_slice(&lp);
             Ok(())
         })
@@ -472,10 +495,10 @@ impl Stream {
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<String>> {
         // Skip empty pieces (a token that completes no character, or text held for a stop string).
-        compute(py, || {
+        compute_cancellable(py, |cancel| {
             let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
             loop {
-                match g.step()? {
+                match g.step(cancel)? {
                     Some(piece) if piece.is_empty() => continue,
                     other => return Ok(other),
                 }

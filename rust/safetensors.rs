@@ -143,7 +143,15 @@ impl SafeTensors {
 
     /// The tensor `name`, or `Error::MissingTensor`.
     pub fn get(&self, name: &str) -> Result<TensorView<'_>> {
-        let (key, e) = self.entries.get_key_value(name).ok_or_else(|| Error::MissingTensor(name.to_string()))?;
+        let (key, e) = self.entries.get_key_value(name).ok_or_else(|| {
+            // One file names itself; shards name their directory.
+            let path = match &self.files[..] {
+                [(one, _)] => one.clone(),
+                [(first, _), ..] => first.parent().map(Path::to_path_buf).unwrap_or_default(),
+                [] => PathBuf::new(),
+            };
+            Error::MissingTensor { path, name: name.to_string() }
+        })?;
         Ok(TensorView { name: key, dtype: e.dtype, shape: &e.shape, data: &self.files[e.file].1[e.start..e.end] })
     }
 

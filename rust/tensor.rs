@@ -98,6 +98,16 @@ impl Matrix {
         }
     }
 
+    /// The index of the first NaN or infinite value (for Q8_0: of the first value of a block
+    /// whose f16 scale is NaN or infinite; its int8 values cannot be), if any.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        match self {
+            Matrix::F32 { data, .. } => data.iter().position(|v| !v.is_finite()),
+            Matrix::Bf16 { data, .. } => data.iter().position(|&b| b & 0x7F80 == 0x7F80),
+            Matrix::Q8_0 { data, .. } => data.iter().position(|b| b.d & 0x7C00 == 0x7C00).map(|i| i * QK8_0),
+        }
+    }
+
     /// Row `r` widened to f32 into `out` (length `cols`): the embedding gather.
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
         let c = self.cols();

@@ -116,6 +116,18 @@ def test_bad_generation_arguments(tiny_copy):
         (ValueError, dict(repetition_penalty=0.0)),
         (ValueError, dict(seed=-1)),
         (TypeError, dict(stop=5)),
+        (TypeError, dict(stop=[1, 2])),
+        (ValueError, dict(stop=[""])),
+        (TypeError, dict(max_new_tokens=1.5)),
+        (TypeError, dict(max_new_tokens="3")),
+        (TypeError, dict(max_new_tokens=True)),
+        (TypeError, dict(max_new_tokens=None)),
+        (TypeError, dict(top_k=2.5)),
+        (TypeError, dict(temperature="hot")),
+        (ValueError, dict(temperature=float("nan"))),
+        (ValueError, dict(top_p=float("nan"))),
+        (TypeError, dict(seed=1.5)),
+        (ValueError, dict(seed=2**64)),
     ]
     for exc, kw in cases:
         with pytest.raises(exc):
@@ -128,6 +140,16 @@ def test_bad_generation_arguments(tiny_copy):
         model.complete([])
     with pytest.raises(TypeError, match="prompt"):
         model.complete(3.5)
+    with pytest.raises(TypeError, match="bytes"):
+        model.complete(b"\x02\x05")
+    with pytest.raises(ValueError, match="empty"):
+        model.complete("")
+    with pytest.raises(TypeError, match="token ids"):
+        model.complete(["a", "b"])
+    # numpy integers and arrays are integers and sequences of them.
+    want = model.complete([2, 5, 6], max_new_tokens=3).token_ids
+    got = model.complete(np.array([2, 5, 6]), max_new_tokens=np.int64(3), temperature=np.float32(0))
+    assert got.token_ids == want
     with pytest.raises(TypeError):
         model.logits("text")
 

@@ -131,7 +131,31 @@ class _Request:
 
     @classmethod
     def of(cls, args: dict[str, Any], text: bool) -> _Request:
-        return cls(**{f.name: args[f.name] for f in fields(cls) if f.name != "text"}, text=text)
+        """The arguments, their types checked (the Rust side checks their ranges)."""
+        r = cls(**{f.name: args[f.name] for f in fields(cls) if f.name != "text"}, text=text)
+        for name in ("max_new_tokens", "top_k"):
+            _check_type(name, getattr(r, name), int)
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            _check_type(name, getattr(r, name), (int, float))
+        if r.seed is not None:
+            _check_type("seed", r.seed, int)
+            if not 0 <= int(r.seed) < 2**64:
+                raise ValueError(f"seed must be in [0, 2**64), got {r.seed}")
+        if isinstance(r.prompt, (bytes, bytearray, memoryview)):
+            raise TypeError("prompt must be a str or a list of token ids, got bytes (decode it)")
+        if isinstance(r.prompt, str) and not r.prompt:
+            raise ValueError("the prompt is empty (to start from BOS alone, pass [its id])")
+        return r
+
+
+def _check_type(name: str, value: object, types: type | tuple[type, ...]) -> None:
+    """`value` is an integer (anything with ``__index__``: numpy's too) or, when `types` admits
+    floats, a real number (anything with ``__float__``); never a bool or a str."""
+    integer = hasattr(type(value), "__index__")
+    ok = integer if types is int else integer or hasattr(type(value), "__float__")
+    if isinstance(value, (bool, str)) or not ok:
+        want = "an int" if types is int else "a number"
+        raise TypeError(f"{name} must be {want}, got {type(value).__name__}")
 
 
 class Stream(Iterator[str]):
@@ -446,10 +470,10 @@ class CpuFeatures:
 
     arch: str
     """``"x86_64"``, ``"aarch64"``, ..."""
-    features: list[str]
+    features: tuple[str, ...]
     """The CPU features the Q8_0 kernels are chosen by, as detected at run time: ``avx2``,
     ``fma``, ``f16c``, ``avx512vnni``, ``avx512vl`` on x86_64; ``neon``, ``dotprod`` on aarch64."""
-    kernels: list[str]
+    kernels: tuple[str, ...]
     """The Q8_0 kernels this CPU runs, fastest first; ``"scalar"`` is always last."""
     kernel: str
     """The kernel every model of this process uses: the first of ``kernels``, or the one named by
@@ -463,7 +487,8 @@ def cpu_features() -> CpuFeatures:
     >>> f.kernel in f.kernels and f.kernels[-1] == "scalar"
     True
     """
-    return CpuFeatures(**_gemma_rs.cpu_features())
+    f = _gemma_rs.cpu_features()
+    return CpuFeatures(f["arch"], tuple(f["features"]), tuple(f["kernels"]), f["kernel"])
 
 
 def _check_ints(**values: int | None) -> None:

@@ -106,7 +106,9 @@ pub struct QRow<'a> {
 }
 
 /// Quantizes one activation row: per block `d = max|x| / 127` (kept in f32, finer than Q8_0's
-/// f16) and `q = x / d` rounded to nearest even.
+/// f16) and `q = x / d` rounded to nearest even. A block holding a NaN or an infinity gets
+/// `d = NaN`, so that the products it enters are NaN too (the maximum alone would skip a NaN
+/// and quantize it to 0, hiding a broken weight or an overflow from the logits' check).
 pub fn quantize_activations(x: &[f32], d: &mut [f32], qs: &mut [i8]) {
     assert!(x.len() == qs.len() && x.len() == d.len() * QK8_0, "quantize_activations: lengths");
     #[cfg(target_arch = "x86_64")]
@@ -121,7 +123,9 @@ pub fn quantize_activations(x: &[f32], d: &mut [f32], qs: &mut [i8]) {
 fn quantize_activations_portable(x: &[f32], d: &mut [f32], qs: &mut [i8]) {
     for ((xb, d), qb) in x.chunks_exact(QK8_0).zip(d.iter_mut()).zip(qs.chunks_exact_mut(QK8_0)) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        *d = amax / 127.0;
+        // An integer OR vectorizes; a float test per value would branch.
+        let non_finite = xb.iter().fold(0u32, |a, v| a | ((v.to_bits() & 0x7FFF_FFFF) >= 0x7F80_0000) as u32);
+        *d = if non_finite == 0 { amax / 127.0 } else { f32::NAN };
         let id = if *d != 0.0 { 1.0 / *d } else { 0.0 };
         for (q, &v) in qb.iter_mut().zip(xb) {
             *q = round_ties_even((v * id).clamp(-127.0, 127.0)) as i8; // see quantize_row_q8_0
