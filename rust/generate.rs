@@ -6,13 +6,13 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{Model, Scratch, WeightType, CHUNK};
-use crate::ops::LogSumExp;
+use crate::ops::{self, LogSumExp};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::threads::Threads;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use std::ops::Range;
-use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
 /// The default cap on a sequence when the caller gives none (and the model allows it).
@@ -138,6 +138,9 @@ impl Session {
 /// `Error::Interrupted` (the Python binding answers it from Python's signal handlers: Ctrl-C).
 pub type Cancel<'a> = &'a mut dyn FnMut() -> bool;
 
+/// Told `(done, total)` bytes as a long job goes; an error stops it.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64) -> Result<()>;
+
 /// A `Cancel` that never cancels.
 pub fn never() -> bool {
     false
@@ -152,14 +155,23 @@ pub struct Engine {
     pub threads: Threads,
     /// The model's own chat template, when its files have one.
     pub chat_template: Option<String>,
+    /// The file or directory it was loaded from (for messages).
+    pub path: PathBuf,
     session: Mutex<Session>,
 }
 
 impl Engine {
     /// Loads a Hugging Face model directory, a GGUF file, or a directory holding one GGUF.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Engine> {
+        Engine::load_with_progress(path, opts, &mut |_, _| Ok(()))
+    }
+
+    /// `load`, calling `progress(done, total)` in bytes of tensor data after each tensor; an
+    /// error from it stops loading.
+    pub fn load_with_progress(path: &Path, opts: &LoadOptions, progress: Progress<'_>) -> Result<Engine> {
         let ck = Checkpoint::open(path)?;
-        let max_inference_len = resolve_max_inference_len(&ck.config, opts.max_inference_len)?;
+        let max_inference_len = resolve_max_inference_len(&ck.config, opts.max_inference_len)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
         let n_threads = thread_count(opts.threads)?;
         if let Some(limit) = opts.memory_limit {
             let plan = Memory::plan(&ck, max_inference_len, opts.weights, n_threads)?;
@@ -181,7 +193,7 @@ impl Engine {
         }
         let threads = Threads::new(n_threads);
         let Checkpoint { source, config, tokenizer, eos_token_ids, chat_template, .. } = ck;
-        let model = Model::load(config, &source, opts.weights, &threads)?;
+        let model = Model::load(config, &source, opts.weights, &threads, progress)?;
         let c = &model.config;
         let session = Session {
             cache: KvCache::new(&Model::cache_capacities(c, max_inference_len), c.kv_dim(), max_inference_len),
@@ -195,6 +207,7 @@ impl Engine {
             eos_token_ids,
             threads,
             chat_template,
+            path: path.to_path_buf(),
             session: Mutex::new(session),
         })
     }
@@ -240,6 +253,19 @@ impl Engine {
         self.session.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The session, waiting for another call to release it unless `cancel` says to stop (so a
+    /// Ctrl-C is seen while another thread's long generation holds the model).
+    fn session_or_cancel(&self, cancel: Cancel<'_>) -> Result<MutexGuard<'_, Session>> {
+        loop {
+            match self.session.try_lock() {
+                Ok(s) => return Ok(s),
+                Err(TryLockError::Poisoned(e)) => return Ok(e.into_inner()),
+                Err(TryLockError::WouldBlock) if cancel() => return Err(Error::Interrupted),
+                Err(TryLockError::WouldBlock) => std::thread::sleep(std::time::Duration::from_micros(200)),
+            }
+        }
+    }
+
     /// Checks that `ids` is a non-empty sequence of vocabulary ids that fits the cache.
     pub fn check_sequence(&self, ids: &[u32], what: &str) -> Result<()> {
         if ids.is_empty() {
@@ -267,7 +293,7 @@ impl Engine {
         if out.len() != ids.len() * vocab {
             return Err(Error::Internal(format!("logits buffer of {} floats for {} tokens", out.len(), ids.len())));
         }
-        let mut s = self.session();
+        let mut s = self.session_or_cancel(cancel)?;
         s.tokens.clear();
         let mut non_finite = None;
         s.extend_to(&self.model, ids, &self.threads, cancel, |scratch, start, n| {
@@ -276,7 +302,7 @@ impl Engine {
             let x = self.model.activations(&scratch.x, n, h, &mut scratch.xq, &self.threads);
             self.model.lm_head(rows, &x, 0..vocab, &self.threads);
             if non_finite.is_none() {
-                non_finite = rows.iter().position(|v| !v.is_finite()).map(|i| start + i / vocab);
+                non_finite = ops::first_non_finite(rows).map(|i| start + i / vocab);
             }
         })?;
         match non_finite {
@@ -293,7 +319,10 @@ impl Engine {
             Some((name, i)) => format!("tensor {name} holds a NaN or infinite value (element {i})"),
             None => "the weights are finite, so an activation overflowed f32".to_string(),
         };
-        Error::NonFinite(format!("the forward pass gave NaN or infinite logits at position {position}: {cause}"))
+        Error::NonFinite(format!(
+            "{}: the forward pass gave NaN or infinite logits at position {position}: {cause}",
+            self.path.display()
+        ))
     }
 
     /// `log p(ids[i + 1] | ids[..=i])` for every `i`, teacher-forced, vocabulary tile by tile
@@ -305,7 +334,7 @@ impl Engine {
         }
         let vocab = self.model.config.vocab_size;
         let mut out = vec![0f32; ids.len() - 1];
-        let mut s = self.session();
+        let mut s = self.session_or_cancel(cancel)?;
         s.tokens.clear();
         s.extend_to(&self.model, ids, &self.threads, cancel, |scratch, start, n| {
             let n = n.min(ids.len() - 1 - start); // the last token has no target
@@ -335,7 +364,7 @@ impl Engine {
                 out[start + t] = (target[t] as f64 - lse[t].value()) as f32;
             }
         })?;
-        match out.iter().position(|v| !v.is_finite()) {
+        match ops::first_non_finite(&out) {
             Some(pos) => Err(self.non_finite(pos)),
             None => Ok(out),
         }
@@ -455,7 +484,7 @@ impl Generation {
     /// once the generation is finished and all its text was returned.
     pub fn step(&mut self, cancel: Cancel<'_>) -> Result<Option<String>> {
         let engine = Arc::clone(&self.engine);
-        let mut session = engine.session();
+        let mut session = engine.session_or_cancel(cancel)?;
         Ok(self.step_with(&mut session, cancel)?.map(|piece| self.text[piece].to_string()))
     }
 
@@ -463,7 +492,7 @@ impl Generation {
     /// `cancel` is asked before every token (and between prefill chunks).
     pub fn run(&mut self, cancel: Cancel<'_>) -> Result<Completion> {
         let engine = Arc::clone(&self.engine);
-        let mut session = engine.session();
+        let mut session = engine.session_or_cancel(cancel)?;
         while self.step_with(&mut session, cancel)?.is_some() {}
         Ok(self.completion().expect("finished"))
     }
@@ -489,7 +518,7 @@ impl Generation {
         let x = &scratch.x[last_row * h..(last_row + 1) * h];
         let x = model.activations(x, 1, h, &mut scratch.xq, &engine.threads);
         model.lm_head(logits, &x, 0..vocab, &engine.threads);
-        if logits.iter().any(|v| !v.is_finite()) {
+        if ops::first_non_finite(logits).is_some() {
             return Err(engine.non_finite(self.seq.len() - 1));
         }
         let tok = self.sampler.sample(logits, &self.seq);

@@ -137,39 +137,39 @@ impl Scratch {
 
 impl Model {
     /// Loads every weight from `src`, checking names and shapes against `config`.
-    pub fn load(config: Config, src: &Source, wtype: WeightType, threads: &Threads) -> Result<Model> {
+    /// The weights of `config` from `src`; `progress(done, total)` is told the bytes of tensor
+    /// data read after each tensor.
+    pub fn load(
+        config: Config,
+        src: &Source,
+        wtype: WeightType,
+        threads: &Threads,
+        progress: &mut dyn FnMut(u64, u64) -> Result<()>,
+    ) -> Result<Model> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
+        let mut total = 0u64;
+        for (name, _) in Model::tensors(c) {
+            total += src.tensor(&name)?.data.len() as u64;
+        }
+        let done = std::cell::Cell::new(0u64);
+        let progress = std::cell::RefCell::new(progress);
+        let advance = |t: &Tensor| -> Result<()> {
+            done.set(done.get() + t.data.len() as u64);
+            (progress.borrow_mut())(done.get(), total)
+        };
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
             let t = checked(src, name, &[rows, cols])?;
-            // Used in place from the map when the file already holds the wanted type.
-            let in_place = match (wtype, t.ty) {
-                (WeightType::Q8_0, GgmlType::Q8_0) => src.in_place(&t).map(|data| Matrix::Q8_0 { data, rows, cols }),
-                (WeightType::F32, GgmlType::F32) => src.in_place(&t).map(|data| Matrix::F32 { data, rows, cols }),
-                (WeightType::Bf16, GgmlType::BF16) => src.in_place(&t).map(|data| Matrix::Bf16 { data, rows, cols }),
-                _ => None,
-            };
-            if let Some(m) = in_place {
-                return Ok(m);
-            }
-            let m = match wtype {
-                WeightType::F32 => Matrix::F32 { data: finite_f32(&t)?.into(), rows, cols },
-                WeightType::Q8_0 if cols.is_multiple_of(QK8_0) => {
-                    Matrix::Q8_0 { data: pack_q8_0(src, &t, rows, cols, threads)?.into(), rows, cols }
-                }
-                WeightType::Bf16 | WeightType::Q8_0 => {
-                    let mut bits = Vec::with_capacity(rows * cols);
-                    for_slabs(&t, rows, cols, |_, x| bits.extend(x.iter().map(|&v| f32_to_bf16(v))))?;
-                    Matrix::Bf16 { data: bits.into(), rows, cols }
-                }
-            };
-            src.release(&t, 0..t.data.len());
+            let m = Self::matrix(src, &t, wtype, rows, cols, threads)?;
+            advance(&t)?;
             Ok(m)
         };
         // Gemma's RMSNorm multiplies by (1 + weight): store the sum, computed in f32 (GGUF
         // files store the sum already).
         let norm = |name: &str, n: usize| -> Result<Vec<f32>> {
-            let w = finite_f32(&checked(src, name, &[n])?)?;
+            let t = checked(src, name, &[n])?;
+            let w = finite_f32(&t)?;
+            advance(&t)?;
             Ok(if src.norms_include_one() { w } else { w.into_iter().map(|w| 1.0 + w).collect() })
         };
         let layers = (0..c.num_hidden_layers)
@@ -248,6 +248,42 @@ impl Model {
             }
         }
         vector(&self.norm).map(|i| ("norm.weight".into(), i))
+    }
+
+    /// One weight matrix: used in place from the map when the file already holds the wanted
+    /// type, else converted (refused if it holds a NaN or an infinity) and its source pages
+    /// released.
+    fn matrix(
+        src: &Source,
+        t: &Tensor,
+        wtype: WeightType,
+        rows: usize,
+        cols: usize,
+        threads: &Threads,
+    ) -> Result<Matrix> {
+        // Used in place from the map when the file already holds the wanted type.
+        let in_place = match (wtype, t.ty) {
+            (WeightType::Q8_0, GgmlType::Q8_0) => src.in_place(t).map(|data| Matrix::Q8_0 { data, rows, cols }),
+            (WeightType::F32, GgmlType::F32) => src.in_place(t).map(|data| Matrix::F32 { data, rows, cols }),
+            (WeightType::Bf16, GgmlType::BF16) => src.in_place(t).map(|data| Matrix::Bf16 { data, rows, cols }),
+            _ => None,
+        };
+        if let Some(m) = in_place {
+            return Ok(m);
+        }
+        let m = match wtype {
+            WeightType::F32 => Matrix::F32 { data: finite_f32(t)?.into(), rows, cols },
+            WeightType::Q8_0 if cols.is_multiple_of(QK8_0) => {
+                Matrix::Q8_0 { data: pack_q8_0(src, t, rows, cols, threads)?.into(), rows, cols }
+            }
+            WeightType::Bf16 | WeightType::Q8_0 => {
+                let mut bits = Vec::with_capacity(rows * cols);
+                for_slabs(t, rows, cols, |_, x| bits.extend(x.iter().map(|&v| f32_to_bf16(v))))?;
+                Matrix::Bf16 { data: bits.into(), rows, cols }
+            }
+        };
+        src.release(t, 0..t.data.len());
+        Ok(m)
     }
 
     /// Every weight tensor of a Gemma 3 model: (Hugging Face name without `model.`, shape).
@@ -523,7 +559,24 @@ pub fn pack_q8_0(src: &Source, t: &Tensor, rows: usize, cols: usize, threads: &T
         quantize_rows(x, cols, &mut out[r0 * per_row..(r0 + n) * per_row], threads);
         src.release(t, t.byte_range(r0 * cols..(r0 + n) * cols));
     })?;
+    check_q8_0_scales(t, &out)?;
     Ok(out)
+}
+
+/// Q8_0 blocks quantized from the finite values of `t`: a block whose values exceed what an f16
+/// scale can hold (|x| > 65504 × 127) got an infinite scale; refused, naming the way out.
+pub fn check_q8_0_scales(t: &Tensor, blocks: &[BlockQ8_0]) -> Result<()> {
+    match blocks.iter().position(|b| b.d & 0x7C00 == 0x7C00) {
+        None => Ok(()),
+        Some(i) => Err(Error::format(
+            t.path(),
+            format!(
+                "tensor {} has values too large for Q8_0 (block {i}: f16 scales hold at most \
+                 65504 × 127); load it with weights=\"bf16\" or \"f32\"",
+                t.name
+            ),
+        )),
+    }
 }
 
 /// The rows of `x (n, cols)` quantized into `out` (`cols / 32` blocks a row), split across
@@ -565,10 +618,8 @@ pub fn finite_f32(t: &Tensor) -> Result<Vec<f32>> {
 
 /// `x`, values `first..` of `t`, must be finite.
 fn check_finite(t: &Tensor, first: usize, x: &[f32]) -> Result<()> {
-    // An integer OR over the exponent test vectorizes (a float search would branch per value).
-    let non_finite = |v: &f32| (v.to_bits() & 0x7FFF_FFFF) >= 0x7F80_0000;
-    if x.iter().fold(false, |any, v| any | non_finite(v)) {
-        let i = first + x.iter().position(non_finite).unwrap_or(0);
+    if let Some(i) = ops::first_non_finite(x) {
+        let i = first + i;
         let what = format!("tensor {} holds a NaN or infinite value (element {i})", t.name);
         return Err(Error::format(t.path(), what));
     }

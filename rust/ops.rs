@@ -299,6 +299,17 @@ pub unsafe fn matmul_q8_0_with(kernel: &Kernel, out: &mut [f32], x: &Activations
     matmul_q8_0(kernel, out, x, w, 0..rows);
 }
 
+/// The index of the first NaN or infinite value of `x`, if any. An integer OR over the
+/// exponent test runs first, vectorized (a search would branch per value).
+pub fn first_non_finite(x: &[f32]) -> Option<usize> {
+    let bad = |v: &f32| (v.to_bits() & 0x7FFF_FFFF) >= 0x7F80_0000;
+    if x.iter().fold(false, |any, v| any | bad(v)) {
+        x.iter().position(bad)
+    } else {
+        None
+    }
+}
+
 /// Plain f32 dot product, bit-identical to a matrix product row.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     // SAFETY: `best` only returns kernels this CPU supports.

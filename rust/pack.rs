@@ -266,7 +266,8 @@ fn write_tensor(
         return advanced(t.data.len() as u64);
     }
     if t.ty == p.ty {
-        // Already in the wanted type: copied as stored.
+        // Already in the wanted type: copied as stored, once its values are checked finite.
+        for_slabs(&t, p.rows, p.cols, |_, _| ())?;
         for chunk in t.data.chunks(1 << 20) {
             sink.write_all(chunk).map_err(io)?;
             advanced(chunk.len() as u64)?;
@@ -286,6 +287,10 @@ fn write_tensor(
             GgmlType::Q8_0 => {
                 blocks.resize(n * (p.cols / QK8_0), BlockQ8_0::default());
                 quantize_rows(x, p.cols, &mut blocks, threads);
+                if let Err(e) = crate::model::check_q8_0_scales(&t, &blocks) {
+                    result = Err(e);
+                    return;
+                }
                 bytes.extend_from_slice(BlockQ8_0::as_bytes(&blocks));
             }
             GgmlType::BF16 => x.iter().for_each(|&v| bytes.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),

@@ -46,23 +46,56 @@ fn compute<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send)
     .map_err(PyErr::from)
 }
 
-/// `compute` for long calls: `f` gets a `Cancel` that, on Python's main thread (the only one
-/// where signal handlers run), runs the pending handlers; when one raises (Ctrl-C's
-/// `KeyboardInterrupt`), the call stops at the next token or prefill chunk and that exception
-/// is raised. Elsewhere the check costs nothing: no GIL is taken per token.
+/// `compute` for long calls that Ctrl-C must stop. Python runs signal handlers on its main
+/// thread only, so there `f` runs on a scoped worker thread while the main thread, without
+/// the GIL and without any of the model's locks, waits for it and every 20 ms runs the pending
+/// handlers; when one raises (Ctrl-C's `KeyboardInterrupt`), the worker's `Cancel` says so, it
+/// stops at its next token, prefill chunk or lock wait, and that exception is raised. The worker
+/// never takes the GIL, so it cannot deadlock with a thread that holds the GIL and waits for the
+/// model. On other threads `f` runs here, never cancelled.
 fn compute_cancellable<T: Send>(py: Python<'_>, f: impl FnOnce(Cancel<'_>) -> crate::Result<T> + Send) -> PyResult<T> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
     let threading = py.import("threading")?;
     let main = threading.call_method0("main_thread")?.getattr("ident")?;
-    let on_main = main.eq(threading.call_method0("get_ident")?)?;
-    let mut raised: Option<PyErr> = None;
-    let result = compute(py, || {
-        let mut cancel = || on_main && Python::attach(|py| py.check_signals()).map_err(|e| raised = Some(e)).is_err();
-        f(&mut cancel)
-    });
-    match raised {
-        Some(e) => Err(e),
-        None => result,
+    if !main.eq(threading.call_method0("get_ident")?)? {
+        return compute(py, || f(&mut crate::generate::never));
     }
+    let stop = AtomicBool::new(false);
+    let mut raised: Option<PyErr> = None;
+    let result = py.detach(|| {
+        let waiter = std::thread::current();
+        std::thread::scope(|s| {
+            let worker = s.spawn(|| {
+                let r = catch_unwind(AssertUnwindSafe(|| f(&mut || stop.load(Ordering::Relaxed))));
+                waiter.unpark();
+                r
+            });
+            while !worker.is_finished() {
+                std::thread::park_timeout(Duration::from_millis(20));
+                if raised.is_none() && !worker.is_finished() {
+                    if let Err(e) = Python::attach(|py| py.check_signals()) {
+                        raised = Some(e);
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+            worker.join().unwrap_or_else(Err)
+        })
+    });
+    if let Some(e) = raised {
+        return Err(e);
+    }
+    result
+        .unwrap_or_else(|p| {
+            let what = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("panic");
+            Err(Error::Internal(what.to_string()))
+        })
+        .map_err(PyErr::from)
 }
 
 fn value_error(msg: String) -> PyErr {
@@ -111,7 +144,7 @@ fn load_options(
 }
 
 #[pyfunction]
-#[pyo3(signature = (path, max_inference_len, weights, threads, memory_limit))]
+#[pyo3(signature = (path, max_inference_len, weights, threads, memory_limit, progress=None))]
 fn load(
     py: Python<'_>,
     path: PathBuf,
@@ -119,10 +152,25 @@ fn load(
     weights: &str,
     threads: Option<i64>,
     memory_limit: Option<i64>,
+    progress: Option<Py<PyAny>>,
 ) -> PyResult<Model> {
     let opts = load_options(max_inference_len, weights, threads, memory_limit)?;
-    let engine = compute(py, || Engine::load(&path, &opts))?;
-    Ok(Model { engine: Arc::new(engine) })
+    let mut raised: Option<PyErr> = None;
+    let engine = compute(py, || {
+        Engine::load_with_progress(&path, &opts, &mut |done, total| match &progress {
+            None => Ok(()),
+            Some(f) => Python::attach(|py| {
+                f.call1(py, (done, total)).map(drop).map_err(|e| {
+                    raised = Some(e);
+                    Error::Interrupted
+                })
+            }),
+        })
+    });
+    if let Some(e) = raised {
+        return Err(e);
+    }
+    Ok(Model { engine: Arc::new(engine?) })
 }
 
 fn memory_dict<'py>(py: Python<'py>, m: &Memory) -> PyResult<Bound<'py, PyDict>> {
@@ -207,6 +255,39 @@ fn quantize_q8_0<'py>(py: Python<'py>, values: &[u8]) -> PyResult<Bound<'py, PyB
     let mut blocks = vec![BlockQ8_0::default(); x.len() / QK8_0];
     quant::quantize_row_q8_0(&x, &mut blocks);
     Ok(PyBytes::new(py, BlockQ8_0::as_bytes(&blocks)))
+}
+
+/// A model's files without its weights: `{"format", "config_json", "tensors": [(name, ggml
+/// type, shape, bytes)], "vocab", "chat_template", "eos_token_ids"}` (the tensors a Gemma 3
+/// model uses, in load order; `vocab` is the tokenizer's size, or None without one).
+#[pyfunction]
+fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    use crate::checkpoint::{Checkpoint, Source};
+    type Row = (String, &'static str, Vec<usize>, usize);
+    let (format, config, tensors, vocab, template, eos) = compute(py, || {
+        let ck = Checkpoint::open(&path)?;
+        let format = match &ck.source {
+            Source::Gguf(g) => format!("GGUF v{}", g.version),
+            Source::SafeTensors { .. } => "safetensors".to_string(),
+        };
+        let tensors = crate::model::Model::tensors(&ck.config)
+            .into_iter()
+            .map(|(name, _)| {
+                let t = ck.source.tensor(&name)?;
+                Ok((t.name, t.ty.name(), t.shape, t.data.len()))
+            })
+            .collect::<crate::Result<Vec<Row>>>()?;
+        let vocab = ck.tokenizer.as_ref().map(|t| t.vocab_size());
+        Ok((format, ck.config.raw.to_string(), tensors, vocab, ck.chat_template.is_some(), ck.eos_token_ids))
+    })?;
+    let d = PyDict::new(py);
+    d.set_item("format", format)?;
+    d.set_item("config_json", config)?;
+    d.set_item("tensors", tensors)?;
+    d.set_item("vocab", vocab)?;
+    d.set_item("chat_template", template)?;
+    d.set_item("eos_token_ids", eos)?;
+    Ok(d)
 }
 
 /// What this CPU offers the Q8_0 kernels and which kernel runs: `{"arch", "features", "kernels",
@@ -311,7 +392,7 @@ struct Request<'py> {
     top_p: f32,
     min_p: f32,
     repetition_penalty: f32,
-    seed: Option<i64>,
+    seed: Option<u64>,
     stop: Option<Bound<'py, PyAny>>,
     /// The caller wants text, not only token ids.
     text: bool,
@@ -323,7 +404,7 @@ impl Request<'_> {
             |name: &str, v: i64| u64::try_from(v).map_err(|_| value_error(format!("{name} must be >= 0, got {v}")));
         let max_new_tokens = non_negative("max_new_tokens", self.max_new_tokens)? as usize;
         let top_k = non_negative("top_k", self.top_k)? as usize;
-        let seed = self.seed.map(|s| non_negative("seed", s)).transpose()?;
+        let seed = self.seed;
         let prompt = &self.prompt;
         let prompt = match prompt.cast::<PyString>() {
             Ok(s) => Prompt::Text(s.to_cow()?.into_owned()),
@@ -508,7 +589,8 @@ impl Stream {
 
     /// The finished generation as `complete` returns it; `None` until the iterator is exhausted.
     fn completion<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let c = self.generation.lock().unwrap_or_else(|e| e.into_inner()).completion();
+        // Waits for a `__next__` of another thread without the GIL, which that one may need.
+        let c = py.detach(|| self.generation.lock().unwrap_or_else(|e| e.into_inner()).completion());
         c.map(|c| completion_dict(py, &c)).transpose()
     }
 }
@@ -524,6 +606,7 @@ fn _gemma_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_q8_0, m)?)?;
     m.add_function(wrap_pyfunction!(_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(_q8_0_matmul, m)?)?;
     m.add_class::<Model>()?;
     m.add_class::<Stream>()?;

@@ -107,31 +107,34 @@ def test_bad_load_arguments(tiny_copy):
 def test_bad_generation_arguments(tiny_copy):
     model = gemma_rs.load(tiny_copy)
     cases = [
-        (ValueError, dict(max_new_tokens=-1)),
-        (ValueError, dict(temperature=-0.5)),
-        (ValueError, dict(top_p=0.0)),
-        (ValueError, dict(top_p=1.5)),
-        (ValueError, dict(top_k=-3)),
-        (ValueError, dict(min_p=2.0)),
-        (ValueError, dict(repetition_penalty=0.0)),
-        (ValueError, dict(seed=-1)),
-        (TypeError, dict(stop=5)),
-        (TypeError, dict(stop=[1, 2])),
-        (ValueError, dict(stop=[""])),
-        (TypeError, dict(max_new_tokens=1.5)),
-        (TypeError, dict(max_new_tokens="3")),
-        (TypeError, dict(max_new_tokens=True)),
-        (TypeError, dict(max_new_tokens=None)),
-        (TypeError, dict(top_k=2.5)),
-        (TypeError, dict(temperature="hot")),
-        (ValueError, dict(temperature=float("nan"))),
-        (ValueError, dict(top_p=float("nan"))),
-        (TypeError, dict(seed=1.5)),
-        (ValueError, dict(seed=2**64)),
+        (ValueError, dict(max_new_tokens=-1), "max_new_tokens must be >= 0, got -1"),
+        (ValueError, dict(temperature=-0.5), "temperature must be >= 0"),
+        (ValueError, dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (ValueError, dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (ValueError, dict(top_k=-3), "top_k must be >= 0"),
+        (ValueError, dict(min_p=2.0), "min_p"),
+        (ValueError, dict(repetition_penalty=0.0), "repetition_penalty"),
+        (ValueError, dict(seed=-1), "seed"),
+        (TypeError, dict(stop=5), "stop must be a str or a list of str, got int"),
+        (TypeError, dict(stop=[1, 2]), "stop must be a str or a list of str"),
+        (ValueError, dict(stop=[""]), "stop strings must not be empty"),
+        (TypeError, dict(max_new_tokens=1.5), "max_new_tokens must be an int, got float"),
+        (TypeError, dict(max_new_tokens="3"), "max_new_tokens must be an int, got str"),
+        (TypeError, dict(max_new_tokens=True), "max_new_tokens must be an int, got bool"),
+        (TypeError, dict(max_new_tokens=None), "max_new_tokens must be an int, got NoneType"),
+        (ValueError, dict(max_new_tokens=2**63), r"max_new_tokens must be below 2\*\*63"),
+        (TypeError, dict(top_k=2.5), "top_k must be an int, got float"),
+        (TypeError, dict(temperature="hot"), "temperature must be a number, got str"),
+        (ValueError, dict(temperature=float("nan")), "temperature must be >= 0, got NaN"),
+        (ValueError, dict(top_p=float("nan")), "top_p"),
+        (TypeError, dict(seed=1.5), "seed must be an int, got float"),
+        (ValueError, dict(seed=2**64), r"seed must be in \[0, 2\*\*64\)"),
     ]
-    for exc, kw in cases:
-        with pytest.raises(exc):
+    for exc, kw, msg in cases:
+        with pytest.raises(exc, match=msg):
             model.complete([2, 5, 6], **kw)
+    # The largest seed is a seed.
+    assert model.complete([2, 5, 6], 3, temperature=1.0, seed=2**64 - 1).token_ids
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model.complete([2, 512])
     with pytest.raises(ValueError, match="outside the vocabulary"):

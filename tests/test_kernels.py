@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,9 @@ import gemma_rs
 from gemma_rs import _gemma_rs
 
 FEATURES = gemma_rs.cpu_features()
+# How to start this Python in a child process: under qemu-user (scripts/test-aarch64) an
+# aarch64 interpreter cannot exec itself without binfmt_misc, so the script names the command.
+PYTHON = shlex.split(os.environ.get("GEMMA_RS_TEST_PYTHON", "")) or [sys.executable]
 
 
 def test_cpu_features_name_the_kernel_in_use():
@@ -140,7 +144,7 @@ def test_q8_0_logits_of_every_kernel_agree(fixtures_dir: Path, tmp_path: Path):
     for kernel in FEATURES.kernels:
         out = tmp_path / f"{kernel}.f32"
         env = {**os.environ, "GEMMA_RS_KERNEL": kernel}
-        cmd = [sys.executable, "-c", LOGITS_CHILD, str(d), str(out)]
+        cmd = [*PYTHON, "-c", LOGITS_CHILD, str(d), str(out)]
         ran = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
         assert ran.strip() == kernel
         logits[kernel] = np.fromfile(out, dtype=np.float32)

@@ -44,24 +44,31 @@ def interrupt_after(seconds: float) -> list[float]:
 
 def test_ctrl_c_stops_generate_stream_and_logits_within_a_token(model):
     fresh = model.complete("The capital of France is", max_new_tokens=8)
-    prompt = "Once upon a time"
+    long_prompt = [2] + [(7919 * i) % 200000 + 300 for i in range(1999)]  # 16 prefill chunks
+    # The slowest unit a call finishes before it looks: one 128-token chunk with its 128 rows
+    # of logits (the machine's speed varies, so it is measured here).
+    start = time.perf_counter()
+    model.logits(long_prompt[:128])
+    chunk = time.perf_counter() - start
     calls = {
-        "generate": lambda: model.generate(prompt, max_new_tokens=3000),
-        "stream": lambda: [None for _ in model.stream(prompt, max_new_tokens=3000)],
-        # 500 rows of logits are 0.5 GB (allocated first, with the GIL held); the prefill and
-        # the lm_head then take over a second.
-        "logits": lambda: model.logits(list(range(2, 502))),
-        "logprobs": lambda: model.logprobs(list(range(2, 2000))),
+        "generate": lambda: model.generate("Once upon a time", max_new_tokens=3000),
+        "stream while decoding": lambda: [_ for _ in model.stream("Once", max_new_tokens=3000)],
+        # Inside one __next__: the first piece needs the whole prefill (Python itself only
+        # looks for Ctrl-C between pieces).
+        "stream while prefilling": lambda: next(iter(model.stream(long_prompt, max_new_tokens=2))),
+        "logits": lambda: model.logits(long_prompt[:640]),
+        "logprobs": lambda: model.logprobs(long_prompt),
     }
     for name, call in calls.items():
-        fired = interrupt_after(0.4)
-        start = time.perf_counter()
+        fired = interrupt_after(0.3)
         with pytest.raises(KeyboardInterrupt):
             call()
-            time.sleep(5)  # not reached: a call that ignored Ctrl-C returns, then this sleeps
-        # One decode token is ~10 ms; a prefill chunk of logits (128 rows of 262k) ~0.2 s.
-        assert fired and time.perf_counter() - fired[0] < 1.0, name
-        assert time.perf_counter() - start < 2.5, name
+            time.sleep(30)  # not reached: a call that ignored Ctrl-C returns, then this sleeps
+        assert fired, name
+        late = time.perf_counter() - fired[0]
+        assert late < chunk + 0.5, (
+            f"{name}: stopped {late:.2f} s after Ctrl-C (a chunk: {chunk:.2f} s)"
+        )
         # The model is usable and gives what it gave before.
         again = model.complete("The capital of France is", max_new_tokens=8)
         assert again.token_ids == fresh.token_ids, name
@@ -91,6 +98,50 @@ print(m.generate("The capital of France is", max_new_tokens=8), flush=True)
     lines = out.splitlines()
     assert lines[0] == "interrupted"
     assert "capital" in lines[1] and p.returncode == 0
+
+
+def test_ctrl_c_while_another_thread_holds_the_model(model):
+    """The main thread waits for the model while a worker generates: Ctrl-C still stops the
+    wait at once, and the worker's call is not disturbed."""
+    want = model.complete("Water boils at", max_new_tokens=300)
+    got: list[object] = []
+    worker = threading.Thread(target=lambda: got.append(model.complete("Water boils at", 300)))
+    worker.start()
+    time.sleep(0.2)
+    fired = interrupt_after(0.3)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate("Hello", max_new_tokens=5)
+        time.sleep(30)
+    assert time.perf_counter() - fired[0] < 0.5
+    worker.join(timeout=120)
+    assert got and got[0].token_ids == want.token_ids
+
+
+def test_completion_polled_from_another_thread_while_the_main_thread_streams(model):
+    """A regression: the main thread's stream step and another thread's `completion` lock the
+    same stream; neither may wait for the other while holding the GIL."""
+    s = model.stream("The history of Rome", max_new_tokens=60)
+    polls = [0]
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            try:
+                _ = s.completion
+            except RuntimeError:
+                polls[0] += 1
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    pieces = []
+    deadline = time.perf_counter() + 60
+    for piece in s:
+        pieces.append(piece)
+        assert time.perf_counter() < deadline, "deadlock"
+    done.set()
+    t.join(timeout=10)
+    assert not t.is_alive() and polls[0] > 0
+    assert s.completion.text == "".join(pieces)
 
 
 def test_a_stream_closed_early_releases_the_model(model):
@@ -126,7 +177,7 @@ def test_eight_threads_mixing_calls_give_what_each_call_gives_alone(model):
             ("generate", lambda: model.generate(p, max_new_tokens=12)),
             ("stream", lambda: "".join(model.stream(p, max_new_tokens=12))),
             ("tokenize", lambda: model.tokenize(p * 20)),
-            ("logits", lambda: model.logits(ids).argmax(-1).tolist()),
+            ("logits", lambda: model.logits(ids).tobytes()),  # every bit
             ("sampled", lambda: model.generate(p, max_new_tokens=8, temperature=0.8, seed=i)),
         ]
 
@@ -145,9 +196,11 @@ def test_eight_threads_mixing_calls_give_what_each_call_gives_alone(model):
         except BaseException as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(8)]
+    # Seven threads, and the main one (whose calls watch for Ctrl-C) as the eighth.
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(1, 8)]
     for t in threads:
         t.start()
+    worker(0)
     for t in threads:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "deadlock: a thread did not finish in 120 s"
@@ -165,8 +218,11 @@ def rss_kib() -> int:
 
 def test_a_thousand_generate_calls_do_not_grow_resident_memory(model):
     prompts = ["The capital of France is", "Hello", "1, 2, 3,", "A list of fruits:"]
-    for i in range(50):  # warm-up: allocator pools, the prompts' pages of the weights
-        model.generate(prompts[i % 4], max_new_tokens=4)
+    # Warm-up: the allocator's pools, the weights' pages, and (on the main thread, where each
+    # call runs on a worker that can be cancelled) the thread stack cache and malloc arenas:
+    # about 4 MB that settle within the first 500 calls, then stay flat (measured to 3000).
+    for i in range(500):
+        model.generate(prompts[i % 4], max_new_tokens=1)
     before = rss_kib()
     for i in range(1000):
         p = prompts[i % 4]
@@ -249,6 +305,36 @@ def test_nan_in_a_weight_used_in_place_is_named_at_the_first_forward(tiny_copy: 
     assert gemma_rs.load(gguf).complete([2, 10, 11], max_new_tokens=4).token_ids == ok.token_ids
 
 
+def test_values_too_large_for_q8_0_are_refused_with_the_way_out(tiny_copy: Path):
+    path = tiny_copy / "model.safetensors"
+    t = load_file(str(path))
+    name = "model.layers.3.mlp.down_proj.weight"
+    t[name] = t[name].copy()
+    t[name].reshape(-1)[1000] = 1e7  # finite, but 1e7 / 127 is above f16's 65504
+    save_file(t, str(path))
+    with pytest.raises(gemma_rs.GemmaError, match=rf'{name} has values too large for Q8_0.*"bf16"'):
+        gemma_rs.load(tiny_copy)
+    assert gemma_rs.load(tiny_copy, weights="bf16").complete([2, 10, 11], max_new_tokens=2)
+    with pytest.raises(gemma_rs.GemmaError, match="too large for Q8_0"):
+        gemma_rs.pack(tiny_copy, tiny_copy / "x.gguf", progress=False)
+
+
+def test_pack_refuses_a_nan_in_a_tensor_it_copies(tiny_copy: Path, tmp_path: Path):
+    gguf = gemma_rs.pack(tiny_copy, tmp_path / "tiny.gguf", progress=False)
+    buf = bytearray(gguf.read_bytes())
+    lay = gguf_edit.layout(bytes(buf))
+    _, _, offset_at = next(i for i in lay.infos if i[0] == "blk.1.attn_q.weight")
+    (offset,) = struct.unpack_from("<Q", buf, offset_at)
+    struct.pack_into("<H", buf, lay.data_start + offset, 0x7C00)  # block 0: an infinite scale
+    bad = tmp_path / "inf.gguf"
+    bad.write_bytes(bytes(buf))
+    with pytest.raises(
+        gemma_rs.GemmaError, match=r"blk\.1\.attn_q\.weight holds a NaN or infinite"
+    ):
+        gemma_rs.pack(bad, tmp_path / "again.gguf", progress=False)
+    assert not (tmp_path / "again.gguf").exists()
+
+
 def test_an_activation_overflow_is_reported_not_sampled(tiny_copy: Path):
     """Finite weights that overflow f32 in the forward pass: the error says so."""
     path = tiny_copy / "model.safetensors"
@@ -259,7 +345,7 @@ def test_an_activation_overflow_is_reported_not_sampled(tiny_copy: Path):
     save_file(t, str(path))
     c = json.loads((tiny_copy / "config.json").read_text())
     model = gemma_rs.load(tiny_copy, weights="f32")
-    with pytest.raises(gemma_rs.GemmaError, match="activation overflowed"):
+    with pytest.raises(gemma_rs.GemmaError, match=f"{tiny_copy}.*activation overflowed"):
         model.complete([2, 10, 11, 12], max_new_tokens=2)
     assert c["vocab_size"] == model.vocab_size
 

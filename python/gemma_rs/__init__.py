@@ -135,6 +135,8 @@ class _Request:
         r = cls(**{f.name: args[f.name] for f in fields(cls) if f.name != "text"}, text=text)
         for name in ("max_new_tokens", "top_k"):
             _check_type(name, getattr(r, name), int)
+            if int(getattr(r, name)) >= 2**63:
+                raise ValueError(f"{name} must be below 2**63, got {getattr(r, name)}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
             _check_type(name, getattr(r, name), (int, float))
         if r.seed is not None:
@@ -416,6 +418,7 @@ def load(
     weights: Literal["q8_0", "bf16", "f32"] = "q8_0",
     threads: int | None = None,
     memory_limit: int | None = None,
+    progress: bool | Callable[[int, int], object] | None = None,
 ) -> Model:
     """Loads a Gemma 3 model: a Hugging Face directory or a GGUF file.
 
@@ -438,13 +441,83 @@ def load(
     ``memory_limit`` (bytes): when :func:`memory_plan` says the model would hold more, loading
     stops before reading any weight with a ``MemoryError`` that gives the plan.
 
+    ``progress``: ``None`` or ``False`` shows nothing, ``True`` a progress line on stderr when
+    it is a terminal; a callable gets ``(done, total)`` bytes of tensor data after each tensor
+    (an exception it raises stops loading). When the application uses :mod:`logging`, the
+    ``gemma_rs`` logger gets the load (INFO) and its progress (DEBUG, every 10%).
+
     Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for bad arguments,
     ``MemoryError`` above ``memory_limit`` and :class:`GemmaError` for a malformed model.
     """
     _check_ints(max_inference_len=max_inference_len, threads=threads, memory_limit=memory_limit)
     if not isinstance(weights, str):
         raise TypeError(f"weights must be a str, got {type(weights).__name__}")
-    return Model(_gemma_rs.load(os.fspath(path), max_inference_len, weights, threads, memory_limit))
+    what = f"loading {os.fspath(path)}"
+    report = _Progress(what, progress if progress is not None else False)
+    start = time.perf_counter()
+    try:
+        inner = _gemma_rs.load(
+            os.fspath(path), max_inference_len, weights, threads, memory_limit, report.callback()
+        )
+    finally:
+        report.close()
+    model = Model(inner)
+    log = _logger()
+    if log is not None:
+        mem = model.memory
+        log.info(
+            "loaded %s in %.2f s: %s weights %.1f MB, KV cache %.1f MB (max_inference_len %d), "
+            "%d threads",
+            os.fspath(path),
+            time.perf_counter() - start,
+            weights,
+            mem["weights"] / 1e6,
+            mem["kv_cache"] / 1e6,
+            model.max_inference_len,
+            model.threads,
+        )
+    return model
+
+
+def _logger() -> Any:
+    """The ``gemma_rs`` logger when the application has imported :mod:`logging` (nothing else
+    could be listening; importing it here would cost a board 1.6 MB), else None."""
+    logging = sys.modules.get("logging")
+    return None if logging is None else logging.getLogger("gemma_rs")
+
+
+class _Progress:
+    """What a long job reports: a callable of the caller's, a progress line on a terminal
+    (``True``), and DEBUG records on the ``gemma_rs`` logger every 10%."""
+
+    def __init__(self, what: str, progress: bool | Callable[[int, int], object]) -> None:
+        self.what = what
+        self.user = progress if callable(progress) else None
+        self.line = _ProgressLine(what) if progress is True and sys.stderr.isatty() else None
+        log = _logger()
+        self.log = log if log is not None and log.isEnabledFor(10) else None  # DEBUG
+        self.logged = -1
+
+    def callback(self) -> Callable[[int, int], object] | None:
+        """None when nobody listens: the Rust side then never takes the GIL to report."""
+        return self if self.user or self.line or self.log else None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.user is not None:
+            self.user(done, total)
+        if self.line is not None:
+            self.line(done, total)
+        if self.log is not None:
+            tenth = 10 * done // max(total, 1)
+            if tenth > self.logged:
+                self.logged = tenth
+                self.log.debug(
+                    "%s: %d%% (%.0f / %.0f MB)", self.what, 10 * tenth, done / 1e6, total / 1e6
+                )
+
+    def close(self) -> None:
+        if self.line is not None:
+            self.line.close()
 
 
 def memory_plan(
@@ -515,36 +588,30 @@ def pack(
     tokenizer and the chat template when the source has them. The file is written to
     ``dst + ".partial"`` and renamed when complete.
 
-    ``progress``: ``None`` shows a progress line on stderr when it is a terminal, ``True``
-    always, ``False`` never; a callable gets ``(done, total)`` source bytes instead. An
-    exception it raises (or Ctrl-C) stops packing; the partial file is removed on any failure.
-    The start and the result (tensors, MB, seconds) are logged (INFO) to the ``gemma_rs`` logger.
+    ``progress``: ``None`` or ``True`` shows a progress line on stderr when it is a terminal,
+    ``False`` never; a callable gets ``(done, total)`` source bytes instead. An exception it
+    raises (or Ctrl-C) stops packing; the partial file is removed on any failure. The start and
+    the result (tensors, MB, seconds) are logged (INFO) to the ``gemma_rs`` logger, the progress
+    (DEBUG) every 10%.
     Returns ``Path(dst)``.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
         raise TypeError(f"threads must be an int or None, got {type(threads).__name__}")
     if not isinstance(weights, str):
         raise TypeError(f"weights must be a str, got {type(weights).__name__}")
-    if progress is None:
-        progress = sys.stderr.isatty()
-    report: Callable[[int, int], object] | None
-    if callable(progress):
-        report = progress
-    elif progress:
-        report = _ProgressLine(f"packing {os.fspath(src)}")
-    else:
-        report = None
     import logging
     from pathlib import Path
 
     log = logging.getLogger("gemma_rs")
+    report = _Progress(f"packing {os.fspath(src)}", True if progress is None else progress)
     start = time.perf_counter()
     log.info("packing %s into %s (%s)", os.fspath(src), os.fspath(dst), weights)
     try:
-        nbytes, tensors = _gemma_rs.pack(os.fspath(src), os.fspath(dst), weights, threads, report)
+        nbytes, tensors = _gemma_rs.pack(
+            os.fspath(src), os.fspath(dst), weights, threads, report.callback()
+        )
     finally:
-        if isinstance(report, _ProgressLine):
-            report.close()
+        report.close()
     log.info(
         "wrote %s: %d tensors, %.1f MB in %.1f s",
         os.fspath(dst),
