@@ -154,14 +154,19 @@ impl Model {
         }
         let done = std::cell::Cell::new(0u64);
         let progress = std::cell::RefCell::new(progress);
-        let advance = |t: &Tensor| -> Result<()> {
-            done.set(done.get() + t.data.len() as u64);
+        let advance = |bytes: u64| -> Result<()> {
+            done.set(done.get() + bytes);
             (progress.borrow_mut())(done.get(), total)
         };
         let matrix = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
             let t = checked(src, name, &[rows, cols])?;
-            let m = Self::matrix(src, &t, wtype, rows, cols, threads)?;
-            advance(&t)?;
+            let before = done.get();
+            let m = Self::matrix(src, &t, wtype, rows, cols, threads, &mut |b| advance(b))?;
+            // Whatever was not reported slab by slab (a tensor used in place, or converted whole).
+            let rest = t.data.len() as u64 - (done.get() - before);
+            if rest > 0 {
+                advance(rest)?;
+            }
             Ok(m)
         };
         // Gemma's RMSNorm multiplies by (1 + weight): store the sum, computed in f32 (GGUF
@@ -169,7 +174,7 @@ impl Model {
         let norm = |name: &str, n: usize| -> Result<Vec<f32>> {
             let t = checked(src, name, &[n])?;
             let w = finite_f32(&t)?;
-            advance(&t)?;
+            advance(t.data.len() as u64)?;
             Ok(if src.norms_include_one() { w } else { w.into_iter().map(|w| 1.0 + w).collect() })
         };
         let layers = (0..c.num_hidden_layers)
@@ -260,6 +265,7 @@ impl Model {
         rows: usize,
         cols: usize,
         threads: &Threads,
+        advanced: &mut dyn FnMut(u64) -> Result<()>,
     ) -> Result<Matrix> {
         // Used in place from the map when the file already holds the wanted type.
         let in_place = match (wtype, t.ty) {
@@ -274,11 +280,14 @@ impl Model {
         let m = match wtype {
             WeightType::F32 => Matrix::F32 { data: finite_f32(t)?.into(), rows, cols },
             WeightType::Q8_0 if cols.is_multiple_of(QK8_0) => {
-                Matrix::Q8_0 { data: pack_q8_0(src, t, rows, cols, threads)?.into(), rows, cols }
+                Matrix::Q8_0 { data: pack_q8_0(src, t, rows, cols, threads, advanced)?.into(), rows, cols }
             }
             WeightType::Bf16 | WeightType::Q8_0 => {
                 let mut bits = Vec::with_capacity(rows * cols);
-                for_slabs(t, rows, cols, |_, x| bits.extend(x.iter().map(|&v| f32_to_bf16(v))))?;
+                for_slabs(t, rows, cols, |r0, x| {
+                    bits.extend(x.iter().map(|&v| f32_to_bf16(v)));
+                    advanced(t.byte_range(r0 * cols..r0 * cols + x.len()).len() as u64)
+                })?;
                 Matrix::Bf16 { data: bits.into(), rows, cols }
             }
         };
@@ -551,13 +560,24 @@ const SLAB_BYTES: usize = 1 << 20;
 /// time (dequantized first when the file holds another quantization); each slab's pages are
 /// released once packed, so loading never holds the whole source tensor resident, nor any
 /// full-precision copy of it.
-pub fn pack_q8_0(src: &Source, t: &Tensor, rows: usize, cols: usize, threads: &Threads) -> Result<Vec<BlockQ8_0>> {
+/// `advanced(bytes)` is told the source bytes of each slab done.
+pub fn pack_q8_0(
+    src: &Source,
+    t: &Tensor,
+    rows: usize,
+    cols: usize,
+    threads: &Threads,
+    advanced: &mut dyn FnMut(u64) -> Result<()>,
+) -> Result<Vec<BlockQ8_0>> {
     let per_row = cols / QK8_0;
     let mut out = vec![BlockQ8_0::default(); rows * per_row];
     for_slabs(t, rows, cols, |r0, x| {
         let n = x.len() / cols;
         quantize_rows(x, cols, &mut out[r0 * per_row..(r0 + n) * per_row], threads);
-        src.release(t, t.byte_range(r0 * cols..(r0 + n) * cols));
+        let range = t.byte_range(r0 * cols..(r0 + n) * cols);
+        let bytes = range.len() as u64;
+        src.release(t, range);
+        advanced(bytes)
     })?;
     check_q8_0_scales(t, &out)?;
     Ok(out)
@@ -593,9 +613,9 @@ pub fn quantize_rows(x: &[f32], cols: usize, out: &mut [BlockQ8_0], threads: &Th
 }
 
 /// Calls `f(first_row, values)` for consecutive slabs of rows of `t (rows, cols)` read as f32,
-/// about `SLAB_BYTES` of source each; a NaN or infinite value is an error (Q8_0 packing would
-/// silently turn a NaN into 0: the block's maximum skips it).
-pub fn for_slabs(t: &Tensor, rows: usize, cols: usize, mut f: impl FnMut(usize, &[f32])) -> Result<()> {
+/// about `SLAB_BYTES` of source each, and stops at its first error; a NaN or infinite value is
+/// an error too (Q8_0 packing would silently turn a NaN into 0: the block's maximum skips it).
+pub fn for_slabs(t: &Tensor, rows: usize, cols: usize, mut f: impl FnMut(usize, &[f32]) -> Result<()>) -> Result<()> {
     let row_bytes = t.byte_range(0..cols).len().max(1);
     let slab = (SLAB_BYTES / row_bytes).max(1);
     let mut buf = vec![0f32; slab.min(rows) * cols];
@@ -604,7 +624,7 @@ pub fn for_slabs(t: &Tensor, rows: usize, cols: usize, mut f: impl FnMut(usize, 
         let x = &mut buf[..(r1 - r0) * cols];
         t.read_f32(r0 * cols, x);
         check_finite(t, r0 * cols, x)?;
-        f(r0, x);
+        f(r0, x)?;
     }
     Ok(())
 }

