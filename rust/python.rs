@@ -33,17 +33,13 @@ impl From<Error> for PyErr {
 
 /// Runs `f` without the GIL; a panic becomes `GemmaError`, never a crash.
 fn compute<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
-    py.detach(|| {
-        catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
-            let what = p
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| p.downcast_ref::<&str>().copied())
-                .unwrap_or("panic");
-            Err(Error::Internal(what.to_string()))
-        })
-    })
-    .map_err(PyErr::from)
+    py.detach(|| catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(panic_error(p)))).map_err(PyErr::from)
+}
+
+/// A caught panic as `Error::Internal`, with its message.
+fn panic_error(p: Box<dyn std::any::Any + Send>) -> Error {
+    let what = p.downcast_ref::<String>().map(String::as_str).or_else(|| p.downcast_ref::<&str>().copied());
+    Error::Internal(what.unwrap_or("panic").to_string())
 }
 
 /// Whether this is Python's main thread, the only one where signal handlers run.
@@ -91,16 +87,7 @@ fn compute_cancellable<T: Send>(py: Python<'_>, f: impl FnOnce(Cancel<'_>) -> cr
     if let Some(e) = raised {
         return Err(e);
     }
-    result
-        .unwrap_or_else(|p| {
-            let what = p
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| p.downcast_ref::<&str>().copied())
-                .unwrap_or("panic");
-            Err(Error::Internal(what.to_string()))
-        })
-        .map_err(PyErr::from)
+    result.unwrap_or_else(|p| Err(panic_error(p))).map_err(PyErr::from)
 }
 
 fn value_error(msg: String) -> PyErr {

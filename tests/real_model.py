@@ -238,6 +238,12 @@ _PEAK_RSS_CHILD = (
 )
 
 
+def rss_kib(field: str) -> int:
+    """This process's ``VmRSS``, ``VmHWM``, ... from /proc/self/status, in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def run_python(code: str, *args: object) -> str:
     """The stdout of ``python -c code args...`` in a fresh interpreter (fails on an error)."""
     import subprocess

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import struct
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import pytest
 
 import gemma_rs
 import gguf_edit
+from real_model import rss_kib
 
 FIRST = "model.layers.0.mlp.down_proj.weight"
 
@@ -221,19 +221,6 @@ TOKENIZER = [
     ("tokenizer without a model", tok(no_model), "tokenizer.json", 'no "model"'),
     ("tokenizer bigger than the model", tok(shrink_vocab), "tokenizer.json", "vocab_size is 512"),
 ]
-
-
-@pytest.fixture
-def tiny_copy(fixtures_dir: Path, tmp_path: Path) -> Path:
-    src = fixtures_dir / "tiny" / "tiny-gqa"
-    for f in ("config.json", "model.safetensors"):
-        shutil.copy(src / f, tmp_path / f)
-    return tmp_path
-
-
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def assert_refused(path: Path, file: str, what: str, exc: type = gemma_rs.GemmaError) -> None:

@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 import gemma_rs
-
-
-@pytest.fixture
-def tiny_copy(fixtures_dir: Path, tmp_path: Path) -> Path:
-    src = fixtures_dir / "tiny" / "tiny-gqa"
-    for f in ("config.json", "model.safetensors"):
-        shutil.copy(src / f, tmp_path / f)
-    return tmp_path
 
 
 def test_missing_path_is_file_not_found(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import _thread
 import json
-import shutil
 import signal
 import struct
 import subprocess
@@ -19,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 import gemma_rs
 import gguf_edit
+from real_model import rss_kib
 
 
 @pytest.fixture(scope="module")
@@ -211,11 +211,6 @@ def test_eight_threads_mixing_calls_give_what_each_call_gives_alone(model):
 # --- long runs --------------------------------------------------------------------------------
 
 
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-
-
 def test_a_thousand_generate_calls_do_not_grow_resident_memory(model):
     prompts = ["The capital of France is", "Hello", "1, 2, 3,", "A list of fruits:"]
     # Warm-up: the allocator's pools, the weights' pages, and (on the main thread, where each
@@ -223,7 +218,7 @@ def test_a_thousand_generate_calls_do_not_grow_resident_memory(model):
     # about 4 MB that settle within the first 500 calls, then stay flat (measured to 3000).
     for i in range(500):
         model.generate(prompts[i % 4], max_new_tokens=1)
-    before = rss_kib()
+    before = rss_kib("VmRSS")
     for i in range(1000):
         p = prompts[i % 4]
         if i % 3 == 0:
@@ -232,19 +227,11 @@ def test_a_thousand_generate_calls_do_not_grow_resident_memory(model):
             "".join(model.stream(p, max_new_tokens=3))
         else:
             model.generate(p, max_new_tokens=3, temperature=1.0, seed=i)
-    grown = rss_kib() - before
+    grown = rss_kib("VmRSS") - before
     assert grown < 2048, f"resident memory grew by {grown} KiB over 1000 calls"
 
 
 # --- NaN and infinite weights -----------------------------------------------------------------
-
-
-@pytest.fixture
-def tiny_copy(fixtures_dir: Path, tmp_path: Path) -> Path:
-    src = fixtures_dir / "tiny" / "tiny-gqa"
-    for f in ("config.json", "model.safetensors"):
-        shutil.copy(src / f, tmp_path / f)
-    return tmp_path
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
