@@ -163,8 +163,8 @@ def _chat(a: argparse.Namespace) -> int:
         # One line of output per turn at least, so that scripted input and output stay aligned.
         print(r.text.strip(), flush=True)
         for call in r.tool_calls:
-            line = {"name": call.name, "arguments": call.arguments}
-            print(json.dumps(line, ensure_ascii=False), flush=True)
+            as_json = {"name": call.name, "arguments": call.arguments}
+            print(json.dumps(as_json, ensure_ascii=False), flush=True)
         reply: dict[str, Any] = {"role": "assistant", "content": r.text}
         if r.tool_calls:
             reply["tool_calls"] = [
@@ -208,7 +208,6 @@ def _bench(a: argparse.Namespace) -> int:
             if len(c.token_ids) > 1 and c.decode_seconds > 0:
                 decode.append((len(c.token_ids) - 1) / c.decode_seconds)
         rows.append((n, _median(prefill), _median(decode) if decode else float("nan")))
-        del ids
     print("| prompt tokens | prefill tok/s | decode tok/s |")
     print("|---:|---:|---:|")
     for n, p, d in rows:
