@@ -42,6 +42,22 @@ fn panic_error(p: Box<dyn std::any::Any + Send>) -> Error {
     Error::Internal(what.unwrap_or("panic").to_string())
 }
 
+/// A long job's progress, from a thread without the GIL: takes it, runs pending signal handlers
+/// (Ctrl-C) and tells the caller's callback; an exception from either is kept in `raised` for
+/// the caller to raise, and stops the job.
+fn report(progress: &Option<Py<PyAny>>, done: u64, total: u64, raised: &mut Option<PyErr>) -> crate::Result<()> {
+    Python::attach(|py| {
+        let r = py.check_signals().and_then(|()| match progress {
+            Some(f) => f.call1(py, (done, total)).map(drop),
+            None => Ok(()),
+        });
+        r.map_err(|e| {
+            *raised = Some(e);
+            Error::Interrupted
+        })
+    })
+}
+
 /// Whether this is Python's main thread, the only one where signal handlers run.
 fn on_main_thread(py: Python<'_>) -> PyResult<bool> {
     let threading = py.import("threading")?;
@@ -156,16 +172,7 @@ fn load(
             if !on_main && progress.is_none() {
                 return Ok(());
             }
-            Python::attach(|py| {
-                let r = py.check_signals().and_then(|()| match &progress {
-                    Some(f) => f.call1(py, (done, total)).map(drop),
-                    None => Ok(()),
-                });
-                r.map_err(|e| {
-                    raised = Some(e);
-                    Error::Interrupted
-                })
-            })
+            report(&progress, done, total, &mut raised)
         })
     });
     if let Some(e) = raised {
@@ -215,18 +222,7 @@ fn pack(
     let threads = Threads::new(thread_count(positive("threads", threads)?)?);
     let mut raised: Option<PyErr> = None;
     let report = compute(py, || {
-        crate::pack::pack(&src, &dst, weights, &threads, &mut |done, total| {
-            Python::attach(|py| {
-                let r = py.check_signals().and_then(|()| match &progress {
-                    Some(f) => f.call1(py, (done, total)).map(drop),
-                    None => Ok(()),
-                });
-                r.map_err(|e| {
-                    raised = Some(e);
-                    Error::Internal("packing interrupted".into())
-                })
-            })
-        })
+        crate::pack::pack(&src, &dst, weights, &threads, &mut |done, total| report(&progress, done, total, &mut raised))
     });
     if let Some(e) = raised {
         return Err(e);
