@@ -3,7 +3,7 @@ reference file (fixtures/gemma-3-270m/reference-{f32,bf16}.json), whether the gr
 the largest error on the reference's top-10 logits, and the perplexity case's mean NLL.
 
     python bench/accuracy.py ~/.cache/gemma_rs/gemma-3-270m-f32 \\
-        ../shared/fixtures/gemma-3-270m/reference-f32.json --weights f32
+        tests/fixtures/gemma-3-270m/reference-f32.json --weights f32
 """
 
 from __future__ import annotations

@@ -26,13 +26,12 @@ place
 (``--model`` loads another source, e.g. a Hugging Face directory, instead).
 
 llama.cpp comes from llama-cpp-python built from the PyPI sdist for this CPU (-march=native)
-into the same venv as gemma_rs, e.g.:
+but without AMX (its AMX kernels crash on Gemma 3 270M Q8_0) into the same venv as gemma_rs:
 
-    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install --no-binary llama-cpp-python \\
-        llama-cpp-python==0.3.36
+    bash scripts/build-llama-cpp "$(which python)"
 
-(``--no-binary :all:`` would also build cmake and ninja from source.) Both sides use their own
-defaults otherwise: llama-cpp-python disables flash attention unless --llama-flash-attn.
+The benchmark prints llama.cpp's system info and refuses a build that lists AMX. Both sides use
+their own defaults otherwise: llama-cpp-python disables flash attention unless --llama-flash-attn.
 
 The CPU time that other processes (and VM steal) take during the timed rounds is printed, with
 a warning above 0.1 CPU: with as many threads as cores, any competing process slows both engines
@@ -270,8 +269,7 @@ def main() -> int:
     try:
         import llama_cpp
     except ImportError as e:
-        hint = "--no-binary llama-cpp-python llama-cpp-python"
-        raise SystemExit(f'{e}; run: CMAKE_ARGS="-DGGML_NATIVE=ON" pip install {hint}') from e
+        raise SystemExit(f'{e}; run: bash scripts/build-llama-cpp "$(which python)"') from e
     a.gguf = a.gguf or q8_0_gguf_path()
     a.model = a.model or a.gguf
 
@@ -283,6 +281,11 @@ def main() -> int:
         f"llama-cpp-python {llama_cpp.__version__} (Q8_0 {a.gguf}) flash_attn={a.llama_flash_attn}"
     )
     print(f"llama.cpp system info: {info}")
+    if "AMX" in info:
+        raise SystemExit(
+            "this llama.cpp uses AMX, whose kernels crash on Gemma 3 270M Q8_0: rebuild "
+            'it with bash scripts/build-llama-cpp "$(which python)"'
+        )
     if a.weights == "q8_0" and a.model == a.gguf:
         print("weights: the same Q8_0 file for both engines")
     else:

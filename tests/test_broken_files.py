@@ -176,8 +176,8 @@ CONFIG = [
 ]
 
 
-def tokenizer_json(fixtures_dir: Path) -> dict:
-    return json.loads((fixtures_dir / "gemma-3-270m" / "tokenizer.json").read_text())
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 def tok(change: Callable[[dict], None]) -> Callable[[Path, dict], None]:
@@ -264,17 +264,17 @@ def test_broken_checkpoint_files(tiny_copy: Path, name, brk, file, what):
 @pytest.mark.parametrize(
     "name, brk, file, what", TOKENIZER, ids=lambda v: v if isinstance(v, str) else ""
 )
-def test_broken_tokenizer_files(tiny_copy: Path, fixtures_dir: Path, name, brk, file, what):
+def test_broken_tokenizer_files(tiny_copy: Path, tokenizer_json: Path, name, brk, file, what):
     if name == "tokenizer not JSON":
         (tiny_copy / "tokenizer.json").write_text('{"model": {oops')
         what = "expected"
     else:
-        brk(tiny_copy, tokenizer_json(fixtures_dir))
+        brk(tiny_copy, load_json(tokenizer_json))
     assert_refused(tiny_copy, file, what)
 
 
-def test_truncated_and_binary_tokenizer_files(tiny_copy: Path, fixtures_dir: Path):
-    text = (fixtures_dir / "gemma-3-270m" / "tokenizer.json").read_bytes()
+def test_truncated_and_binary_tokenizer_files(tiny_copy: Path, tokenizer_json: Path):
+    text = tokenizer_json.read_bytes()
     for cut in (1, 1000, len(text) // 3, len(text) - 1):
         (tiny_copy / "tokenizer.json").write_bytes(text[:cut])
         assert_refused(tiny_copy, "tokenizer.json", "end of JSON|expected|unterminated")

@@ -53,14 +53,17 @@ def test_bare_tool_dicts_render_the_same(fixtures_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def functiongemma_model(
-    fixtures_dir: Path, real_model_bf16_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    fixtures_dir: Path,
+    tokenizer_json: Path,
+    real_model_bf16_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Any:
     """The base model with FunctionGemma's tokenizer (ids 46-52 renamed)."""
     import gemma_rs
 
     renames = json.loads((fixtures_dir / "functiongemma" / "special-tokens.json").read_text())
     renames = {int(k): v for k, v in renames["tokens"].items()}
-    tok = json.loads((fixtures_dir / "gemma-3-270m" / "tokenizer.json").read_text())
+    tok = json.loads(tokenizer_json.read_text())
     vocab = tok["model"]["vocab"]
     for token, i in list(vocab.items()):
         if i in renames:

@@ -116,6 +116,21 @@ def test_bench_on_a_tiny_checkpoint(fixtures_dir):
     assert too_long.returncode == 2 and "max_inference_len" in too_long.stderr
 
 
+def test_bench_defaults_fit_the_model(fixtures_dir):
+    """tiny-gqa holds 256 tokens: the default 512-token prompt is left out, and said so."""
+    d = fixtures_dir / "tiny" / "tiny-gqa"
+    r = run("bench", str(d), "--repeat", "1")
+    assert r.returncode == 0, r.stderr
+    assert "fitted to max_inference_len 256: --prompt-tokens 16 128" in r.stderr
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", r.stdout, re.M)
+    assert [row[0] for row in rows] == ["16", "128"]
+    small = run("bench", str(d), "--repeat", "1", "--max-inference-len", "20")
+    assert small.returncode == 0, small.stderr
+    assert "fitted to max_inference_len 20: --new-tokens 5, --prompt-tokens 15" in small.stderr
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", small.stdout, re.M)
+    assert [row[0] for row in rows] == ["15"]
+
+
 def test_chat_fed_from_stdin_keeps_the_history(packed_q8_0):
     turns = ["What is the capital of France?", "And of Italy?"]
     r = run("chat", str(packed_q8_0), "--max-new-tokens", "24", stdin="\n".join(turns) + "\n")

@@ -340,10 +340,10 @@ def test_an_activation_overflow_is_reported_not_sampled(tiny_copy: Path):
 # --- arguments --------------------------------------------------------------------------------
 
 
-def test_invalid_utf8_from_sampling_becomes_the_replacement_character(model, fixtures_dir):
+def test_invalid_utf8_from_sampling_becomes_the_replacement_character(model, tokenizer_json):
     """Byte-fallback tokens that do not make a whole UTF-8 character (as sampling can produce)
     decode to U+FFFD, in `detokenize` and in a stream, never an exception."""
-    tj = json.loads((fixtures_dir / "gemma-3-270m" / "tokenizer.json").read_text())
+    tj = json.loads(tokenizer_json.read_text())
     euro = [tj["model"]["vocab"][f"<0x{b:02X}>"] for b in "€".encode()]
     e_acute = model.tokenize("é", add_bos=False)
     assert model.detokenize(euro) == "€"

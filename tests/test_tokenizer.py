@@ -19,9 +19,9 @@ def model(real_model_bf16_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def oracle(fixtures_dir: Path) -> tokenizers.Tokenizer:
+def oracle(tokenizer_json: Path) -> tokenizers.Tokenizer:
     """Hugging Face `tokenizers`, the test oracle (never a dependency of gemma_rs)."""
-    return tokenizers.Tokenizer.from_file(str(fixtures_dir / "gemma-3-270m" / "tokenizer.json"))
+    return tokenizers.Tokenizer.from_file(str(tokenizer_json))
 
 
 @pytest.fixture(scope="module")

@@ -183,6 +183,7 @@ def _bench(a: argparse.Namespace) -> int:
     vocab = model.vocab_size
     if vocab <= 16:
         raise UsageError(f"the model's vocabulary ({vocab} tokens) is too small to bench")
+    _fit_bench_sizes(a, model.max_inference_len)
     longest = max(a.prompt_tokens) + a.new_tokens
     if longest > model.max_inference_len:
         raise UsageError(
@@ -214,6 +215,27 @@ def _bench(a: argparse.Namespace) -> int:
         print(f"| {n} | {p:.1f} | {d:.1f} |")
     print(f"peak RSS {_peak_rss_mb():.0f} MiB")
     return 0
+
+
+BENCH_PROMPT_TOKENS = (16, 128, 512)
+BENCH_NEW_TOKENS = 64
+
+
+def _fit_bench_sizes(a: argparse.Namespace, cap: int) -> None:
+    """Fills in the sizes not given on the command line so that they fit in `cap` tokens, and
+    says so when that is not the defaults; sizes given explicitly are left to the caller's check."""
+    fitted = []
+    if a.new_tokens is None:
+        a.new_tokens = min(BENCH_NEW_TOKENS, max(1, cap // 4))
+        if a.new_tokens != BENCH_NEW_TOKENS:
+            fitted.append(f"--new-tokens {a.new_tokens}")
+    if a.prompt_tokens is None:
+        room = cap - a.new_tokens
+        a.prompt_tokens = [n for n in BENCH_PROMPT_TOKENS if n <= room] or [max(1, room)]
+        if a.prompt_tokens != list(BENCH_PROMPT_TOKENS):
+            fitted.append("--prompt-tokens " + " ".join(map(str, a.prompt_tokens)))
+    if fitted:
+        print(f"fitted to max_inference_len {cap}: {', '.join(fitted)}", file=sys.stderr)
 
 
 def _median(xs: list[float]) -> float:
@@ -405,9 +427,21 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("model", nargs="?", default=None, metavar="MODEL")
     b.add_argument(
-        "--prompt-tokens", type=_positive, nargs="+", default=[16, 128, 512], metavar="N"
+        "--prompt-tokens",
+        type=_positive,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="prompt lengths (default: those of 16 128 512 that fit in --max-inference-len)",
     )
-    b.add_argument("--new-tokens", type=_positive, default=64, metavar="N")
+    b.add_argument(
+        "--new-tokens",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help=f"tokens generated per run (default: {BENCH_NEW_TOKENS}, at most a quarter of "
+        "--max-inference-len)",
+    )
     b.add_argument("--repeat", type=_positive, default=3, metavar="N")
     _add_load_args(b)
     b.set_defaults(run=_bench, parser=b)

@@ -1,7 +1,9 @@
 //! Unit tests on small hand-made tokenizer.json files (expected ids and text checked against HF
-//! `tokenizers` 0.23), plus the real Gemma 3 file when the shared fixtures are present.
+//! `tokenizers` 0.23), plus the real Gemma 3 file of tests/fixtures.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use crate::testing::read_text;
 
 use serde_json::{json, Value};
 
@@ -352,20 +354,12 @@ fn missing_file_is_not_found() {
 /// The real Gemma 3 tokenizer against the fixture's reference ids and text (from transformers).
 #[test]
 fn gemma3_reference_cases() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/gemma-3-270m");
-    let path = dir.join("tokenizer.json");
-    if !path.exists() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{} is missing", path.display());
-        eprintln!("note: {} is absent; skipping the Gemma 3 tokenizer test", path.display());
-        return;
-    }
-    let tok = Tokenizer::from_file(&path).unwrap();
+    let tok = crate::testing::gemma3_tokenizer();
     assert_eq!(tok.vocab_size(), 262_144);
     assert_eq!(tok.bos_id(), Some(2));
     assert_eq!(tok.token_to_id("<start_of_turn>"), Some(105));
     assert!(tok.is_special(105) && !tok.is_special(107));
-    let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference-f32.json")).unwrap()).unwrap();
+    let reference: Value = serde_json::from_str(&read_text("gemma-3-270m/reference-f32.json")).unwrap();
     let cases = reference["tokenizer"].as_array().unwrap();
     assert!(!cases.is_empty());
     for case in cases {
@@ -378,26 +372,15 @@ fn gemma3_reference_cases() {
 
 // ---- GGUF vocabularies (gguf.rs) ----
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
-}
-
 /// The Gemma 3 fixture tokenizer.json, loaded once, and the same rebuilt through its GGUF
-/// vocabulary; `None` (after a note) when the fixtures are absent.
-fn gemma3_pair() -> Option<&'static (Tokenizer, Tokenizer)> {
-    static PAIR: std::sync::OnceLock<Option<(Tokenizer, Tokenizer)>> = std::sync::OnceLock::new();
+/// vocabulary.
+fn gemma3_pair() -> &'static (Tokenizer, Tokenizer) {
+    static PAIR: std::sync::OnceLock<(Tokenizer, Tokenizer)> = std::sync::OnceLock::new();
     PAIR.get_or_init(|| {
-        let path = fixtures().join("gemma-3-270m/tokenizer.json");
-        if !path.exists() {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "{} is missing", path.display());
-            eprintln!("note: {} is absent; skipping the Gemma 3 GGUF tests", path.display());
-            return None;
-        }
-        let json = Tokenizer::from_file(&path).unwrap();
+        let json = crate::testing::gemma3_tokenizer();
         let gguf = Tokenizer::from_gguf_vocab(&json.to_gguf_vocab().as_vocab(), Path::new("gemma.gguf")).unwrap();
-        Some((json, gguf))
+        (json, gguf)
     })
-    .as_ref()
 }
 
 /// A GGUF vocabulary from (token, type) pairs, with `<bos>` = 2 and `<unk>` = 3.
@@ -535,7 +518,7 @@ fn malformed_gguf_vocabs_are_format_errors() {
 /// Gemma 3's tokenizer.json → GGUF vocabulary → tokenizer: the same tables.
 #[test]
 fn gemma3_gguf_vocab_gives_the_same_tables() {
-    let Some((json, gguf)) = gemma3_pair() else { return };
+    let (json, gguf) = gemma3_pair();
     assert_eq!(gguf.vocab_size(), 262_144);
     assert_eq!(gguf.vocab_size(), json.vocab_size());
     for id in 0..json.vocab_size() as u32 {
@@ -561,11 +544,11 @@ fn gemma3_gguf_vocab_gives_the_same_tables() {
 /// The same ids and text from both, on the reference cases, the Apache license and odd strings.
 #[test]
 fn gemma3_gguf_vocab_encodes_and_decodes_the_same() {
-    let Some((json, gguf)) = gemma3_pair() else { return };
+    let (json, gguf) = gemma3_pair();
     let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("gemma-3-270m/reference-f32.json")).unwrap())
+        serde_json::from_str(&read_text("gemma-3-270m/reference-f32.json"))
             .unwrap();
-    let apache = std::fs::read_to_string(fixtures().join("text/apache-2.0.txt")).unwrap();
+    let apache = read_text("text/apache-2.0.txt");
     let mut texts: Vec<String> = Vec::new();
     for case in reference["tokenizer"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
@@ -610,9 +593,9 @@ fn gemma3_gguf_vocab_encodes_and_decodes_the_same() {
 /// vocabulary, its prompt encodes to the ids llama.cpp gives with the official GGUF.
 #[test]
 fn functiongemma_renamed_gguf_vocab() {
-    let Some((json, _)) = gemma3_pair() else { return };
+    let (json, _) = gemma3_pair();
     let read = |name: &str| -> Value {
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("functiongemma").join(name)).unwrap()).unwrap()
+        serde_json::from_str(&read_text(&format!("functiongemma/{name}"))).unwrap()
     };
     let (special, prompt) = (read("special-tokens.json"), read("prompt-tokens.json"));
     let owned = json.to_gguf_vocab();
