@@ -120,12 +120,12 @@ def test_readme_block(index: int, tidy, real_model_gguf, tmp_path_factory):
     if first_command:
         assert "first run: assembling" in r.stderr, "the model did not come from the PyPI package"
     if "bench/compare_llama_cpp.py" in code:
-        # The table's claims, loosely (the machine's speed varies): the ratios of this run.
-        ratios = re.search(r"ratio gemma_rs/llama\s+([\d.]+)\s+([\d.]+)", r.stdout)
-        assert ratios, r.stdout[-2000:]
-        assert float(ratios[1]) > 0.8 and float(ratios[2]) > 1.15, ratios[0]
-        loads = dict(re.findall(r"^  (gemma_rs|llama\.cpp)\s+([\d.]+) s", r.stdout, re.M))
-        assert float(loads["gemma_rs"]) < float(loads["llama.cpp"]), loads
+        # The benchmark ran and reported what README's table is made of; its numbers are not
+        # asserted (speed is a benchmark's business, never a test's: it varies by machine).
+        assert re.search(r"ratio gemma_rs/llama\s+[\d.]+\s+[\d.]+", r.stdout), r.stdout[-2000:]
+        assert re.search(r"^llama\.cpp system info: .*AVX", r.stdout, re.M), r.stdout[-2000:]
+        assert "AMX" not in r.stdout
+        assert re.search(r"^  gemma_rs\s+[\d.]+ s\s+\d+ MiB", r.stdout, re.M), r.stdout[-2000:]
     nxt = BLOCKS[index + 1] if index + 1 < len(BLOCKS) else None
     if nxt is not None and nxt[0] == "text":
         # The command's last output lines (pip's come first) are the ones shown.

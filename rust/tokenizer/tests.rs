@@ -545,9 +545,7 @@ fn gemma3_gguf_vocab_gives_the_same_tables() {
 #[test]
 fn gemma3_gguf_vocab_encodes_and_decodes_the_same() {
     let (json, gguf) = gemma3_pair();
-    let reference: Value =
-        serde_json::from_str(&read_text("gemma-3-270m/reference-f32.json"))
-            .unwrap();
+    let reference: Value = serde_json::from_str(&read_text("gemma-3-270m/reference-f32.json")).unwrap();
     let apache = read_text("text/apache-2.0.txt");
     let mut texts: Vec<String> = Vec::new();
     for case in reference["tokenizer"].as_array().unwrap() {
@@ -594,9 +592,7 @@ fn gemma3_gguf_vocab_encodes_and_decodes_the_same() {
 #[test]
 fn functiongemma_renamed_gguf_vocab() {
     let (json, _) = gemma3_pair();
-    let read = |name: &str| -> Value {
-        serde_json::from_str(&read_text(&format!("functiongemma/{name}"))).unwrap()
-    };
+    let read = |name: &str| -> Value { serde_json::from_str(&read_text(&format!("functiongemma/{name}"))).unwrap() };
     let (special, prompt) = (read("special-tokens.json"), read("prompt-tokens.json"));
     let owned = json.to_gguf_vocab();
     let mut v = owned.as_vocab();
