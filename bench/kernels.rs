@@ -6,10 +6,10 @@
 //! `GEMMA_RS_KERNEL` is read once per process, so each kernel is measured in a child process of
 //! this one (`--child NAME`).
 
-use gemma_rs::ops::{matmul, Activations, QuantBuf};
-use gemma_rs::quant::{quantize_row_q8_0, BlockQ8_0, Kernel};
-use gemma_rs::tensor::Matrix;
-use gemma_rs::threads::Threads;
+use gemma_rs::kernels::matrix::Matrix;
+use gemma_rs::kernels::ops::{matmul, Activations, QuantBuf};
+use gemma_rs::kernels::quant::{quantize_row_q8_0, BlockQ8_0, Kernel};
+use gemma_rs::kernels::threads::Threads;
 use std::time::Instant;
 
 fn q8_0(rows: usize, cols: usize) -> Matrix {

@@ -6,7 +6,7 @@
 //! tables' own size (`Tokenizer::memory_bytes`). With the two limits, exits 1 when loading
 //! added more resident or peak memory than that (scripts/test checks 40 and 80 MiB).
 
-use gemma_rs::tokenizer::Tokenizer;
+use gemma_rs::text::tokenizer::Tokenizer;
 use std::time::Instant;
 
 fn status_kib(key: &str) -> u64 {

@@ -17,10 +17,10 @@
 //! Not coverage-guided (that needs a nightly compiler for cargo-fuzz), but structured: most
 //! mutations land in headers, where the parsers are.
 
-use gemma_rs::config::Config;
-use gemma_rs::generate::{never, Engine, GenerateParams, Generation, LoadOptions};
-use gemma_rs::model::{Model, WeightType};
-use gemma_rs::threads::Threads;
+use gemma_rs::kernels::threads::Threads;
+use gemma_rs::model::config::Config;
+use gemma_rs::model::forward::{Model, WeightType};
+use gemma_rs::runtime::generate::{never, Engine, GenerateParams, Generation, LoadOptions};
 use serde_json::{json, Value};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -178,7 +178,8 @@ fn make_seed(work: &Path) -> Seed {
     let dir = work.join("seed");
     write_dir(&dir, &hf);
     let gguf = work.join("seed.gguf");
-    gemma_rs::pack::pack(&dir, &gguf, WeightType::Q8_0, &Threads::new(1), &mut |_, _| Ok(())).expect("pack the seed");
+    gemma_rs::formats::pack::pack(&dir, &gguf, WeightType::Q8_0, &Threads::new(1), &mut |_, _| Ok(()))
+        .expect("pack the seed");
     Seed { hf, gguf: std::fs::read(&gguf).unwrap() }
 }
 

@@ -2,11 +2,13 @@
 //! map errors. The typed, documented API is python/gemma_rs/__init__.py.
 
 use crate::error::Error;
-use crate::generate::{thread_count, Cancel, Completion, Engine, GenerateParams, Generation, LoadOptions, Memory};
-use crate::model::WeightType;
-use crate::quant::{self, BlockQ8_0, QK8_0};
-use crate::sampler::SamplingParams;
-use crate::threads::Threads;
+use crate::kernels::quant::{self, BlockQ8_0, QK8_0};
+use crate::kernels::threads::Threads;
+use crate::model::forward::WeightType;
+use crate::runtime::generate::{
+    thread_count, Cancel, Completion, Engine, GenerateParams, Generation, LoadOptions, Memory,
+};
+use crate::runtime::sampler::SamplingParams;
 use pyo3::exceptions::{
     PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyMemoryError, PyTypeError, PyValueError,
 };
@@ -76,7 +78,7 @@ fn compute_cancellable<T: Send>(py: Python<'_>, f: impl FnOnce(Cancel<'_>) -> cr
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
     if !on_main_thread(py)? {
-        return compute(py, || f(&mut crate::generate::never));
+        return compute(py, || f(&mut crate::runtime::generate::never));
     }
     let stop = AtomicBool::new(false);
     let mut raised: Option<PyErr> = None;
@@ -201,7 +203,7 @@ fn memory_plan<'py>(
     threads: Option<i64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let opts = load_options(max_inference_len, weights, threads, None)?;
-    let plan = compute(py, || crate::generate::memory_plan(&path, &opts))?;
+    let plan = compute(py, || crate::runtime::generate::memory_plan(&path, &opts))?;
     memory_dict(py, &plan)
 }
 
@@ -222,7 +224,9 @@ fn pack(
     let threads = Threads::new(thread_count(positive("threads", threads)?)?);
     let mut raised: Option<PyErr> = None;
     let report = compute(py, || {
-        crate::pack::pack(&src, &dst, weights, &threads, &mut |done, total| report(&progress, done, total, &mut raised))
+        crate::formats::pack::pack(&src, &dst, weights, &threads, &mut |done, total| {
+            report(&progress, done, total, &mut raised)
+        })
     });
     if let Some(e) = raised {
         return Err(e);
@@ -238,7 +242,7 @@ fn render_template(py: Python<'_>, template: &str, context: &str) -> PyResult<St
     let ctx: serde_json::Value =
         serde_json::from_str(context).map_err(|e| value_error(format!("template context is not JSON: {e}")))?;
     let template = template.to_string();
-    compute(py, move || crate::chat_template::render(&template, &ctx))
+    compute(py, move || crate::text::chat_template::render(&template, &ctx))
 }
 
 /// GGML Q8_0 blocks of little-endian f32 values (a whole number of 32-value blocks), as the
@@ -259,7 +263,7 @@ fn quantize_q8_0<'py>(py: Python<'py>, values: &[u8]) -> PyResult<Bound<'py, PyB
 /// model uses, in load order; `vocab` is the tokenizer's size, or None without one).
 #[pyfunction]
 fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
-    use crate::checkpoint::{Checkpoint, Source};
+    use crate::formats::checkpoint::{Checkpoint, Source};
     type Row = (String, &'static str, Vec<usize>, usize);
     let (format, config, tensors, vocab, template, eos) = compute(py, || {
         let ck = Checkpoint::open(&path)?;
@@ -267,7 +271,7 @@ fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> 
             Source::Gguf(g) => format!("GGUF v{}", g.version),
             Source::SafeTensors { .. } => "safetensors".to_string(),
         };
-        let tensors = crate::model::Model::tensors(&ck.config)
+        let tensors = crate::model::forward::Model::tensors(&ck.config)
             .into_iter()
             .map(|(name, _)| {
                 let t = ck.source.tensor(&name)?;
@@ -305,7 +309,7 @@ fn cpu_features<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
 /// that compare the kernels of this CPU with the scalar one.
 #[pyfunction]
 fn _q8_0_matmul<'py>(py: Python<'py>, kernel: &str, w: &[u8], rows: usize, x: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-    use crate::ops::{matmul_q8_0_with, Activations, QuantBuf};
+    use crate::kernels::ops::{matmul_q8_0_with, Activations, QuantBuf};
     let k = quant::Kernel::named(kernel)
         .ok_or_else(|| value_error(format!("kernel {kernel:?} is not available on this CPU")))?;
     let block = std::mem::size_of::<BlockQ8_0>();

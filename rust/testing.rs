@@ -1,7 +1,7 @@
 //! The test data in `tests/fixtures` (its README says where each file came from), for the unit
 //! tests. The repository holds all of it, so a missing file is a failure, never a skip.
 
-use crate::tokenizer::Tokenizer;
+use crate::text::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 

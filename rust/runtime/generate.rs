@@ -1,15 +1,15 @@
 //! The engine a Python `Model` wraps: weights, tokenizer, and one session (KV cache + scratch)
 //! behind a mutex; `Generation` is one prompt's decode loop, stepped a token at a time.
 
-use crate::checkpoint::Checkpoint;
-use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
-use crate::model::{Model, Scratch, WeightType, CHUNK};
-use crate::ops::{self, LogSumExp};
-use crate::sampler::{Sampler, SamplingParams};
-use crate::threads::Threads;
-use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::formats::checkpoint::Checkpoint;
+use crate::kernels::ops::{self, LogSumExp};
+use crate::kernels::threads::Threads;
+use crate::model::config::Config;
+use crate::model::forward::{Model, Scratch, WeightType, CHUNK};
+use crate::model::kv_cache::KvCache;
+use crate::runtime::sampler::{Sampler, SamplingParams};
+use crate::text::tokenizer::{StreamDecoder, Tokenizer};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -600,7 +600,7 @@ mod tests {
 
     /// transformers' `input_ids` (40 tokens) and `logits` (40 × vocab) for a tiny checkpoint.
     fn reference(dir: &Path) -> (Vec<u32>, Vec<f32>) {
-        let st = crate::safetensors::SafeTensors::open_files(&[dir.join("reference.safetensors")]).unwrap();
+        let st = crate::formats::safetensors::SafeTensors::open_files(&[dir.join("reference.safetensors")]).unwrap();
         let ids = st.get("input_ids").unwrap().data.chunks_exact(8);
         let ids = ids.map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
         let logits = st.get("logits").unwrap();

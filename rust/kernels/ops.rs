@@ -5,9 +5,9 @@
 //! whatever the number of tokens in the batch: a token's result does not depend on the batch it
 //! was computed in, so prefill in one pass and token-by-token decoding give identical bits.
 
-use crate::quant::{self, BlockQ8_0, Kernel, QRow, QK8_0};
-use crate::tensor::Matrix;
-use crate::threads::{SharedMut, Threads};
+use crate::kernels::matrix::Matrix;
+use crate::kernels::quant::{self, BlockQ8_0, Kernel, QRow, QK8_0};
+use crate::kernels::threads::{SharedMut, Threads};
 use std::ops::Range;
 use std::sync::OnceLock;
 

@@ -1,7 +1,7 @@
 //! Weight matrices as stored in memory: f32, bf16 bits widened on the fly, or GGML Q8_0 blocks;
 //! each either owned or used in place from a memory-mapped model file.
 
-use crate::quant::{self, BlockQ8_0, QK8_0};
+use crate::kernels::quant::{self, BlockQ8_0, QK8_0};
 use memmap2::Mmap;
 use std::ops::Deref;
 use std::sync::Arc;

@@ -4,16 +4,16 @@
 //! values into the cache and leaving the final-normed hidden states in `Scratch::x`; `lm_head`
 //! turns hidden states into logits with the tied embedding.
 
-use crate::checkpoint::{Source, Tensor};
-use crate::config::{Config, LayerType};
 use crate::error::{Error, Result};
-use crate::half::f32_to_bf16;
-use crate::kv_cache::KvCache;
-use crate::ops::{self, Activations, QuantBuf};
-use crate::quant::ggml::GgmlType;
-use crate::quant::{self, BlockQ8_0, QK8_0};
-use crate::tensor::Matrix;
-use crate::threads::{SharedMut, Threads};
+use crate::formats::checkpoint::{Source, Tensor};
+use crate::kernels::half::f32_to_bf16;
+use crate::kernels::matrix::Matrix;
+use crate::kernels::ops::{self, Activations, QuantBuf};
+use crate::kernels::quant::ggml::GgmlType;
+use crate::kernels::quant::{self, BlockQ8_0, QK8_0};
+use crate::kernels::threads::{SharedMut, Threads};
+use crate::model::config::{Config, LayerType};
+use crate::model::kv_cache::KvCache;
 
 /// Tokens per forward chunk: prefill runs as matrix × matrix on this many tokens at a time, so
 /// the scratch buffers have a fixed size whatever the prompt length.

@@ -9,7 +9,7 @@
 //! (Q4_K, Q5_K) can then differ from this module (and from gguf-py) in the last bit. Rust never
 //! fuses implicitly, so the two roundings here are deliberate.
 
-use crate::half::{bf16_to_f32, f16_to_f32};
+use crate::kernels::half::{bf16_to_f32, f16_to_f32};
 
 /// Values per K-quant super-block (ggml-common.h `QK_K`).
 const QK_K: usize = 256;
@@ -371,7 +371,7 @@ fn block_q6_k(b: &[u8; 210], y: &mut [f32; QK_K]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::half::f32_to_f16;
+    use crate::kernels::half::f32_to_f16;
 
     fn f16le(x: f32) -> [u8; 2] {
         f32_to_f16(x).to_le_bytes()

@@ -6,15 +6,15 @@
 //! `1 + w`, and the metadata llama.cpp's Gemma 3 loader reads, tokenizer and chat template
 //! included. A board then maps the file and starts without quantizing anything.
 
-use crate::checkpoint::{gguf_name, query_pre_attn_scalar, Checkpoint, Source};
-use crate::config::{Config, LayerType};
 use crate::error::{Error, Result};
-use crate::gguf::Writer;
-use crate::half::f32_to_bf16;
-use crate::model::{for_slabs, quantize_rows, Model, WeightType};
-use crate::quant::ggml::GgmlType;
-use crate::quant::{BlockQ8_0, QK8_0};
-use crate::threads::Threads;
+use crate::formats::checkpoint::{gguf_name, query_pre_attn_scalar, Checkpoint, Source};
+use crate::formats::gguf::Writer;
+use crate::kernels::half::f32_to_bf16;
+use crate::kernels::quant::ggml::GgmlType;
+use crate::kernels::quant::{BlockQ8_0, QK8_0};
+use crate::kernels::threads::Threads;
+use crate::model::config::{Config, LayerType};
+use crate::model::forward::{for_slabs, quantize_rows, Model, WeightType};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -260,7 +260,7 @@ fn write_tensor(
     let io = |e: std::io::Error| Error::io(t.path(), e);
     if p.norm {
         let one = if src.norms_include_one() { 0.0 } else { 1.0 };
-        for v in crate::model::finite_f32(&t)? {
+        for v in crate::model::forward::finite_f32(&t)? {
             sink.write_all(&(one + v).to_le_bytes()).map_err(io)?;
         }
         return advanced(t.data.len() as u64);
@@ -283,7 +283,7 @@ fn write_tensor(
             GgmlType::Q8_0 => {
                 blocks.resize(n * (p.cols / QK8_0), BlockQ8_0::default());
                 quantize_rows(x, p.cols, &mut blocks, threads);
-                crate::model::check_q8_0_scales(&t, &blocks)?;
+                crate::model::forward::check_q8_0_scales(&t, &blocks)?;
                 bytes.extend_from_slice(BlockQ8_0::as_bytes(&blocks));
             }
             GgmlType::BF16 => x.iter().for_each(|&v| bytes.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),

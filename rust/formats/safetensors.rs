@@ -7,7 +7,7 @@
 //! any tensor is read, so a lying header is an error, never an out-of-bounds read.
 
 use crate::error::{Error, Result};
-use crate::half::{bf16_to_f32, f16_to_f32};
+use crate::kernels::half::{bf16_to_f32, f16_to_f32};
 use memmap2::Mmap;
 use serde_json::Value;
 use std::collections::HashMap;

@@ -3,7 +3,7 @@
 //! temperature, top-k, top-p, min-p). Seeded runs are reproducible.
 
 use crate::error::{Error, Result};
-use crate::ops;
+use crate::kernels::ops;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {

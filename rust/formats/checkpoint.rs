@@ -3,13 +3,13 @@
 //! give a `Config`, an optional `Tokenizer` and `Tensor`s named the Hugging Face way, which is
 //! all `Model::load` and `pack` see.
 
-use crate::config::{token_ids, Config};
 use crate::error::{Error, Result};
-use crate::gguf::{self, Gguf};
-use crate::quant::ggml::{self, GgmlType};
-use crate::safetensors::{Dtype, SafeTensors};
-use crate::tensor::{Plain, Storage};
-use crate::tokenizer::{GgufVocab, Tokenizer};
+use crate::formats::gguf::{self, Gguf};
+use crate::formats::safetensors::{Dtype, SafeTensors};
+use crate::kernels::matrix::{Plain, Storage};
+use crate::kernels::quant::ggml::{self, GgmlType};
+use crate::model::config::{token_ids, Config};
+use crate::text::tokenizer::{GgufVocab, Tokenizer};
 use serde_json::{json, Value};
 use std::ops::Range;
 use std::path::{Path, PathBuf};

@@ -10,7 +10,7 @@
 //! Kernels: portable scalar code, AVX2 and AVX-512 VNNI on x86_64, NEON with and without the
 //! dotprod extension on aarch64, chosen once at run time by CPU feature detection.
 
-use crate::half::{f16_to_f32, f32_to_f16};
+use crate::kernels::half::{f16_to_f32, f32_to_f16};
 use std::sync::OnceLock;
 
 pub mod ggml;

@@ -12,7 +12,7 @@
 //! read, so a lying header is an error, never a giant allocation or an out-of-bounds read.
 
 use crate::error::{Error, Result};
-use crate::quant::ggml::{self, GgmlType};
+use crate::kernels::quant::ggml::{self, GgmlType};
 use memmap2::Mmap;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
