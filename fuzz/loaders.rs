@@ -1,4 +1,4 @@
-//! Mutation fuzzing of everything `Engine::load` parses: safetensors (header and data),
+//! Mutation fuzzing of everything `Model::load` parses: safetensors (header and data),
 //! config.json, tokenizer.json, generation_config.json and GGUF (header, metadata, tensor
 //! infos, data). A small valid checkpoint is made here (random weights, a hand-written BPE
 //! tokenizer) and packed to GGUF; each iteration breaks one file of one of them — bit flips,
@@ -19,8 +19,9 @@
 
 use gemma_rs::kernels::threads::Threads;
 use gemma_rs::model::config::Config;
-use gemma_rs::model::forward::{Model, WeightType};
-use gemma_rs::runtime::generate::{never, Engine, GenerateParams, Generation, LoadOptions};
+use gemma_rs::model::schema::{all_tensors, WeightType};
+use gemma_rs::runtime::generate::{GenerateParams, Generation};
+use gemma_rs::runtime::{never, LoadOptions, Model};
 use serde_json::{json, Value};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -168,7 +169,8 @@ struct Seed {
 fn make_seed(work: &Path) -> Seed {
     let mut rng = Rng(0x5EED);
     let config = seed_config(TOKENS.len());
-    let tensors = Model::tensors(&Config::from_json(config.clone()).expect("seed config"));
+    let c = Config::from_json(config.clone()).expect("seed config");
+    let tensors: Vec<(String, Vec<usize>)> = all_tensors(&c).iter().map(|t| (t.hf(), t.shape(&c))).collect();
     let hf: Vec<(&str, Vec<u8>)> = vec![
         ("config.json", serde_json::to_vec_pretty(&config).unwrap()),
         ("model.safetensors", safetensors(&tensors, &mut rng)),
@@ -363,7 +365,7 @@ fn check(path: &Path, dir: &Path) -> Result<bool, String> {
     let base = LIVE.load(Relaxed);
     PEAK.store(base, Relaxed);
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        let engine = Arc::new(Engine::load(path, &opts)?);
+        let engine = Arc::new(Model::load(path, &opts)?);
         let params = GenerateParams { max_new_tokens: 2, ..Default::default() };
         Generation::new(engine, vec![2, 5, 6], params)?.run(&mut never).map(|_| ())
     }));

@@ -4,11 +4,11 @@
 use crate::error::Error;
 use crate::kernels::quant::{self, BlockQ8_0, QK8_0};
 use crate::kernels::threads::Threads;
-use crate::model::forward::WeightType;
-use crate::runtime::generate::{
-    thread_count, Cancel, Completion, Engine, GenerateParams, Generation, LoadOptions, Memory,
-};
+use crate::model::memory::Memory;
+use crate::model::schema::{all_tensors, WeightType};
+use crate::runtime::generate::{Completion, GenerateParams, Generation};
 use crate::runtime::sampler::SamplingParams;
+use crate::runtime::{Cancel, LoadOptions, Model as Engine};
 use pyo3::exceptions::{
     PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyMemoryError, PyTypeError, PyValueError,
 };
@@ -78,7 +78,7 @@ fn compute_cancellable<T: Send>(py: Python<'_>, f: impl FnOnce(Cancel<'_>) -> cr
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
     if !on_main_thread(py)? {
-        return compute(py, || f(&mut crate::runtime::generate::never));
+        return compute(py, || f(&mut crate::runtime::never));
     }
     let stop = AtomicBool::new(false);
     let mut raised: Option<PyErr> = None;
@@ -203,7 +203,7 @@ fn memory_plan<'py>(
     threads: Option<i64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let opts = load_options(max_inference_len, weights, threads, None)?;
-    let plan = compute(py, || crate::runtime::generate::memory_plan(&path, &opts))?;
+    let plan = compute(py, || crate::runtime::memory_plan(&path, &opts))?;
     memory_dict(py, &plan)
 }
 
@@ -221,7 +221,7 @@ fn pack(
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(u64, usize)> {
     let weights = WeightType::parse(weights)?;
-    let threads = Threads::new(thread_count(positive("threads", threads)?)?);
+    let threads = Threads::new(Threads::count_for(positive("threads", threads)?)?);
     let mut raised: Option<PyErr> = None;
     let report = compute(py, || {
         crate::formats::pack::pack(&src, &dst, weights, &threads, &mut |done, total| {
@@ -271,9 +271,9 @@ fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> 
             Source::Gguf(g) => format!("GGUF v{}", g.version),
             Source::SafeTensors { .. } => "safetensors".to_string(),
         };
-        let tensors = crate::model::forward::Model::tensors(&ck.config)
+        let tensors = all_tensors(&ck.config)
             .into_iter()
-            .map(|(name, _)| {
+            .map(|name| {
                 let t = ck.source.tensor(&name)?;
                 Ok((t.name, t.ty.name(), t.shape, t.data.len()))
             })

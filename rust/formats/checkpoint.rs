@@ -1,16 +1,18 @@
 //! A model on disk, whatever its format: a Hugging Face directory (config.json, safetensors,
 //! tokenizer.json) or a GGUF file (llama.cpp's layout, its own metadata and tokenizer). Both
-//! give a `Config`, an optional `Tokenizer` and `Tensor`s named the Hugging Face way, which is
-//! all `Model::load` and `pack` see.
+//! give a `Config`, an optional `Tokenizer` and the `Tensor`s of `model::schema`, which is all
+//! loading (`formats::convert`) and `pack` see.
 
 use crate::error::{Error, Result};
+use crate::formats::gemma3_gguf;
 use crate::formats::gguf::{self, Gguf};
 use crate::formats::safetensors::{Dtype, SafeTensors};
 use crate::kernels::matrix::{Plain, Storage};
 use crate::kernels::quant::ggml::{self, GgmlType};
 use crate::model::config::{token_ids, Config};
+use crate::model::schema::TensorName;
 use crate::text::tokenizer::{GgufVocab, Tokenizer};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -76,45 +78,12 @@ impl Tensor<'_> {
     }
 }
 
-/// GGUF tensor names of Gemma 3 (llama.cpp's `LLM_ARCH_GEMMA3` layout) by Hugging Face name,
-/// inside `blk.N.` / `layers.N.`.
-const GGUF_BLOCK_NAMES: [(&str, &str); 13] = [
-    ("self_attn.q_proj", "attn_q"),
-    ("self_attn.k_proj", "attn_k"),
-    ("self_attn.v_proj", "attn_v"),
-    ("self_attn.o_proj", "attn_output"),
-    ("self_attn.q_norm", "attn_q_norm"),
-    ("self_attn.k_norm", "attn_k_norm"),
-    ("input_layernorm", "attn_norm"),
-    ("post_attention_layernorm", "post_attention_norm"),
-    ("pre_feedforward_layernorm", "ffn_norm"),
-    ("post_feedforward_layernorm", "post_ffw_norm"),
-    ("mlp.gate_proj", "ffn_gate"),
-    ("mlp.up_proj", "ffn_up"),
-    ("mlp.down_proj", "ffn_down"),
-];
-
-/// The GGUF name of a Hugging Face tensor name (without the `model.` prefix).
-pub fn gguf_name(hf: &str) -> Option<String> {
-    let base = hf.strip_suffix(".weight")?;
-    match base {
-        "embed_tokens" => return Some("token_embd.weight".into()),
-        "norm" => return Some("output_norm.weight".into()),
-        _ => {}
-    }
-    let rest = base.strip_prefix("layers.")?;
-    let (n, what) = rest.split_once('.')?;
-    n.parse::<usize>().ok()?;
-    let (_, g) = GGUF_BLOCK_NAMES.iter().find(|(h, _)| *h == what)?;
-    Some(format!("blk.{n}.{g}.weight"))
-}
-
 impl Source {
-    /// The tensor with Hugging Face name `name` (e.g. `layers.0.mlp.up_proj.weight`).
-    pub fn tensor(&self, name: &str) -> Result<Tensor<'_>> {
+    /// The tensor `name`, by its Hugging Face name or its GGUF name as the format has it.
+    pub fn tensor(&self, name: &TensorName) -> Result<Tensor<'_>> {
         match self {
             Source::SafeTensors { st, prefix } => {
-                let full = format!("{prefix}{name}");
+                let full = format!("{prefix}{}", name.hf());
                 let t = st.get(&full)?;
                 let path = st.path_of(&full);
                 let ty = match t.dtype {
@@ -130,8 +99,8 @@ impl Source {
             }
             Source::Gguf(g) => {
                 let missing = |n: String| Error::MissingTensor { path: g.path.clone(), name: n };
-                let gname = gguf_name(name).ok_or_else(|| missing(name.to_string()))?;
-                let info = g.tensor(&gname).ok_or_else(|| missing(format!("{gname} ({name})")))?;
+                let gname = name.gguf();
+                let info = g.tensor(&gname).ok_or_else(|| missing(format!("{gname} ({})", name.hf())))?;
                 let ty = info.ty.map_err(|_| {
                     Error::format(
                         &g.path,
@@ -233,7 +202,7 @@ impl Checkpoint {
 
     fn open_gguf(file: &Path, dir: &Path) -> Result<Checkpoint> {
         let g = Gguf::open(file)?;
-        let config = gguf_config(&g)?;
+        let config = gemma3_gguf::read_config(&g)?;
         let tokenizer = match tokenizer_json_beside(dir, &config)? {
             Some(t) => Some(t),
             None => gguf_tokenizer(&g, &config)?,
@@ -320,99 +289,6 @@ fn chat_template_json(dir: &Path) -> Result<Option<String>> {
             .and_then(Value::as_str)
             .map(str::to_string),
         _ => None,
-    })
-}
-
-/// `query_pre_attn_scalar` as llama.cpp derives it for Gemma 3 (its `f_attention_scale`): the
-/// head dimension, but hidden / heads for the 62-layer 27B model. GGUF stores no key for it.
-pub fn query_pre_attn_scalar(layers: usize, hidden: usize, heads: usize, head_dim: usize) -> usize {
-    if layers == 62 {
-        hidden / heads.max(1)
-    } else {
-        head_dim
-    }
-}
-
-/// The model's config from `gemma3.*` metadata, written as the config.json transformers makes
-/// of it and checked by `Config::from_json`. What llama.cpp fixes for Gemma 3 rather than
-/// storing: the local RoPE base 10 000, every sixth layer global, `query_pre_attn_scalar` (see
-/// [`query_pre_attn_scalar`]), the tanh GELU and tied embeddings.
-pub fn gguf_config(g: &Gguf) -> Result<Config> {
-    let bad = |msg: String| Error::format(&g.path, msg);
-    let arch = g.get_str("general.architecture").ok_or_else(|| bad("no general.architecture".into()))?;
-    if arch != "gemma3" {
-        return Err(bad(format!("general.architecture is {arch:?}; gemma_rs runs Gemma 3 (\"gemma3\")")));
-    }
-    let int = |key: &str| -> Result<u64> {
-        let full = format!("gemma3.{key}");
-        g.get(&full).and_then(|v| v.as_u64()).ok_or_else(|| bad(format!("{full} is missing or not an integer")))
-    };
-    let float = |key: &str| -> Result<f64> {
-        let full = format!("gemma3.{key}");
-        let v = g.get(&full).and_then(|v| v.as_f64());
-        v.filter(|v| v.is_finite()).ok_or_else(|| bad(format!("{full} is missing or not a finite number")))
-    };
-    // llama.cpp scales RoPE when a factor is given (linear unless a type says otherwise).
-    if let Some(kind) = g.get_str("gemma3.rope.scaling.type") {
-        if kind != "none" {
-            return Err(bad(format!("gemma3.rope.scaling.type {kind:?} is not supported")));
-        }
-    }
-    for key in ["gemma3.rope.scaling.factor", "gemma3.rope.scale_linear"] {
-        if let Some(f) = g.get(key).and_then(|v| v.as_f64()).filter(|&f| f != 0.0 && f != 1.0) {
-            return Err(bad(format!("{key} = {f}: RoPE scaling is not supported")));
-        }
-    }
-    let head_dim = int("attention.key_length")?;
-    if let Some(v) = g.get("gemma3.attention.value_length").and_then(|v| v.as_u64()) {
-        if v != head_dim {
-            return Err(bad(format!("attention.value_length {v} differs from key_length {head_dim}")));
-        }
-    }
-    let layers = int("block_count")?;
-    if layers > 1 << 16 {
-        return Err(bad(format!("gemma3.block_count {layers} is absurd")));
-    }
-    let (hidden, heads) = (int("embedding_length")?, int("attention.head_count")?);
-    let embd = g
-        .tensor("token_embd.weight")
-        .ok_or_else(|| Error::MissingTensor { path: g.path.clone(), name: "token_embd.weight".into() })?;
-    let vocab = embd.dims.get(1).copied().unwrap_or(0);
-    let mut raw = json!({
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": int("feed_forward_length")?,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": int("attention.head_count_kv")?,
-        "head_dim": head_dim,
-        "max_position_embeddings": int("context_length")?,
-        "rms_norm_eps": float("attention.layer_norm_rms_epsilon")?,
-        "query_pre_attn_scalar": query_pre_attn_scalar(layers as usize, hidden as usize, heads as usize, head_dim as usize),
-        "sliding_window": int("attention.sliding_window")?,
-        "layer_types": (0..layers)
-            .map(|i| if (i + 1) % 6 == 0 { "full_attention" } else { "sliding_attention" })
-            .collect::<Vec<_>>(),
-        "rope_theta": float("rope.freq_base")?,
-        "rope_local_base_freq": 10000.0,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "final_logit_softcapping": null,
-        "tie_word_embeddings": true,
-    });
-    for (key, field) in [
-        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
-        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
-        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
-    ] {
-        if let Some(id) = g.get(key).and_then(|v| v.as_u64()) {
-            raw[field] = json!(id);
-        }
-    }
-    Config::from_json(raw).map_err(|e| match e {
-        Error::Config(msg) => bad(msg),
-        e => e,
     })
 }
 

@@ -1,7 +1,10 @@
-//! Model files: safetensors and GGUF readers (bounds-checked views of memory-mapped files), a
-//! checkpoint of either format as named Gemma 3 tensors, and `pack`, which writes GGUF.
+//! Model files: safetensors and GGUF readers (bounds-checked views of memory-mapped files), the
+//! Gemma 3 ↔ GGUF metadata table, a checkpoint of either format, the conversion of its tensors
+//! into the model's weights, and `pack`, which writes GGUF.
 
 pub mod checkpoint;
+pub mod convert;
+pub mod gemma3_gguf;
 pub mod gguf;
 pub mod pack;
 pub mod safetensors;

@@ -7,14 +7,16 @@
 //! included. A board then maps the file and starts without quantizing anything.
 
 use crate::error::{Error, Result};
-use crate::formats::checkpoint::{gguf_name, query_pre_attn_scalar, Checkpoint, Source};
+use crate::formats::checkpoint::{Checkpoint, Source};
+use crate::formats::convert::{check_q8_0_scales, checked, finite_f32, for_slabs, quantize_rows};
+use crate::formats::gemma3_gguf;
 use crate::formats::gguf::Writer;
 use crate::kernels::half::f32_to_bf16;
 use crate::kernels::quant::ggml::GgmlType;
 use crate::kernels::quant::{BlockQ8_0, QK8_0};
 use crate::kernels::threads::Threads;
-use crate::model::config::{Config, LayerType};
-use crate::model::forward::{for_slabs, quantize_rows, Model, WeightType};
+use crate::model::config::Config;
+use crate::model::schema::{all_tensors, TensorName, WeightType};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -26,10 +28,9 @@ pub struct PackReport {
     pub tensors: usize,
 }
 
-/// One tensor to write: its Hugging Face name (without `model.`), GGUF name, shape and type.
+/// One tensor to write: its name, shape (rows 1 for a norm) and type.
 struct Plan {
-    hf: String,
-    gguf: String,
+    name: TensorName,
     rows: usize,
     cols: usize,
     ty: GgmlType,
@@ -56,22 +57,17 @@ pub fn pack(
     progress: &mut dyn FnMut(u64, u64) -> Result<()>,
 ) -> Result<PackReport> {
     let ck = Checkpoint::open(src)?;
-    check_expressible(&ck.config, &ck.path)?;
+    gemma3_gguf::check_expressible(&ck.config, &ck.path)?;
     let c = &ck.config;
     let plans = plan(c, weights);
     let mut w = Writer::new();
     metadata(&mut w, &ck, weights)?;
     let mut total = 0u64;
     for p in &plans {
-        let t = ck.source.tensor(&p.hf)?;
-        let shape = if p.norm { vec![p.rows * p.cols] } else { vec![p.rows, p.cols] };
-        if t.shape != shape {
-            let path = t.path().to_path_buf();
-            return Err(Error::ShapeMismatch { path, name: t.name, expected: shape, found: t.shape });
-        }
-        total += t.data.len() as u64;
-        let dims: Vec<usize> = if p.norm { vec![p.cols] } else { vec![p.cols, p.rows] };
-        w.tensor(&p.gguf, &dims, p.ty);
+        let shape = p.name.shape(c);
+        total += checked(&ck.source, &p.name, &shape)?.data.len() as u64;
+        // GGUF lists the innermost dimension first.
+        w.tensor(&p.name.gguf(), &shape.iter().rev().copied().collect::<Vec<_>>(), p.ty);
     }
 
     let partial = dst.with_file_name(format!(
@@ -118,53 +114,18 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Refuses configs that the GGUF metadata llama.cpp reads for Gemma 3 cannot express: the file
-/// would load as another model.
-fn check_expressible(c: &Config, path: &Path) -> Result<()> {
-    let every_sixth = c.layer_types.iter().enumerate().all(|(i, &t)| (t == LayerType::Global) == ((i + 1) % 6 == 0));
-    let problems = [
-        (
-            c.query_pre_attn_scalar
-                != query_pre_attn_scalar(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.head_dim) as f64,
-            "query_pre_attn_scalar differs from head_dim (hidden_size / heads for 62 layers)",
-        ),
-        (c.rope_local_base_freq != 10_000.0, "rope_local_base_freq is not 10000"),
-        (!every_sixth, "the global layers are not every sixth"),
-        (c.final_logit_softcapping.is_some(), "final_logit_softcapping is set"),
-    ];
-    match problems.iter().find(|(bad, _)| *bad) {
-        Some((_, what)) => Err(Error::format(
-            path,
-            format!("cannot be written as a Gemma 3 GGUF: {what}, which llama.cpp's gemma3 loader assumes otherwise"),
-        )),
-        None => Ok(()),
-    }
-}
-
 /// The tensors of a Gemma 3 model in file order, with the GGUF type each is written as.
 fn plan(c: &Config, weights: WeightType) -> Vec<Plan> {
-    let matrix_type = |cols: usize| match weights {
-        WeightType::F32 => GgmlType::F32,
-        WeightType::Bf16 => GgmlType::BF16,
-        WeightType::Q8_0 if cols.is_multiple_of(QK8_0) => GgmlType::Q8_0,
-        WeightType::Q8_0 => GgmlType::BF16,
-    };
-    Model::tensors(c)
+    all_tensors(c)
         .into_iter()
-        .map(|(hf, shape)| {
-            let (rows, cols, norm) = match shape[..] {
+        .map(|name| {
+            let (rows, cols, norm) = match name.shape(c)[..] {
                 [n] => (1, n, true),
                 [rows, cols] => (rows, cols, false),
                 _ => unreachable!("weights are 1-D or 2-D"),
             };
-            Plan {
-                gguf: gguf_name(&hf).expect("a Gemma 3 tensor name"),
-                hf,
-                rows,
-                cols,
-                ty: if norm { GgmlType::F32 } else { matrix_type(cols) },
-                norm,
-            }
+            let ty = if norm { GgmlType::F32 } else { weights.matrix_type(cols) };
+            Plan { name, rows, cols, ty, norm }
         })
         .collect()
 }
@@ -187,23 +148,11 @@ fn metadata(w: &mut Writer, ck: &Checkpoint, weights: WeightType) -> Result<()> 
     }
     let c = &ck.config;
     let name = ck.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "gemma3".into());
-    w.str("general.architecture", "gemma3");
+    gemma3_gguf::write_config(w, c)?;
     w.str("general.type", "model");
     w.str("general.name", &name);
     w.u32("general.file_type", file_type(weights));
     w.u32("general.quantization_version", 2);
-    let u = |n: usize| u32::try_from(n).map_err(|_| Error::Config(format!("{n} does not fit a GGUF u32")));
-    w.u32("gemma3.context_length", u(c.max_position_embeddings)?);
-    w.u32("gemma3.embedding_length", u(c.hidden_size)?);
-    w.u32("gemma3.block_count", u(c.num_hidden_layers)?);
-    w.u32("gemma3.feed_forward_length", u(c.intermediate_size)?);
-    w.u32("gemma3.attention.head_count", u(c.num_attention_heads)?);
-    w.f32("gemma3.attention.layer_norm_rms_epsilon", c.rms_norm_eps);
-    w.u32("gemma3.attention.key_length", u(c.head_dim)?);
-    w.u32("gemma3.attention.value_length", u(c.head_dim)?);
-    w.f32("gemma3.rope.freq_base", c.rope_theta as f32);
-    w.u32("gemma3.attention.sliding_window", u(c.sliding_window)?);
-    w.u32("gemma3.attention.head_count_kv", u(c.num_key_value_heads)?);
     if let Some(t) = &ck.tokenizer {
         let mut v = t.to_gguf_vocab();
         if let Some(&eos) = ck.eos_token_ids.first() {
@@ -256,11 +205,11 @@ fn write_tensor(
     sink: &mut dyn Write,
     advanced: &mut dyn FnMut(u64) -> Result<()>,
 ) -> Result<()> {
-    let t = src.tensor(&p.hf)?;
+    let t = src.tensor(&p.name)?;
     let io = |e: std::io::Error| Error::io(t.path(), e);
     if p.norm {
         let one = if src.norms_include_one() { 0.0 } else { 1.0 };
-        for v in crate::model::forward::finite_f32(&t)? {
+        for v in finite_f32(&t)? {
             sink.write_all(&(one + v).to_le_bytes()).map_err(io)?;
         }
         return advanced(t.data.len() as u64);
@@ -283,7 +232,7 @@ fn write_tensor(
             GgmlType::Q8_0 => {
                 blocks.resize(n * (p.cols / QK8_0), BlockQ8_0::default());
                 quantize_rows(x, p.cols, &mut blocks, threads);
-                crate::model::forward::check_q8_0_scales(&t, &blocks)?;
+                check_q8_0_scales(&t, &blocks)?;
                 bytes.extend_from_slice(BlockQ8_0::as_bytes(&blocks));
             }
             GgmlType::BF16 => x.iter().for_each(|&v| bytes.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),

@@ -7,7 +7,7 @@
 
 use crate::kernels::matrix::Matrix;
 use crate::kernels::quant::{self, BlockQ8_0, Kernel, QRow, QK8_0};
-use crate::kernels::threads::{SharedMut, Threads};
+use crate::kernels::threads::{split_columns, split_rows, ColumnsMut, Threads};
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -71,11 +71,10 @@ fn dot_rows<E: Elem, const T: usize>(w: &[E], xs: [&[f32]; T]) -> [f32; T] {
     out
 }
 
-/// Where a matrix product writes: `(n, stride)` row-major, weight row `r` in column `r - row0`.
-#[derive(Clone, Copy)]
-struct Out {
-    ptr: SharedMut<f32>,
-    stride: usize,
+/// Where one thread's share of a matrix product writes: its columns of the `(n, m)` output,
+/// weight row `r` in column `r - row0`.
+struct Out<'a> {
+    cols: ColumnsMut<'a, f32>,
     row0: usize,
 }
 
@@ -168,13 +167,10 @@ impl<'a> Activations<'a> {
         }
         let blocks = cols / QK8_0;
         let (d, qs) = (&mut buf.d[..n * blocks], &mut buf.qs[..n * cols]);
-        let (dp, qp) = (SharedMut::new(d), SharedMut::new(qs));
-        threads.for_ranges(n, 1, n * cols * 4, |_, rows| {
-            for t in rows {
-                // SAFETY: rows are split disjointly between threads; ranges are in bounds.
-                let (d, q) = unsafe { (dp.slice(t * blocks, blocks), qp.slice(t * cols, cols)) };
-                quant::quantize_activations(&x[t * cols..(t + 1) * cols], d, q);
-            }
+        let ranges = threads.ranges(n, 1, n * cols * 4);
+        let parts = split_rows(d, blocks, &ranges).into_iter().zip(split_rows(qs, cols, &ranges));
+        threads.run(ranges.iter().cloned().zip(parts).collect(), |_, (rows, (d, qs))| {
+            quant::quantize_activations(&x[rows.start * cols..rows.end * cols], d, qs);
         });
         a.q = Some((&buf.d[..n * blocks], &buf.qs[..n * cols]));
         a
@@ -211,10 +207,10 @@ fn tiled(
     dot4: impl Fn(usize, [usize; 4]) -> [f32; 4],
     dot1: impl Fn(usize, usize) -> f32,
 ) {
-    let Out { ptr, stride, row0 } = out;
-    // SAFETY (every write below): rows are split disjointly between threads, and `(t, r)` is
-    // inside the `(n, stride)` output (checked in `matmul`).
-    let write = |t: usize, r: usize, v: f32| unsafe { ptr.write(t * stride + r - row0, v) };
+    let Out { mut cols, row0 } = out;
+    // This part's first column holds weight row `base`.
+    let base = row0 + cols.cols().start;
+    let mut write = |t: usize, r: usize, v: f32| cols.row(t)[r - base] = v;
     let token_tile = (L1_TILE_BYTES / token_bytes.max(1)).max(4) / 4 * 4;
     let row_tile = (L2_TILE_BYTES / row_bytes.max(1)).max(4);
     for rt in (rows.start..rows.end).step_by(row_tile) {
@@ -277,9 +273,11 @@ fn matmul_q8_0(k: &Kernel, out: Out, x: &Activations, w: &[BlockQ8_0], rows: Ran
 pub fn matmul(out: &mut [f32], x: &Activations, w: &Matrix, rows: Range<usize>, threads: &Threads) {
     let (n, cols, m) = (x.n, w.cols(), rows.len());
     assert!(rows.end <= w.rows() && out.len() >= n * m && x.cols == cols, "matmul shapes");
-    let out = Out { ptr: SharedMut::new(out), stride: m, row0: rows.start };
-    threads.for_ranges(m, 4, n * m * cols, |_, part| {
-        let part = rows.start + part.start..rows.start + part.end;
+    let parts = threads.ranges(m, 4, n * m * cols);
+    let outs = split_columns(&mut out[..n * m], m, &parts);
+    threads.run(outs, |_, cols| {
+        let part = rows.start + cols.cols().start..rows.start + cols.cols().end;
+        let out = Out { cols, row0: rows.start };
         match w {
             Matrix::F32 { data, .. } => matmul_float(RowKernel::<f32>::best(), out, x, data, part),
             Matrix::Bf16 { data, .. } => matmul_float(RowKernel::<u16>::best(), out, x, data, part),
@@ -295,8 +293,9 @@ pub fn matmul(out: &mut [f32], x: &Activations, w: &Matrix, rows: Range<usize>, 
 /// `kernel` comes from `Kernel::available()` (or `Kernel::named`): this CPU runs it.
 pub unsafe fn matmul_q8_0_with(kernel: &Kernel, out: &mut [f32], x: &Activations, w: &[BlockQ8_0], rows: usize) {
     assert!(x.q.is_some() && w.len() == rows * (x.cols / QK8_0) && out.len() >= x.n * rows, "matmul shapes");
-    let out = Out { ptr: SharedMut::new(out), stride: rows, row0: 0 };
-    matmul_q8_0(kernel, out, x, w, 0..rows);
+    let all = 0..rows;
+    let cols = split_columns(&mut out[..x.n * rows], rows, std::slice::from_ref(&all)).pop().expect("one part");
+    matmul_q8_0(kernel, Out { cols, row0: 0 }, x, w, 0..rows);
 }
 
 /// The index of the first NaN or infinite value of `x`, if any. An integer OR over the

@@ -5,13 +5,18 @@
 //! counter for a short while after each job (a hand-off then costs a cache-line transfer) and
 //! sleep on a condition variable when no job comes, so an idle model uses no CPU.
 
+use crate::error::{Error, Result};
 use std::cell::UnsafeCell;
+use std::marker::PhantomData;
 use std::ops::Range;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// More worker threads than this only cost memory (each has a scores row) and hand-offs.
+pub const MAX_THREADS: usize = 256;
 
 /// Below this many multiply-adds per thread a job runs on the calling thread alone.
 const MIN_WORK_PER_THREAD: usize = 1 << 14;
@@ -47,6 +52,17 @@ impl Threads {
         Threads { n: 1 + pool.as_ref().map_or(0, |p| p.workers.len()), pool }
     }
 
+    /// The thread count `requested` asks for (`None`: every CPU this process may use), checked.
+    pub fn count_for(requested: Option<usize>) -> Result<usize> {
+        match requested {
+            Some(n) if n == 0 || n > MAX_THREADS => {
+                Err(Error::InvalidArgument(format!("threads must be between 1 and {MAX_THREADS}, got {n}")))
+            }
+            Some(n) => Ok(n),
+            None => Ok(Threads::available().min(MAX_THREADS)),
+        }
+    }
+
     /// The CPUs this process may run on (its affinity mask and cgroup quota).
     pub fn available() -> usize {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
@@ -56,27 +72,145 @@ impl Threads {
         self.n
     }
 
-    /// Calls `f(part, range)` on disjoint sub-ranges covering `0..len`, in parallel when `work`
-    /// (about the number of multiply-adds) makes it worth it; `part < self.count()` numbers the
-    /// sub-range. Each sub-range starts at a multiple of `align`. Returns when all are done; a
-    /// panic in any part is resumed here. `f` must not call `for_ranges` on the same `Threads`
-    /// (one job runs at a time: a nested call would wait for itself).
-    pub fn for_ranges(&self, len: usize, align: usize, work: usize, f: impl Fn(usize, Range<usize>) + Sync) {
+    /// How `0..len` is split between the threads: disjoint ranges covering it in order, each
+    /// starting at a multiple of `align`, as many as `work` (about the number of multiply-adds)
+    /// makes worth it and at most `count()`; one range when the work is small.
+    pub fn ranges(&self, len: usize, align: usize, work: usize) -> Vec<Range<usize>> {
         let align = align.max(1);
         let blocks = len.div_ceil(align);
         let parts = self.n.min(work / MIN_WORK_PER_THREAD).min(blocks).max(1);
+        let bound = |i: usize| (blocks * i / parts * align).min(len);
+        (0..parts).map(|i| bound(i)..bound(i + 1)).collect()
+    }
+
+    /// Like [`Threads::ranges`] for items of unequal cost: `0..len` split into consecutive
+    /// ranges of about equal total `weight(i)`, as many as `work` makes worth it.
+    pub fn ranges_by_weight(&self, len: usize, work: usize, weight: impl Fn(usize) -> usize) -> Vec<Range<usize>> {
+        let parts = self.n.min(work / MIN_WORK_PER_THREAD).min(len).max(1);
+        if parts == 1 {
+            return self.ranges(len, 1, 0);
+        }
+        let total: usize = (0..len).map(&weight).sum();
+        let mut out = Vec::with_capacity(parts);
+        let (mut start, mut sum) = (0, 0);
+        for i in 0..len {
+            sum += weight(i);
+            // Close part `k` once its share of the total is reached, leaving an item for each
+            // part still to come.
+            let k = out.len() + 1;
+            if k < parts && sum * parts >= total * k && len - (i + 1) >= parts - k {
+                out.push(start..i + 1);
+                start = i + 1;
+            }
+        }
+        out.push(start..len);
+        out
+    }
+
+    /// Calls `f(i, part)` for each of `parts` (at most `count()` of them), in parallel, part `i`
+    /// on thread `i`; returns when all are done, and a panic in any is resumed here. The parts
+    /// are values the caller made, such as disjoint `&mut` slices from [`split_rows`] or
+    /// [`split_columns`]: what each thread may write is checked by the compiler, not by
+    /// comments. `f` must not call into the same `Threads` (one job runs at a time: a nested
+    /// call would wait for itself).
+    pub fn run<P: Send>(&self, parts: Vec<P>, f: impl Fn(usize, P) + Sync) {
+        assert!(parts.len() <= self.n, "{} parts for {} threads", parts.len(), self.n);
         let pool = match &self.pool {
-            Some(pool) if parts > 1 => pool,
-            _ => return f(0, 0..len),
+            Some(pool) if parts.len() > 1 => pool,
+            _ => return parts.into_iter().enumerate().for_each(|(i, p)| f(i, p)),
         };
-        let bounds = |i: usize| (blocks * i / parts * align).min(len);
         if pool.pid != std::process::id() {
             // A fork()ed child (Python's multiprocessing): only the forking thread was copied,
             // the workers are gone; run every part here rather than wait for them forever.
-            return (0..parts).for_each(|i| f(i, bounds(i)..bounds(i + 1)));
+            return parts.into_iter().enumerate().for_each(|(i, p)| f(i, p));
         }
-        pool.run(parts, &|i| f(i, bounds(i)..bounds(i + 1)));
+        // Each thread takes its own part; the locks are never contended.
+        let slots: Vec<Mutex<Option<P>>> = parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
+        pool.run(slots.len(), &|i| {
+            let part = slots[i].lock().unwrap_or_else(|e| e.into_inner()).take().expect("each part runs once");
+            f(i, part)
+        });
     }
+
+    /// Calls `f(part, range)` on the ranges of [`Threads::ranges`], in parallel: for work that
+    /// writes nothing shared, or writes through parts made by the caller.
+    pub fn for_ranges(&self, len: usize, align: usize, work: usize, f: impl Fn(usize, Range<usize>) + Sync) {
+        self.run(self.ranges(len, align, work), f);
+    }
+
+    /// Calls `f(rows, chunk)` in parallel on disjoint ranges of rows of `buf`, rows of `row_len`
+    /// values (`chunk` is those rows of `buf`): the split of `for_ranges(buf.len() / row_len,
+    /// align, work)`.
+    pub fn for_rows_mut<T: Send>(
+        &self,
+        buf: &mut [T],
+        row_len: usize,
+        align: usize,
+        work: usize,
+        f: impl Fn(Range<usize>, &mut [T]) + Sync,
+    ) {
+        let ranges = self.ranges(buf.len() / row_len.max(1), align, work);
+        let chunks = split_rows(buf, row_len, &ranges);
+        self.run(ranges.into_iter().zip(chunks).collect(), |_, (rows, chunk)| f(rows, chunk));
+    }
+}
+
+/// The rows `ranges` (consecutive, in order, from row 0) of `buf`, rows of `row_len` values, as
+/// disjoint slices.
+pub fn split_rows<'a, T>(buf: &'a mut [T], row_len: usize, ranges: &[Range<usize>]) -> Vec<&'a mut [T]> {
+    let mut rest = buf;
+    let mut out = Vec::with_capacity(ranges.len());
+    let mut at = 0;
+    for r in ranges {
+        assert_eq!(r.start, at, "split_rows: ranges must be consecutive");
+        let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(r.len() * row_len);
+        out.push(chunk);
+        rest = tail;
+        at = r.end;
+    }
+    out
+}
+
+/// Columns `cols` of every row of a row-major `(rows, stride)` matrix: one thread's share of a
+/// product whose threads split the columns (the weight rows), made by [`split_columns`].
+pub struct ColumnsMut<'a, T> {
+    ptr: *mut T,
+    stride: usize,
+    rows: usize,
+    cols: Range<usize>,
+    _borrow: PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: a `ColumnsMut` is a unique borrow of its columns (see `split_columns`), like a `&mut`.
+unsafe impl<T: Send> Send for ColumnsMut<'_, T> {}
+
+impl<T> ColumnsMut<'_, T> {
+    /// The columns this part owns.
+    pub fn cols(&self) -> Range<usize> {
+        self.cols.clone()
+    }
+
+    /// Row `r`'s values in this part's columns.
+    pub fn row(&mut self, r: usize) -> &mut [T] {
+        assert!(r < self.rows, "row {r} of {}", self.rows);
+        // SAFETY: `split_columns` checked that every row's `cols` lie inside the matrix, and
+        // gave these columns to this part alone, which `&mut self` borrows for the slice's life.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r * self.stride + self.cols.start), self.cols.len()) }
+    }
+}
+
+/// The columns `ranges` (disjoint, in order, inside `0..stride`) of the `(m.len() / stride,
+/// stride)` row-major matrix `m`, one part each.
+pub fn split_columns<'a, T>(m: &'a mut [T], stride: usize, ranges: &[Range<usize>]) -> Vec<ColumnsMut<'a, T>> {
+    let rows = m.len().checked_div(stride).unwrap_or(0);
+    let mut end = 0;
+    for r in ranges {
+        assert!(r.start >= end && r.start <= r.end && r.end <= stride, "split_columns: {r:?} in 0..{stride}");
+        end = r.end;
+    }
+    let ptr = m.as_mut_ptr();
+    let part = |cols: &Range<usize>| ColumnsMut { ptr, stride, rows, cols: cols.clone(), _borrow: PhantomData };
+    ranges.iter().map(part).collect()
 }
 
 /// A job as the workers see it: called with the worker's part number.
@@ -239,34 +373,6 @@ fn wait_for_job(s: &Shared, seen: usize) -> usize {
             return state;
         }
         guard = s.wake.wait(guard).unwrap_or_else(|e| e.into_inner());
-    }
-}
-
-/// A raw pointer that worker threads may share because they write disjoint elements.
-#[derive(Clone, Copy)]
-pub struct SharedMut<T>(*mut T);
-
-// SAFETY: users of SharedMut guarantee that concurrent writers touch disjoint elements and that
-// the pointee outlives the job (it is only created from a `&mut [T]` around `for_ranges`).
-unsafe impl<T: Send> Send for SharedMut<T> {}
-unsafe impl<T: Send> Sync for SharedMut<T> {}
-
-impl<T> SharedMut<T> {
-    pub fn new(s: &mut [T]) -> Self {
-        SharedMut(s.as_mut_ptr())
-    }
-
-    /// # Safety
-    /// `i` is in bounds of the slice this was made from, and no other thread writes element `i`.
-    pub unsafe fn write(self, i: usize, v: T) {
-        unsafe { self.0.add(i).write(v) }
-    }
-
-    /// # Safety
-    /// `start..start + len` is in bounds and no other thread touches it while the slice lives.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
     }
 }
 

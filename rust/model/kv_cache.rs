@@ -6,6 +6,9 @@
 //! two slices, oldest first, when they wrap around the end. A ring remembers which position each
 //! slot holds, so that a caller can tell whether the positions it wants to reuse survived.
 
+use crate::model::config::{Config, LayerType};
+use crate::model::forward::CHUNK;
+
 /// Keys and values of every layer.
 pub struct KvCache {
     k: Vec<f32>,
@@ -23,6 +26,29 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// The cache of a model of config `c` for sequences of at most `max_len` tokens.
+    pub fn for_model(c: &Config, max_len: usize) -> KvCache {
+        KvCache::new(&Self::capacities(c, max_len), c.kv_dim(), max_len)
+    }
+
+    /// Bytes of [`KvCache::for_model`].
+    pub fn bytes_for_model(c: &Config, max_len: usize) -> usize {
+        Self::bytes_for(&Self::capacities(c, max_len), c.kv_dim(), max_len)
+    }
+
+    /// Positions each layer holds for sequences of `max_len` tokens: all of them on a global
+    /// layer; on a sliding one, the window plus `CHUNK - 1` (a chunk writes its keys before its
+    /// first query reads the window behind it), as a ring.
+    pub fn capacities(c: &Config, max_len: usize) -> Vec<usize> {
+        c.layer_types
+            .iter()
+            .map(|t| match t {
+                LayerType::Global => max_len,
+                LayerType::Sliding => max_len.min(c.sliding_window + CHUNK - 1),
+            })
+            .collect()
+    }
+
     /// Layers holding `capacities` positions each, of sequences of at most `positions` tokens.
     /// The memory is reserved zeroed; the OS backs pages only as slots are written.
     pub fn new(capacities: &[usize], kv_dim: usize, positions: usize) -> KvCache {

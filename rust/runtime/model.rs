@@ -1,0 +1,280 @@
+//! A loaded model: the transformer, its tokenizer, and one session (KV cache + scratch) behind a
+//! lock; what `load` and `memory_plan` do; teacher-forced logits and log-probabilities.
+
+use crate::error::{Error, Result};
+use crate::formats::checkpoint::Checkpoint;
+use crate::formats::convert::{checked, SourceLoader};
+use crate::kernels::ops::{self, LogSumExp};
+use crate::kernels::threads::Threads;
+use crate::model::config::Config;
+use crate::model::forward::{Transformer, CHUNK};
+use crate::model::memory::Memory;
+use crate::model::schema::{self, all_tensors, WeightType};
+use crate::runtime::session::Session;
+use crate::runtime::{Cancel, Progress};
+use crate::text::tokenizer::Tokenizer;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, TryLockError};
+
+/// The default cap on a sequence when the caller gives none (and the model allows it).
+pub const DEFAULT_MAX_INFERENCE_LEN: usize = 4096;
+
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub max_inference_len: Option<usize>,
+    pub weights: WeightType,
+    pub threads: Option<usize>,
+    /// Refuse to load when the memory plan's total exceeds this many bytes.
+    pub memory_limit: Option<usize>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { max_inference_len: None, weights: WeightType::Q8_0, threads: None, memory_limit: None }
+    }
+}
+
+/// What a model of `ck` holds with these settings (the weights are not read).
+fn plan(ck: &Checkpoint, max_len: usize, weights: WeightType, threads: usize) -> Result<Memory> {
+    let c = &ck.config;
+    for name in all_tensors(c) {
+        checked(&ck.source, &name, &name.shape(c))?;
+    }
+    let tokenizer = ck.tokenizer.as_ref().map_or(0, Tokenizer::memory_bytes);
+    Ok(Memory::new(c, schema::weight_bytes(c, weights), tokenizer, max_len, threads))
+}
+
+/// The memory a model at `path` would hold when loaded with `opts`, without loading its weights
+/// (their shapes and types are read, and the tokenizer is built): equal to `Model::memory`
+/// after `Model::load`.
+pub fn memory_plan(path: &Path, opts: &LoadOptions) -> Result<Memory> {
+    let ck = Checkpoint::open(path)?;
+    let max_len = resolve_max_inference_len(&ck.config, opts.max_inference_len)?;
+    plan(&ck, max_len, opts.weights, Threads::count_for(opts.threads)?)
+}
+
+/// What Python's `Model` wraps: the transformer, its tokenizer and one session.
+pub struct Model {
+    pub transformer: Transformer,
+    pub tokenizer: Option<Tokenizer>,
+    pub max_inference_len: usize,
+    /// Generation stops at any of these (generation_config.json, else config.json).
+    pub eos_token_ids: Vec<u32>,
+    pub threads: Threads,
+    /// The model's own chat template, when its files have one.
+    pub chat_template: Option<String>,
+    /// The file or directory it was loaded from (for messages).
+    pub path: PathBuf,
+    session: Mutex<Session>,
+}
+
+impl Model {
+    /// Loads a Hugging Face model directory, a GGUF file, or a directory holding one GGUF.
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model> {
+        Model::load_with_progress(path, opts, &mut |_, _| Ok(()))
+    }
+
+    /// `load`, calling `progress(done, total)` in bytes of tensor data after each tensor; an
+    /// error from it stops loading.
+    pub fn load_with_progress(path: &Path, opts: &LoadOptions, progress: Progress<'_>) -> Result<Model> {
+        let ck = Checkpoint::open(path)?;
+        let max_inference_len = resolve_max_inference_len(&ck.config, opts.max_inference_len)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+        let n_threads = Threads::count_for(opts.threads)?;
+        if let Some(limit) = opts.memory_limit {
+            let plan = plan(&ck, max_inference_len, opts.weights, n_threads)?;
+            if plan.total() > limit {
+                let hint = if opts.weights == WeightType::Q8_0 { "" } else { " or use weights=\"q8_0\"" };
+                return Err(Error::MemoryLimit(format!(
+                    "{}: loading would take {:.1} MB (weights {:.1}, KV cache {:.1}, scratch {:.1}, \
+                     tokenizer {:.1}), more than memory_limit {:.1} MB; lower max_inference_len \
+                     (the KV cache){hint}",
+                    path.display(),
+                    plan.total() as f64 / 1e6,
+                    plan.weights as f64 / 1e6,
+                    plan.kv_cache as f64 / 1e6,
+                    plan.scratch as f64 / 1e6,
+                    plan.tokenizer as f64 / 1e6,
+                    limit as f64 / 1e6
+                )));
+            }
+        }
+        let threads = Threads::new(n_threads);
+        let Checkpoint { source, config, tokenizer, eos_token_ids, chat_template, .. } = ck;
+        let mut from = SourceLoader::new(&source, &config, opts.weights, &threads, progress)?;
+        let transformer = Transformer::load(config, &mut from, opts.weights)?;
+        let session = Session::new(&transformer.config, max_inference_len, threads.count());
+        Ok(Model {
+            transformer,
+            tokenizer,
+            max_inference_len,
+            eos_token_ids,
+            threads,
+            chat_template,
+            path: path.to_path_buf(),
+            session: Mutex::new(session),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.transformer.config
+    }
+
+    pub fn memory(&self) -> Memory {
+        let tokenizer = self.tokenizer.as_ref().map_or(0, Tokenizer::memory_bytes);
+        let (c, weights) = (&self.transformer.config, self.transformer.weight_bytes());
+        Memory::new(c, weights, tokenizer, self.max_inference_len, self.threads.count())
+    }
+
+    /// Forgets the cached sequence: the next call computes its prompt from the start.
+    pub fn reset(&self) {
+        self.session().tokens.clear();
+    }
+
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or(Error::NoTokenizer)
+    }
+
+    pub fn tokenize(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        Ok(self.tokenizer()?.encode(text, add_bos))
+    }
+
+    pub fn detokenize(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.tokenizer()?.decode(ids, skip_special_tokens)
+    }
+
+    /// The session, usable even if a panic poisoned the lock (its state is always consistent:
+    /// `tokens` only grows after a chunk completed).
+    pub(crate) fn session(&self) -> MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session, waiting for another call to release it unless `cancel` says to stop (so a
+    /// Ctrl-C is seen while another thread's long generation holds the model).
+    pub(crate) fn session_or_cancel(&self, cancel: Cancel<'_>) -> Result<MutexGuard<'_, Session>> {
+        loop {
+            match self.session.try_lock() {
+                Ok(s) => return Ok(s),
+                Err(TryLockError::Poisoned(e)) => return Ok(e.into_inner()),
+                Err(TryLockError::WouldBlock) if cancel() => return Err(Error::Interrupted),
+                Err(TryLockError::WouldBlock) => std::thread::sleep(std::time::Duration::from_micros(200)),
+            }
+        }
+    }
+
+    /// Checks that `ids` is a non-empty sequence of vocabulary ids that fits the cache.
+    pub fn check_sequence(&self, ids: &[u32], what: &str) -> Result<()> {
+        if ids.is_empty() {
+            return Err(Error::InvalidArgument(format!("{what} is empty")));
+        }
+        if ids.len() > self.max_inference_len {
+            return Err(Error::InvalidArgument(format!(
+                "{what} is {} tokens, more than max_inference_len ({})",
+                ids.len(),
+                self.max_inference_len
+            )));
+        }
+        let vocab = self.transformer.config.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidArgument(format!("token id {bad} is outside the vocabulary (size {vocab})")));
+        }
+        Ok(())
+    }
+
+    /// Logits `(ids.len(), vocab)` of a fresh forward pass over `ids`, into `out` (the caller
+    /// allocates it, after `check_sequence`, so that a too large request fails there).
+    pub fn logits(&self, ids: &[u32], out: &mut [f32], cancel: Cancel<'_>) -> Result<()> {
+        self.check_sequence(ids, "the sequence")?;
+        let vocab = self.transformer.config.vocab_size;
+        if out.len() != ids.len() * vocab {
+            return Err(Error::Internal(format!("logits buffer of {} floats for {} tokens", out.len(), ids.len())));
+        }
+        let mut s = self.session_or_cancel(cancel)?;
+        s.tokens.clear();
+        let mut non_finite = None;
+        s.extend_to(&self.transformer, ids, &self.threads, cancel, |scratch, start, n| {
+            let rows = &mut out[start * vocab..(start + n) * vocab];
+            let h = self.transformer.config.hidden_size;
+            let x = self.transformer.activations(&scratch.x, n, h, &mut scratch.xq, &self.threads);
+            self.transformer.lm_head(rows, &x, 0..vocab, &self.threads);
+            if non_finite.is_none() {
+                non_finite = ops::first_non_finite(rows).map(|i| start + i / vocab);
+            }
+        })?;
+        match non_finite {
+            Some(pos) => Err(self.non_finite(pos)),
+            None => Ok(()),
+        }
+    }
+
+    /// The error for NaN or infinite logits at `position`: names the first weight tensor that
+    /// holds such a value (tensors used in place from a file are not scanned at load), or says
+    /// that the weights are finite and an activation overflowed.
+    pub(crate) fn non_finite(&self, position: usize) -> Error {
+        let cause = match self.transformer.first_non_finite_weight() {
+            Some((name, i)) => format!("tensor {name} holds a NaN or infinite value (element {i})"),
+            None => "the weights are finite, so an activation overflowed f32".to_string(),
+        };
+        Error::NonFinite(format!(
+            "{}: the forward pass gave NaN or infinite logits at position {position}: {cause}",
+            self.path.display()
+        ))
+    }
+
+    /// `log p(ids[i + 1] | ids[..=i])` for every `i`, teacher-forced, vocabulary tile by tile
+    /// so that no more than the scratch logits buffer is ever held.
+    pub fn logprobs(&self, ids: &[u32], cancel: Cancel<'_>) -> Result<Vec<f32>> {
+        self.check_sequence(ids, "the sequence")?;
+        if ids.len() < 2 {
+            return Ok(Vec::new());
+        }
+        let vocab = self.transformer.config.vocab_size;
+        let mut out = vec![0f32; ids.len() - 1];
+        let mut s = self.session_or_cancel(cancel)?;
+        s.tokens.clear();
+        s.extend_to(&self.transformer, ids, &self.threads, cancel, |scratch, start, n| {
+            let n = n.min(ids.len() - 1 - start); // the last token has no target
+            if n == 0 {
+                return;
+            }
+            let tile = (scratch.logits.len() / n).min(vocab);
+            let h = self.transformer.config.hidden_size;
+            let x = self.transformer.activations(&scratch.x, n, h, &mut scratch.xq, &self.threads);
+            let mut lse = [LogSumExp::default(); CHUNK];
+            let mut target = [0f32; CHUNK];
+            for v0 in (0..vocab).step_by(tile) {
+                let v1 = (v0 + tile).min(vocab);
+                let m = v1 - v0;
+                let buf = &mut scratch.logits[..n * m];
+                self.transformer.lm_head(buf, &x, v0..v1, &self.threads);
+                for t in 0..n {
+                    let row = &buf[t * m..(t + 1) * m];
+                    lse[t].add_all(row);
+                    let want = ids[start + t + 1] as usize;
+                    if (v0..v1).contains(&want) {
+                        target[t] = row[want - v0];
+                    }
+                }
+            }
+            for t in 0..n {
+                out[start + t] = (target[t] as f64 - lse[t].value()) as f32;
+            }
+        })?;
+        match ops::first_non_finite(&out) {
+            Some(pos) => Err(self.non_finite(pos)),
+            None => Ok(out),
+        }
+    }
+}
+
+fn resolve_max_inference_len(c: &Config, requested: Option<usize>) -> Result<usize> {
+    match requested {
+        None => Ok(c.max_position_embeddings.min(DEFAULT_MAX_INFERENCE_LEN)),
+        Some(0) => Err(Error::InvalidArgument("max_inference_len must be a positive integer, got 0".into())),
+        Some(n) if n > c.max_position_embeddings => Err(Error::InvalidArgument(format!(
+            "max_inference_len {n} is above the model's max_position_embeddings ({})",
+            c.max_position_embeddings
+        ))),
+        Some(n) => Ok(n),
+    }
+}

@@ -1,0 +1,72 @@
+//! A session: one sequence's KV cache and scratch, and the tokens they hold. Making the cache
+//! hold a new sequence reuses the longest prefix it already holds (while the sliding rings still
+//! hold what the rest reads) and prefills the rest a chunk at a time.
+
+use crate::error::{Error, Result};
+use crate::kernels::threads::Threads;
+use crate::model::config::Config;
+use crate::model::forward::{Scratch, Transformer, CHUNK};
+use crate::model::kv_cache::KvCache;
+use crate::runtime::Cancel;
+
+/// What the cache currently holds: the KV rows of `tokens`, positions `0..tokens.len()`.
+pub struct Session {
+    pub cache: KvCache,
+    pub scratch: Scratch,
+    pub tokens: Vec<u32>,
+}
+
+impl Session {
+    /// An empty session of a model of config `c`: its KV cache and scratch for sequences of at
+    /// most `max_len` tokens on `threads` threads.
+    pub fn new(c: &Config, max_len: usize, threads: usize) -> Session {
+        Session {
+            cache: KvCache::for_model(c, max_len),
+            scratch: Scratch::new(c, max_len, threads),
+            tokens: Vec::new(),
+        }
+    }
+
+    /// Makes the cache hold `seq` (non-empty), reusing the longest prefix it already holds but
+    /// always recomputing the last token, and calls `on_chunk(scratch, start, len)` after each
+    /// forward chunk with the chunk's hidden states in `scratch.x`. Returns the reused count, or
+    /// `Error::Interrupted` when `cancel()` says so before a chunk (the cache then holds the
+    /// chunks done so far, consistently).
+    pub fn extend_to(
+        &mut self,
+        model: &Transformer,
+        seq: &[u32],
+        threads: &Threads,
+        cancel: Cancel<'_>,
+        mut on_chunk: impl FnMut(&mut Scratch, usize, usize),
+    ) -> Result<usize> {
+        let reused = self.reusable(model, seq);
+        self.tokens.truncate(reused);
+        for chunk in seq[reused..].chunks(CHUNK) {
+            if cancel() {
+                return Err(Error::Interrupted);
+            }
+            let start = self.tokens.len();
+            model.forward(&mut self.scratch, &mut self.cache, chunk, start, threads);
+            self.tokens.extend_from_slice(chunk);
+            on_chunk(&mut self.scratch, start, chunk.len());
+        }
+        Ok(reused)
+    }
+
+    /// How many leading tokens of the cache can serve `seq`: the common prefix (but not the
+    /// whole of `seq`, whose last token must be recomputed for its logits), or none when a
+    /// sliding layer's ring no longer holds a position that the rest of `seq` reads (the window
+    /// behind the first recomputed position), as the ring's slot tags tell.
+    fn reusable(&self, model: &Transformer, seq: &[u32]) -> usize {
+        let common = self.tokens.iter().zip(seq).take_while(|(a, b)| a == b).count();
+        let reused = common.min(seq.len() - 1);
+        let first = (reused + 1).saturating_sub(model.config.sliding_window);
+        let intact = (0..model.config.num_hidden_layers).all(|l| self.cache.holds(l, first, reused));
+        if intact {
+            reused
+        } else {
+            0
+        }
+    }
+}

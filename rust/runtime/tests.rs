@@ -1,0 +1,154 @@
+//! Tests of a loaded model against transformers' logits (the tiny checkpoints of
+//! tests/fixtures), of generation's limits and seeds, and of the sliding rings under prefix reuse.
+
+use crate::model::forward::Scratch;
+use crate::model::kv_cache::KvCache;
+use crate::model::schema::WeightType;
+use crate::runtime::generate::{FinishReason, GenerateParams, Generation};
+use crate::runtime::sampler::SamplingParams;
+use crate::runtime::{never, LoadOptions, Model};
+use crate::testing::fixtures;
+use std::path::Path;
+use std::sync::Arc;
+
+/// transformers' `input_ids` (40 tokens) and `logits` (40 × vocab) for a tiny checkpoint.
+fn reference(dir: &Path) -> (Vec<u32>, Vec<f32>) {
+    let st = crate::formats::safetensors::SafeTensors::open_files(&[dir.join("reference.safetensors")]).unwrap();
+    let ids = st.get("input_ids").unwrap().data.chunks_exact(8);
+    let ids = ids.map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+    let logits = st.get("logits").unwrap();
+    (ids, logits.to_f32(dir).unwrap())
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn tiny_checkpoints_match_transformers_in_one_pass_and_token_by_token() {
+    for name in ["tiny-gqa", "tiny-mqa-softcap"] {
+        let dir = fixtures().join("tiny").join(name);
+        let (ids, want) = reference(&dir);
+        // bf16 and Q8_0 round the weights (Q8_0 the activations too): close, not exact.
+        for (weights, tol) in [(WeightType::F32, 1e-3), (WeightType::Bf16, 0.25), (WeightType::Q8_0, 1.0)] {
+            for threads in [1, 2] {
+                let opts = LoadOptions { weights, threads: Some(threads), ..Default::default() };
+                let engine = Model::load(&dir, &opts).unwrap();
+                let vocab = engine.config().vocab_size;
+                let mut full = vec![0f32; ids.len() * vocab];
+                engine.logits(&ids, &mut full, &mut never).unwrap();
+                let err = max_abs_diff(&full, &want);
+                assert!(err < tol, "{name} {weights:?}: one pass off by {err}");
+
+                // One token at a time through the KV cache: each call reuses all but the new token.
+                let mut s = engine.session();
+                s.tokens.clear();
+                let mut stepped = vec![0f32; ids.len() * vocab];
+                for i in 0..ids.len() {
+                    let reused =
+                        s.extend_to(&engine.transformer, &ids[..=i], &engine.threads, &mut never, |scratch, _, n| {
+                            assert_eq!(n, 1);
+                            let h = engine.transformer.config.hidden_size;
+                            let x = engine.transformer.activations(&scratch.x, 1, h, &mut scratch.xq, &engine.threads);
+                            engine.transformer.lm_head(
+                                &mut stepped[i * vocab..(i + 1) * vocab],
+                                &x,
+                                0..vocab,
+                                &engine.threads,
+                            );
+                        });
+                    assert_eq!(reused.unwrap(), i);
+                }
+                // Same bits as the batched pass: a token's arithmetic does not depend on its batch.
+                assert_eq!(stepped, full, "{name} {weights:?}: token-by-token differs from one pass");
+            }
+        }
+    }
+}
+
+#[test]
+fn generation_stops_at_the_cap_and_is_reproducible() {
+    let dir = fixtures().join("tiny").join("tiny-gqa");
+    let (ids, _) = reference(&dir);
+    let opts =
+        LoadOptions { max_inference_len: Some(12), weights: WeightType::F32, threads: Some(1), memory_limit: None };
+    let engine = Arc::new(Model::load(&dir, &opts).unwrap());
+    assert!(Generation::new(engine.clone(), ids[..13].to_vec(), GenerateParams::default()).is_err());
+    let params = GenerateParams { max_new_tokens: 100, ..Default::default() };
+    let mut g = Generation::new(engine.clone(), ids[..9].to_vec(), params.clone()).unwrap();
+    let c = g.run(&mut never).unwrap();
+    assert_eq!((c.token_ids.len(), c.finish_reason), (3, FinishReason::Length));
+
+    let sampled = |seed| {
+        let sampling = SamplingParams {
+            // The tiny random model's logits span tens: flatten them to see the seed at work.
+            temperature: 30.0,
+            seed: Some(seed),
+            ..Default::default()
+        };
+        let mut g =
+            Generation::new(engine.clone(), ids[..2].to_vec(), GenerateParams { sampling, ..params.clone() }).unwrap();
+        g.run(&mut never).unwrap().token_ids
+    };
+    assert_eq!(sampled(5), sampled(5));
+    assert_ne!(sampled(5), sampled(6));
+}
+
+/// 256 tokens through tiny-gqa (sliding window 8): its sliding layers keep rings of 135
+/// slots, which wrap; the logits have the bits of a cache that keeps every position, in one
+/// pass and token by token. Prefix reuse over a wrapped ring reuses what the rings still hold
+/// and recomputes otherwise, with the bits of a fresh model either way.
+#[test]
+fn sliding_rings_give_the_bits_of_a_full_cache() {
+    let dir = fixtures().join("tiny").join("tiny-gqa");
+    let opts =
+        LoadOptions { max_inference_len: Some(256), weights: WeightType::F32, threads: Some(2), memory_limit: None };
+    let engine = Arc::new(Model::load(&dir, &opts).unwrap());
+    let (m, c, threads) = (&engine.transformer, engine.config().clone(), &engine.threads);
+    assert!(KvCache::capacities(&c, 256).contains(&135));
+    let vocab = c.vocab_size;
+    let ids: Vec<u32> = std::iter::once(2).chain((1..256).map(|i| (i * 37 % 500 + 5) as u32)).collect();
+    let mut ring = vec![0f32; ids.len() * vocab];
+    engine.logits(&ids, &mut ring, &mut never).unwrap();
+
+    let mut full = vec![0f32; ids.len() * vocab];
+    let mut cache = KvCache::new(&vec![256; c.num_hidden_layers], c.kv_dim(), 256);
+    let mut s = Scratch::new(&c, 256, threads.count());
+    for (t, &tok) in ids.iter().enumerate() {
+        m.forward(&mut s, &mut cache, &[tok], t, threads);
+        let x = m.activations(&s.x, 1, c.hidden_size, &mut s.xq, threads);
+        m.lm_head(&mut full[t * vocab..(t + 1) * vocab], &x, 0..vocab, threads);
+    }
+    assert!(ring == full, "a ring changed the logits");
+
+    let run = |engine: &Arc<Model>, prompt: &[u32]| {
+        let params = GenerateParams { max_new_tokens: 4, ..Default::default() };
+        Generation::new(engine.clone(), prompt.to_vec(), params).unwrap().run(&mut never).unwrap()
+    };
+    let fresh = |prompt: &[u32]| run(&Arc::new(Model::load(&dir, &opts).unwrap()), prompt);
+    run(&engine, &ids[..200]); // the session now holds 203 positions
+    let mut b = ids[..150].to_vec();
+    b.extend_from_slice(&[7, 8, 9]);
+    let got = run(&engine, &b);
+    assert_eq!(got.reused_tokens, 150); // 150 + 135 >= 203 + 8: the rings hold what it reads
+    assert_eq!(got.token_ids, fresh(&b).token_ids);
+    run(&engine, &ids[..240]);
+    let mut d = ids[..60].to_vec();
+    d.extend_from_slice(&[7, 8, 9]);
+    let got = run(&engine, &d);
+    assert_eq!(got.reused_tokens, 0); // positions 53..59 were overwritten: recomputed
+    assert_eq!(got.token_ids, fresh(&d).token_ids);
+
+    // A shorter sequence after a longer one: the slots of positions 43..49 hold 178..184 of
+    // the 200-token sequence even though the session holds only 104 tokens since.
+    run(&engine, &ids[..200]);
+    let mut e = ids[..100].to_vec();
+    e.push(7);
+    assert_eq!(run(&engine, &e).reused_tokens, 100);
+    let mut f = ids[..50].to_vec();
+    f.extend_from_slice(&[7, 8, 9]);
+    let got = run(&engine, &f);
+    assert_eq!(got.reused_tokens, 0);
+    assert_eq!(got.token_ids, fresh(&f).token_ids);
+}
