@@ -298,7 +298,7 @@ fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> 
 fn cpu_features<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("arch", std::env::consts::ARCH)?;
-    d.set_item("features", quant::cpu_features())?;
+    d.set_item("features", crate::kernels::cpu::names())?;
     d.set_item("kernels", quant::Kernel::available().iter().map(|k| k.name).collect::<Vec<_>>())?;
     d.set_item("kernel", quant::Kernel::best().name)?;
     Ok(d)

@@ -133,17 +133,6 @@ fn quantize_activations_portable(x: &[f32], d: &mut [f32], qs: &mut [i8]) {
     }
 }
 
-/// The CPU features the kernels are chosen by, as detected at run time: "avx2", "fma", "f16c",
-/// "avx512vnni", "avx512vl" on x86_64; "neon", "dotprod" on aarch64 (none elsewhere).
-pub fn cpu_features() -> Vec<&'static str> {
-    #[cfg(target_arch = "x86_64")]
-    return x86::features();
-    #[cfg(target_arch = "aarch64")]
-    return neon::features();
-    #[allow(unreachable_code)]
-    Vec::new()
-}
-
 /// Dot products of one Q8_0 weight row with quantized activation rows.
 ///
 /// `dot4` and `dot1` of one kernel give the same bits for a token (same operations in the same

@@ -26,23 +26,13 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 
 pub fn available() -> Vec<&'static Kernel> {
+    let f = crate::kernels::cpu::features();
     let mut v: Vec<&'static Kernel> = Vec::new();
-    if std::arch::is_aarch64_feature_detected!("neon") {
-        if std::arch::is_aarch64_feature_detected!("dotprod") {
-            v.push(&NEON_DOTPROD);
-        }
+    if f.dotprod {
+        v.push(&NEON_DOTPROD);
+    }
+    if f.neon {
         v.push(&NEON);
-    }
-    v
-}
-
-pub fn features() -> Vec<&'static str> {
-    let mut v = Vec::new();
-    if std::arch::is_aarch64_feature_detected!("neon") {
-        v.push("neon");
-    }
-    if std::arch::is_aarch64_feature_detected!("dotprod") {
-        v.push("dotprod");
     }
     v
 }

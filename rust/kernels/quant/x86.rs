@@ -10,9 +10,10 @@ use super::{BlockQ8_0, Kernel, QRow, QK8_0};
 use std::arch::x86_64::*;
 
 pub fn available() -> Vec<&'static Kernel> {
+    let f = crate::kernels::cpu::features();
+    let avx2 = f.avx2_fma && f.f16c;
     let mut v: Vec<&'static Kernel> = Vec::new();
-    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
-    if avx2 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+    if avx2 && f.avx512_vnni {
         v.push(&AVX512_VNNI);
     }
     if avx2 {
@@ -21,17 +22,8 @@ pub fn available() -> Vec<&'static Kernel> {
     v
 }
 
-pub fn features() -> Vec<&'static str> {
-    let mut v = Vec::new();
-    macro_rules! detect {
-        ($($f:tt),*) => { $(if is_x86_feature_detected!($f) { v.push($f); })* };
-    }
-    detect!("avx2", "fma", "f16c", "avx512vnni", "avx512vl");
-    v
-}
-
 pub fn has_avx2() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    crate::kernels::cpu::features().avx2_fma
 }
 
 /// The portable quantizers compiled here for 8-lane vectors (same operations, same bits).
