@@ -10,10 +10,10 @@ use crate::runtime::generate::{Completion, GenerateParams, Generation};
 use crate::runtime::sampler::SamplingParams;
 use crate::runtime::{Cancel, LoadOptions, Model as Engine};
 use pyo3::exceptions::{
-    PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyMemoryError, PyTypeError, PyValueError,
+    PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyMemoryError, PyRuntimeError, PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString};
+use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyInt, PyList, PyString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -129,28 +129,144 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
 }
 
-/// A positive integer argument, or None.
-fn positive(name: &str, v: Option<i64>) -> PyResult<Option<usize>> {
-    match v {
-        Some(n) if n <= 0 => Err(value_error(format!("{name} must be a positive integer, got {n}"))),
-        Some(n) => Ok(Some(n as usize)),
-        None => Ok(None),
+// --- arguments: every type and range check of the Python API lives here or in the core ---------
+
+/// `v` as a Python int: anything with `__index__` (numpy's integers too), never a bool.
+fn index<'py>(name: &str, v: &Bound<'py, PyAny>, what: &str) -> PyResult<Bound<'py, PyInt>> {
+    if v.is_instance_of::<PyBool>() || !v.hasattr("__index__")? {
+        return Err(PyTypeError::new_err(format!("{name} must be {what}, got {}", type_name(v))));
+    }
+    Ok(v.call_method0("__index__")?.cast_into::<PyInt>()?)
+}
+
+/// A count: an int in `[0, 2**63)`.
+fn count_arg(name: &str, v: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let i = index(name, v, "an int")?;
+    if i.lt(0)? {
+        return Err(value_error(format!("{name} must be >= 0, got {i}")));
+    }
+    let n: i64 = i.extract().map_err(|_| value_error(format!("{name} must be below 2**63, got {i}")))?;
+    Ok(n as usize)
+}
+
+/// A size: a positive int below 2**63, or None.
+fn positive_arg(name: &str, v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
+    let Some(v) = v.filter(|v| !v.is_none()) else { return Ok(None) };
+    let i = index(name, v, "an int or None")?;
+    match i.extract::<i64>() {
+        Ok(n) if n > 0 => Ok(Some(n as usize)),
+        Ok(n) => Err(value_error(format!("{name} must be a positive integer, got {n}"))),
+        Err(_) if i.lt(0)? => Err(value_error(format!("{name} must be a positive integer, got {i}"))),
+        Err(_) => Err(value_error(format!("{name} must be below 2**63, got {i}"))),
     }
 }
 
-/// `LoadOptions` from Python arguments: positive integers or None.
+/// A real number: anything with `__float__` or `__index__`, never a bool or a str.
+fn number_arg(name: &str, v: &Bound<'_, PyAny>) -> PyResult<f32> {
+    let real = v.hasattr("__float__")? || v.hasattr("__index__")?;
+    if v.is_instance_of::<PyBool>() || v.is_instance_of::<PyString>() || !real {
+        return Err(PyTypeError::new_err(format!("{name} must be a number, got {}", type_name(v))));
+    }
+    Ok(v.extract::<f64>()? as f32)
+}
+
+/// A seed: an int in `[0, 2**64)`, or None.
+fn seed_arg(v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u64>> {
+    let Some(v) = v.filter(|v| !v.is_none()) else { return Ok(None) };
+    let i = index("seed", v, "an int")?;
+    i.extract::<u64>().map(Some).map_err(|_| value_error(format!("seed must be in [0, 2**64), got {i}")))
+}
+
+/// `max_new_tokens` as `Model.complete` checks it (the CLI checks its flag with this too).
+#[pyfunction]
+fn check_max_new_tokens(max_new_tokens: &Bound<'_, PyAny>) -> PyResult<usize> {
+    count_arg("max_new_tokens", max_new_tokens)
+}
+
+/// `LoadOptions` from Python arguments.
 fn load_options(
-    max_inference_len: Option<i64>,
+    max_inference_len: Option<&Bound<'_, PyAny>>,
     weights: &str,
-    threads: Option<i64>,
-    memory_limit: Option<i64>,
+    threads: Option<&Bound<'_, PyAny>>,
+    memory_limit: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<LoadOptions> {
     Ok(LoadOptions {
-        max_inference_len: positive("max_inference_len", max_inference_len)?,
+        max_inference_len: positive_arg("max_inference_len", max_inference_len)?,
         weights: WeightType::parse(weights)?,
-        threads: positive("threads", threads)?,
-        memory_limit: positive("memory_limit", memory_limit)?,
+        threads: positive_arg("threads", threads)?,
+        memory_limit: positive_arg("memory_limit", memory_limit)?,
     })
+}
+
+/// The sampling options shared by `complete`, `generate`, `stream` and `chat`, checked once,
+/// here: temperature (0 is greedy), top-k (0 keeps all), top-p, min-p, repetition penalty
+/// (1 is none) and seed (None draws one).
+#[pyclass(frozen, eq, module = "gemma_rs._gemma_rs", name = "Sampling")]
+#[derive(Clone, PartialEq)]
+struct Sampling(SamplingParams);
+
+#[pymethods]
+impl Sampling {
+    #[new]
+    #[pyo3(
+        signature = (*, temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None, seed=None),
+        text_signature = "(*, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=None)"
+    )]
+    fn new(
+        temperature: Option<&Bound<'_, PyAny>>,
+        top_k: Option<&Bound<'_, PyAny>>,
+        top_p: Option<&Bound<'_, PyAny>>,
+        min_p: Option<&Bound<'_, PyAny>>,
+        repetition_penalty: Option<&Bound<'_, PyAny>>,
+        seed: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Sampling> {
+        let d = SamplingParams::default();
+        let num = |name, v: Option<&Bound<'_, PyAny>>, default| v.map_or(Ok(default), |v| number_arg(name, v));
+        let params = SamplingParams {
+            temperature: num("temperature", temperature, d.temperature)?,
+            top_k: top_k.map_or(Ok(d.top_k), |v| count_arg("top_k", v))?,
+            top_p: num("top_p", top_p, d.top_p)?,
+            min_p: num("min_p", min_p, d.min_p)?,
+            repetition_penalty: num("repetition_penalty", repetition_penalty, d.repetition_penalty)?,
+            seed: seed_arg(seed)?,
+        };
+        params.validate()?;
+        Ok(Sampling(params))
+    }
+
+    #[getter]
+    fn temperature(&self) -> f32 {
+        self.0.temperature
+    }
+    #[getter]
+    fn top_k(&self) -> usize {
+        self.0.top_k
+    }
+    #[getter]
+    fn top_p(&self) -> f32 {
+        self.0.top_p
+    }
+    #[getter]
+    fn min_p(&self) -> f32 {
+        self.0.min_p
+    }
+    #[getter]
+    fn repetition_penalty(&self) -> f32 {
+        self.0.repetition_penalty
+    }
+    #[getter]
+    fn seed(&self) -> Option<u64> {
+        self.0.seed
+    }
+
+    fn __repr__(&self) -> String {
+        let p = &self.0;
+        let seed = p.seed.map_or("None".to_string(), |s| s.to_string());
+        format!(
+            "Sampling(temperature={}, top_k={}, top_p={}, min_p={}, repetition_penalty={}, seed={seed})",
+            p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty
+        )
+    }
 }
 
 #[pyfunction]
@@ -158,10 +274,10 @@ fn load_options(
 fn load(
     py: Python<'_>,
     path: PathBuf,
-    max_inference_len: Option<i64>,
+    max_inference_len: Option<&Bound<'_, PyAny>>,
     weights: &str,
-    threads: Option<i64>,
-    memory_limit: Option<i64>,
+    threads: Option<&Bound<'_, PyAny>>,
+    memory_limit: Option<&Bound<'_, PyAny>>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Model> {
     let opts = load_options(max_inference_len, weights, threads, memory_limit)?;
@@ -198,9 +314,9 @@ fn memory_dict<'py>(py: Python<'py>, m: &Memory) -> PyResult<Bound<'py, PyDict>>
 fn memory_plan<'py>(
     py: Python<'py>,
     path: PathBuf,
-    max_inference_len: Option<i64>,
+    max_inference_len: Option<&Bound<'py, PyAny>>,
     weights: &str,
-    threads: Option<i64>,
+    threads: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let opts = load_options(max_inference_len, weights, threads, None)?;
     let plan = compute(py, || crate::runtime::memory_plan(&path, &opts))?;
@@ -217,11 +333,11 @@ fn pack(
     src: PathBuf,
     dst: PathBuf,
     weights: &str,
-    threads: Option<i64>,
+    threads: Option<&Bound<'_, PyAny>>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<(u64, usize)> {
     let weights = WeightType::parse(weights)?;
-    let threads = Threads::new(Threads::count_for(positive("threads", threads)?)?);
+    let threads = Threads::new(Threads::count_for(positive_arg("threads", threads)?)?);
     let mut raised: Option<PyErr> = None;
     let report = compute(py, || {
         crate::formats::pack::pack(&src, &dst, weights, &threads, &mut |done, total| {
@@ -308,7 +424,7 @@ fn cpu_features<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
 /// on this thread: `w` is `rows` rows of Q8_0 blocks, `x` little-endian f32 values. For tests
 /// that compare the kernels of this CPU with the scalar one.
 #[pyfunction]
-fn _q8_0_matmul<'py>(py: Python<'py>, kernel: &str, w: &[u8], rows: usize, x: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+fn q8_0_matmul<'py>(py: Python<'py>, kernel: &str, w: &[u8], rows: usize, x: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
     use crate::kernels::ops::{matmul_q8_0_with, Activations, QuantBuf};
     let k = quant::Kernel::named(kernel)
         .ok_or_else(|| value_error(format!("kernel {kernel:?} is not available on this CPU")))?;
@@ -342,7 +458,7 @@ fn _q8_0_matmul<'py>(py: Python<'py>, kernel: &str, w: &[u8], rows: usize, x: &[
 /// GGUF tensor data of ggml type `type_name` ("Q4_K", "F16", ...; a whole number of blocks)
 /// dequantized as the loader reads it: little-endian f32 values, for tests against gguf-py.
 #[pyfunction]
-fn _dequantize<'py>(py: Python<'py>, type_name: &str, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+fn dequantize<'py>(py: Python<'py>, type_name: &str, data: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
     use quant::ggml::{self, GgmlType};
     let t = GgmlType::ALL
         .into_iter()
@@ -383,65 +499,93 @@ impl Prompt {
     }
 }
 
-/// What `complete` and `stream` take: the attributes of the facade's `_Request`.
-#[derive(FromPyObject)]
-struct Request<'py> {
-    prompt: Bound<'py, PyAny>,
-    max_new_tokens: i64,
-    temperature: f32,
-    top_k: i64,
-    top_p: f32,
-    min_p: f32,
-    repetition_penalty: f32,
-    seed: Option<u64>,
-    stop: Option<Bound<'py, PyAny>>,
-    /// The caller wants text, not only token ids.
+/// A prompt and the generation options, checked.
+fn request(
+    prompt: &Bound<'_, PyAny>,
+    max_new_tokens: &Bound<'_, PyAny>,
+    sampling: &Sampling,
+    stop: Option<&Bound<'_, PyAny>>,
     text: bool,
+) -> PyResult<(Prompt, GenerateParams)> {
+    let prompt = match prompt.cast::<PyString>() {
+        Ok(s) if s.to_cow()?.is_empty() => {
+            return Err(value_error("the prompt is empty (to start from BOS alone, pass [its id])".into()))
+        }
+        Ok(s) => Prompt::Text(s.to_cow()?.into_owned()),
+        Err(_) if prompt.is_instance_of::<PyBytes>() || prompt.is_instance_of::<PyByteArray>() => {
+            return Err(PyTypeError::new_err("prompt must be a str or a list of token ids, got bytes (decode it)"))
+        }
+        Err(_) if prompt.is_instance_of::<PyList>() || prompt.hasattr("__len__")? => Prompt::Ids(ids_from(prompt)?),
+        Err(_) => {
+            return Err(PyTypeError::new_err(format!(
+                "prompt must be a str or a list of token ids, got {}",
+                type_name(prompt)
+            )))
+        }
+    };
+    let stop: Vec<String> = match stop.filter(|s| !s.is_none()) {
+        None => Vec::new(),
+        Some(s) => match s.cast::<PyString>() {
+            Ok(one) => vec![one.to_cow()?.into_owned()],
+            Err(_) => s.extract().map_err(|_| {
+                PyTypeError::new_err(format!("stop must be a str or a list of str, got {}", type_name(s)))
+            })?,
+        },
+    };
+    let max_new_tokens = count_arg("max_new_tokens", max_new_tokens)?;
+    Ok((prompt, GenerateParams { max_new_tokens, sampling: sampling.0.clone(), stop, text }))
 }
 
-impl Request<'_> {
-    fn parse(self) -> PyResult<(Prompt, GenerateParams)> {
-        let non_negative =
-            |name: &str, v: i64| u64::try_from(v).map_err(|_| value_error(format!("{name} must be >= 0, got {v}")));
-        let max_new_tokens = non_negative("max_new_tokens", self.max_new_tokens)? as usize;
-        let top_k = non_negative("top_k", self.top_k)? as usize;
-        let seed = self.seed;
-        let prompt = &self.prompt;
-        let prompt = match prompt.cast::<PyString>() {
-            Ok(s) => Prompt::Text(s.to_cow()?.into_owned()),
-            Err(_) if prompt.is_instance_of::<PyList>() || prompt.hasattr("__len__")? => Prompt::Ids(ids_from(prompt)?),
-            Err(_) => {
-                return Err(PyTypeError::new_err(format!(
-                    "prompt must be a str or a list of token ids, got {}",
-                    type_name(prompt)
-                )))
-            }
-        };
-        let stop: Vec<String> = match &self.stop {
-            None => Vec::new(),
-            Some(s) => match s.cast::<PyString>() {
-                Ok(one) => vec![one.to_cow()?.into_owned()],
-                Err(_) => s.extract().map_err(|_| {
-                    PyTypeError::new_err(format!("stop must be a str or a list of str, got {}", type_name(s)))
-                })?,
-            },
-        };
-        let Request { temperature, top_p, min_p, repetition_penalty, text, .. } = self;
-        let sampling = SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty, seed };
-        Ok((prompt, GenerateParams { max_new_tokens, sampling, stop, text }))
+/// The result of `Model.complete`: the generated text and ids, why generation stopped, and how
+/// long prefill and decoding took.
+#[pyclass(frozen, eq, get_all, module = "gemma_rs._gemma_rs", name = "Completion")]
+#[derive(Clone, PartialEq)]
+struct PyCompletion {
+    /// The generated text (cut before a stop string; without the end-of-sequence token).
+    text: String,
+    /// The new token ids (without the end-of-sequence id that ended them).
+    token_ids: Vec<u32>,
+    /// "eos" (an end-of-sequence id), "stop" (a stop string) or "length" (`max_new_tokens` or
+    /// `max_inference_len`).
+    finish_reason: &'static str,
+    prompt_tokens: usize,
+    /// Prompt tokens served from the KV cache of the previous call (a shared prefix).
+    reused_tokens: usize,
+    /// Time from the call to the first new token's logits.
+    prefill_seconds: f64,
+    /// Time of the forward passes after the first new token.
+    decode_seconds: f64,
+}
+
+impl From<Completion> for PyCompletion {
+    fn from(c: Completion) -> PyCompletion {
+        PyCompletion {
+            text: c.text,
+            token_ids: c.token_ids,
+            finish_reason: c.finish_reason.as_str(),
+            prompt_tokens: c.prompt_tokens,
+            reused_tokens: c.reused_tokens,
+            prefill_seconds: c.prefill_seconds,
+            decode_seconds: c.decode_seconds,
+        }
     }
 }
 
-fn completion_dict<'py>(py: Python<'py>, c: &Completion) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("text", &c.text)?;
-    d.set_item("token_ids", &c.token_ids)?;
-    d.set_item("finish_reason", c.finish_reason.as_str())?;
-    d.set_item("prompt_tokens", c.prompt_tokens)?;
-    d.set_item("reused_tokens", c.reused_tokens)?;
-    d.set_item("prefill_seconds", c.prefill_seconds)?;
-    d.set_item("decode_seconds", c.decode_seconds)?;
-    Ok(d)
+#[pymethods]
+impl PyCompletion {
+    fn __repr__(&self) -> String {
+        format!(
+            "Completion(text={:?}, token_ids=<{} ids>, finish_reason={:?}, prompt_tokens={}, reused_tokens={}, \
+             prefill_seconds={:.3}, decode_seconds={:.3})",
+            self.text,
+            self.token_ids.len(),
+            self.finish_reason,
+            self.prompt_tokens,
+            self.reused_tokens,
+            self.prefill_seconds,
+            self.decode_seconds
+        )
+    }
 }
 
 /// A bytearray of `n` native float32 values filled by `fill` without the GIL (the facade views
@@ -466,15 +610,32 @@ fn f32_bytearray<'py>(
 
 #[pymethods]
 impl Model {
-    fn complete<'py>(&self, py: Python<'py>, request: Request<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (prompt, params) = request.parse()?;
+    #[pyo3(signature = (prompt, max_new_tokens, sampling, stop, text))]
+    fn complete(
+        &self,
+        py: Python<'_>,
+        prompt: &Bound<'_, PyAny>,
+        max_new_tokens: &Bound<'_, PyAny>,
+        sampling: &Sampling,
+        stop: Option<&Bound<'_, PyAny>>,
+        text: bool,
+    ) -> PyResult<PyCompletion> {
+        let (prompt, params) = request(prompt, max_new_tokens, sampling, stop, text)?;
         let engine = Arc::clone(&self.engine);
         let completion = compute_cancellable(py, move |cancel| prompt.start(engine, params)?.run(cancel))?;
-        completion_dict(py, &completion)
+        Ok(completion.into())
     }
 
-    fn stream(&self, py: Python<'_>, request: Request<'_>) -> PyResult<Stream> {
-        let (prompt, params) = request.parse()?;
+    #[pyo3(signature = (prompt, max_new_tokens, sampling, stop))]
+    fn stream(
+        &self,
+        py: Python<'_>,
+        prompt: &Bound<'_, PyAny>,
+        max_new_tokens: &Bound<'_, PyAny>,
+        sampling: &Sampling,
+        stop: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Stream> {
+        let (prompt, params) = request(prompt, max_new_tokens, sampling, stop, true)?;
         let engine = Arc::clone(&self.engine);
         let generation = compute(py, move || prompt.start(engine, params))?;
         Ok(Stream { generation: Mutex::new(generation) })
@@ -563,7 +724,8 @@ impl Model {
     }
 }
 
-/// An iterator of text pieces; each `__next__` generates one token without the GIL.
+/// Text pieces as they are generated, never splitting a UTF-8 character; each `__next__`
+/// generates one token without the GIL. After exhaustion, `completion` holds the result.
 #[pyclass(module = "gemma_rs._gemma_rs")]
 struct Stream {
     generation: Mutex<Generation>,
@@ -588,11 +750,14 @@ impl Stream {
         })
     }
 
-    /// The finished generation as `complete` returns it; `None` until the iterator is exhausted.
-    fn completion<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+    /// The finished generation, the `Completion` that `Model.complete` would have returned; a
+    /// `RuntimeError` before the iterator is exhausted.
+    #[getter]
+    fn completion(&self, py: Python<'_>) -> PyResult<PyCompletion> {
         // Waits for a `__next__` of another thread without the GIL, which that one may need.
         let c = py.detach(|| self.generation.lock().unwrap_or_else(|e| e.into_inner()).completion());
-        c.map(|c| completion_dict(py, &c)).transpose()
+        c.map(PyCompletion::from)
+            .ok_or_else(|| PyRuntimeError::new_err("the stream is not finished: iterate it to the end first"))
     }
 }
 
@@ -604,12 +769,18 @@ fn _gemma_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pack, m)?)?;
     m.add_function(wrap_pyfunction!(memory_plan, m)?)?;
     m.add_function(wrap_pyfunction!(render_template, m)?)?;
-    m.add_function(wrap_pyfunction!(quantize_q8_0, m)?)?;
-    m.add_function(wrap_pyfunction!(_dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
-    m.add_function(wrap_pyfunction!(_q8_0_matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(check_max_new_tokens, m)?)?;
     m.add_class::<Model>()?;
     m.add_class::<Stream>()?;
+    m.add_class::<Sampling>()?;
+    m.add_class::<PyCompletion>()?;
+    // Kernels exposed for the tests alone (against gguf-py and between SIMD kernels).
+    let testing = PyModule::new(m.py(), "_testing")?;
+    testing.add_function(wrap_pyfunction!(quantize_q8_0, &testing)?)?;
+    testing.add_function(wrap_pyfunction!(q8_0_matmul, &testing)?)?;
+    testing.add_function(wrap_pyfunction!(dequantize, &testing)?)?;
+    m.add_submodule(&testing)?;
     Ok(())
 }

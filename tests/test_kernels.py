@@ -59,14 +59,14 @@ def q8_0_rows(rng: np.random.Generator, rows: int, cols: int, mode: str) -> tupl
         w = rng.standard_normal((rows, cols)) * 10.0 ** rng.integers(-3, 3, (rows, 1))
         w[:, :32] = 0
     w = w.astype(np.float32)
-    blocks = _gemma_rs.quantize_q8_0(w.tobytes())
+    blocks = _gemma_rs._testing.quantize_q8_0(w.tobytes())
     raw = np.frombuffer(blocks, dtype=[("d", "<f2"), ("qs", "i1", 32)]).reshape(rows, cols // 32)
     values = (raw["d"].astype(np.float64)[..., None] * raw["qs"]).reshape(rows, cols)
     return blocks, values
 
 
 def matmul(kernel: str, w: bytes, rows: int, x: np.ndarray) -> np.ndarray:
-    out = _gemma_rs._q8_0_matmul(kernel, w, rows, np.ascontiguousarray(x, "<f4").tobytes())
+    out = _gemma_rs._testing.q8_0_matmul(kernel, w, rows, np.ascontiguousarray(x, "<f4").tobytes())
     return np.frombuffer(out, "<f4").reshape(len(x), rows)
 
 
@@ -106,7 +106,7 @@ def test_a_token_gives_the_same_bits_alone_and_in_a_batch(kernel):
 
 def test_an_unknown_kernel_is_refused():
     with pytest.raises(ValueError, match="not available"):
-        _gemma_rs._q8_0_matmul("sve2", b"\0" * 34, 1, b"\0" * 128)
+        _gemma_rs._testing.q8_0_matmul("sve2", b"\0" * 34, 1, b"\0" * 128)
 
 
 def test_q8_0_tiny_checkpoint_stays_close_to_the_reference(fixtures_dir: Path):

@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 from . import _gemma_rs
-from ._gemma_rs import GemmaError, __version__
+from ._gemma_rs import Completion, GemmaError, Sampling, Stream, __version__
 
 if TYPE_CHECKING:  # numpy is imported only where an array is returned
     from pathlib import Path
@@ -39,9 +39,13 @@ __all__ = [
     "CpuFeatures",
     "GemmaError",
     "Model",
+    "ModelInfo",
+    "Sampling",
     "Stream",
+    "TensorInfo",
     "__version__",
     "cpu_features",
+    "inspect",
     "load",
     "memory_plan",
     "pack",
@@ -77,26 +81,6 @@ FinishReason = Literal["eos", "stop", "length"]
 
 
 @dataclass(frozen=True)
-class Completion:
-    """The result of :meth:`Model.complete`."""
-
-    text: str
-    """The generated text (cut before a stop string; without the end-of-sequence token)."""
-    token_ids: list[int]
-    """The new token ids (without the end-of-sequence id that ended them)."""
-    finish_reason: FinishReason
-    """``"eos"`` (end-of-sequence id), ``"stop"`` (a stop string) or ``"length"``
-    (``max_new_tokens`` or ``max_inference_len``)."""
-    prompt_tokens: int
-    reused_tokens: int
-    """Prompt tokens served from the KV cache of the previous call (a shared prefix)."""
-    prefill_seconds: float
-    """Time from the call to the first new token's logits."""
-    decode_seconds: float
-    """Time of the forward passes after the first new token."""
-
-
-@dataclass(frozen=True)
 class ChatResult:
     """The result of :meth:`Model.chat`."""
 
@@ -113,76 +97,27 @@ class ChatResult:
     completion: Completion
 
 
-@dataclass(frozen=True)
-class _Request:
-    """The arguments of :meth:`Model.complete`, :meth:`Model.generate` and :meth:`Model.stream`,
-    as the Rust binding reads them."""
-
-    prompt: Prompt
-    max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    repetition_penalty: float
-    seed: int | None
-    stop: Stop
-    text: bool  # the caller wants text: without a tokenizer that is an error
-
-    @classmethod
-    def of(cls, args: dict[str, Any], text: bool) -> _Request:
-        """The arguments, their types checked (the Rust side checks their ranges)."""
-        r = cls(**{f.name: args[f.name] for f in fields(cls) if f.name != "text"}, text=text)
-        for name in ("max_new_tokens", "top_k"):
-            _check_type(name, getattr(r, name), int)
-            if int(getattr(r, name)) >= 2**63:
-                raise ValueError(f"{name} must be below 2**63, got {getattr(r, name)}")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
-            _check_type(name, getattr(r, name), (int, float))
-        if r.seed is not None:
-            _check_type("seed", r.seed, int)
-            if not 0 <= int(r.seed) < 2**64:
-                raise ValueError(f"seed must be in [0, 2**64), got {r.seed}")
-        if isinstance(r.prompt, (bytes, bytearray, memoryview)):
-            raise TypeError("prompt must be a str or a list of token ids, got bytes (decode it)")
-        if isinstance(r.prompt, str) and not r.prompt:
-            raise ValueError("the prompt is empty (to start from BOS alone, pass [its id])")
-        return r
+_SAMPLING_DEFAULTS = {
+    "temperature": 0.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "seed": None,
+}
 
 
-def _check_type(name: str, value: object, types: type | tuple[type, ...]) -> None:
-    """`value` is an integer (anything with ``__index__``: numpy's too) or, when `types` admits
-    floats, a real number (anything with ``__float__``); never a bool or a str."""
-    integer = hasattr(type(value), "__index__")
-    ok = integer if types is int else integer or hasattr(type(value), "__float__")
-    if isinstance(value, (bool, str)) or not ok:
-        want = "an int" if types is int else "a number"
-        raise TypeError(f"{name} must be {want}, got {type(value).__name__}")
-
-
-class Stream(Iterator[str]):
-    """Text pieces as they are generated; never splits a UTF-8 character.
-
-    After exhaustion, :attr:`completion` holds the same :class:`Completion` that
-    :meth:`Model.complete` would have returned.
-    """
-
-    def __init__(self, inner: _gemma_rs.Stream) -> None:
-        self._inner = inner
-
-    def __iter__(self) -> Stream:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._inner)
-
-    @property
-    def completion(self) -> Completion:
-        """The finished generation; a ``RuntimeError`` before the iterator is exhausted."""
-        d = self._inner.completion()
-        if d is None:
-            raise RuntimeError("the stream is not finished: iterate it to the end first")
-        return Completion(**d)
+def _sampling(sampling: Sampling | None, **options: Any) -> Sampling:
+    """The options of a call: ``sampling`` as given, or a :class:`Sampling` of the keyword
+    arguments (its constructor, in Rust, checks their types and ranges)."""
+    if sampling is None:
+        return Sampling(**options)
+    if not isinstance(sampling, Sampling):
+        raise TypeError(f"sampling must be a gemma_rs.Sampling, got {type(sampling).__name__}")
+    given = [k for k, v in options.items() if v != _SAMPLING_DEFAULTS[k]]
+    if given:
+        raise TypeError(f"pass sampling= or the keyword arguments {given}, not both")
+    return sampling
 
 
 class Model:
@@ -211,6 +146,7 @@ class Model:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: Stop = None,
+        sampling: Sampling | None = None,
     ) -> Completion:
         """Generates a continuation of ``prompt`` and reports how it went.
 
@@ -220,10 +156,12 @@ class Model:
         does). Generation stops at an end-of-sequence id, a ``stop`` string, ``max_new_tokens``,
         or when the sequence reaches ``max_inference_len``. A prompt longer than
         ``max_inference_len`` is a ``ValueError``. Without a tokenizer, ``prompt`` must be ids
-        and ``text`` is empty.
+        and ``text`` is empty. ``sampling`` gives the sampling options as one
+        :class:`Sampling` instead of keyword arguments.
         """
-        d = self._inner.complete(_Request.of(locals(), text=False))
-        return Completion(**d)
+        s = _sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                      repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+        return self._inner.complete(prompt, max_new_tokens, s, stop, False)
 
     def generate(
         self,
@@ -237,10 +175,12 @@ class Model:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: Stop = None,
+        sampling: Sampling | None = None,
     ) -> str:
         """The text of :meth:`complete` (same arguments); needs the tokenizer."""
-        d = self._inner.complete(_Request.of(locals(), text=True))
-        return d["text"]
+        s = _sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                      repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+        return self._inner.complete(prompt, max_new_tokens, s, stop, True).text
 
     def stream(
         self,
@@ -254,9 +194,13 @@ class Model:
         repetition_penalty: float = 1.0,
         seed: int | None = None,
         stop: Stop = None,
+        sampling: Sampling | None = None,
     ) -> Stream:
-        """Like :meth:`generate`, as an iterator of text pieces."""
-        return Stream(self._inner.stream(_Request.of(locals(), text=True)))
+        """Like :meth:`generate`, as an iterator of text pieces; after it is exhausted, its
+        ``completion`` is the :class:`Completion` that :meth:`complete` would have returned."""
+        s = _sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                      repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+        return self._inner.stream(prompt, max_new_tokens, s, stop)
 
     def chat(
         self,
@@ -265,7 +209,14 @@ class Model:
         *,
         add_generation_prompt: bool = True,
         stop: Stop = None,
-        **sampling: Any,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        sampling: Sampling | None = None,
     ) -> ChatResult:
         """One model turn of a chat: renders ``messages`` (and ``tools``: OpenAI-style dicts,
         bare ``{name, description, parameters}`` dicts or Python functions) as a prompt,
@@ -276,12 +227,14 @@ class Model:
         :func:`render_chat` (FunctionGemma's format). Generation stops at ``<end_of_turn>``, at
         ``<start_function_response>`` (the application runs the calls and sends the results
         back as ``{"role": "tool", ...}`` messages), at end-of-sequence, or at ``stop``.
-        ``sampling`` is :meth:`complete`'s ``max_new_tokens``, ``temperature``, ``top_k``,
-        ``top_p``, ``min_p``, ``repetition_penalty`` and ``seed``. A tokenizer without
+        ``max_new_tokens`` and the sampling options are :meth:`complete`'s. A tokenizer without
         FunctionGemma's control tokens (base Gemma 3) still gets the tool prompt, with a warning.
         """
         from . import chat as _chat
         from . import tools as _tools
+
+        s = _sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                      repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
 
         if tools:
             one_token = lambda t: len(self.tokenize(t, add_bos=False)) == 1  # noqa: E731
@@ -325,7 +278,7 @@ class Model:
             stops.append(stop)
         elif stop is not None:
             stops.extend(stop)
-        c = self.complete(ids, stop=stops, **sampling)
+        c = self.complete(ids, max_new_tokens, stop=stops, sampling=s)
         parsed = _tools.parse_tool_calls(c.text)
         return ChatResult(
             text=parsed.text,
@@ -449,9 +402,6 @@ def load(
     Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for bad arguments,
     ``MemoryError`` above ``memory_limit`` and :class:`GemmaError` for a malformed model.
     """
-    _check_ints(max_inference_len=max_inference_len, threads=threads, memory_limit=memory_limit)
-    if not isinstance(weights, str):
-        raise TypeError(f"weights must be a str, got {type(weights).__name__}")
     what = f"loading {os.fspath(path)}"
     report = _Progress(what, progress if progress is not None else False)
     start = time.perf_counter()
@@ -535,9 +485,6 @@ def memory_plan(
     ``scratch`` and ``tokenizer``, equal to ``Model.memory`` after loading — computed from the
     config and the tensors' shapes and types, without reading the weights (the tokenizer is
     built, a fraction of a second). ``sum(plan.values())`` is what ``memory_limit`` checks."""
-    _check_ints(max_inference_len=max_inference_len, threads=threads)
-    if not isinstance(weights, str):
-        raise TypeError(f"weights must be a str, got {type(weights).__name__}")
     return _gemma_rs.memory_plan(os.fspath(path), max_inference_len, weights, threads)
 
 
@@ -568,10 +515,52 @@ def cpu_features() -> CpuFeatures:
     return CpuFeatures(f["arch"], tuple(f["features"]), tuple(f["kernels"]), f["kernel"])
 
 
-def _check_ints(**values: int | None) -> None:
-    for name, value in values.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a model file, as :func:`inspect` lists it."""
+
+    name: str
+    """Its name in the file (GGUF or Hugging Face)."""
+    type: str
+    """Its ggml type as stored: ``"Q8_0"``, ``"F32"``, ``"BF16"``, ``"Q4_K"``, ..."""
+    shape: tuple[int, ...]
+    """Outermost dimension first."""
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What :func:`inspect` reads from a model's files, without loading its weights."""
+
+    path: str
+    format: str
+    """``"GGUF v3"``, ``"safetensors"``, ..."""
+    config: dict
+    """config.json as read, or as built from a GGUF's ``gemma3.*`` metadata."""
+    tensors: tuple[TensorInfo, ...]
+    """The tensors a Gemma 3 model uses, in load order."""
+    vocab_size: int | None
+    """The tokenizer's size, None without a tokenizer."""
+    has_chat_template: bool
+    eos_token_ids: tuple[int, ...]
+
+
+def inspect(path: str | os.PathLike[str]) -> ModelInfo:
+    """A model's config, tensors (names, types, shapes, bytes), tokenizer size, chat template
+    and end-of-sequence ids, read from its files without loading its weights."""
+    import json
+
+    d = _gemma_rs.inspect(os.fspath(path))
+    tensors = tuple(TensorInfo(n, t, tuple(shape), b) for n, t, shape, b in d["tensors"])
+    return ModelInfo(
+        path=os.fspath(path),
+        format=d["format"],
+        config=json.loads(d["config_json"]),
+        tensors=tensors,
+        vocab_size=d["vocab"],
+        has_chat_template=d["chat_template"],
+        eos_token_ids=tuple(d["eos_token_ids"]),
+    )
 
 
 def pack(
@@ -599,10 +588,6 @@ def pack(
     (DEBUG) every 10%, when the application uses :mod:`logging`.
     Returns ``Path(dst)``.
     """
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)):
-        raise TypeError(f"threads must be an int or None, got {type(threads).__name__}")
-    if not isinstance(weights, str):
-        raise TypeError(f"weights must be a str, got {type(weights).__name__}")
     from pathlib import Path
 
     log = _logger()

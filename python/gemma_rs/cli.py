@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 from pathlib import Path
@@ -60,13 +59,16 @@ def _load(a: argparse.Namespace, path: str) -> gemma_rs.Model:
 
 
 def _sampling(a: argparse.Namespace) -> dict[str, Any]:
-    return dict(
-        max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        seed=a.seed,
-    )
+    """``max_new_tokens`` and a :class:`gemma_rs.Sampling` of the flags, checked by the API
+    before any model is loaded: its ValueError or TypeError is a usage error."""
+    try:
+        max_new_tokens = gemma_rs._gemma_rs.check_max_new_tokens(a.max_new_tokens)
+        sampling = gemma_rs.Sampling(
+            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed
+        )
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    return dict(max_new_tokens=max_new_tokens, sampling=sampling)
 
 
 # --- generate ---------------------------------------------------------------------------------
@@ -86,10 +88,11 @@ def _generate(a: argparse.Namespace) -> int:
         model_arg, prompt = a.args
     else:
         raise UsageError(f"expected [MODEL] PROMPT, got {len(a.args)} arguments")
+    options = _sampling(a)
     if prompt == "-":
         prompt = sys.stdin.read()
     model = _load(a, _model_path(model_arg, "generate"))
-    stream = model.stream(prompt, **_sampling(a))
+    stream = model.stream(prompt, **options)
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -130,6 +133,7 @@ def _read_tools(path: str) -> list[Any]:
 
 def _chat(a: argparse.Namespace) -> int:
     tools = _read_tools(a.tools) if a.tools else None
+    options = _sampling(a)
     model = _load(a, _model_path(a.model, "chat"))
     messages: list[dict[str, Any]] = []
     if a.system:
@@ -153,7 +157,7 @@ def _chat(a: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": text})
         try:
-            r = model.chat(messages, tools, **_sampling(a))
+            r = model.chat(messages, tools, **options)
         except (ValueError, gemma_rs.GemmaError) as e:
             # e.g. the history outgrew --max-inference-len: this turn is dropped, the chat goes on.
             messages.pop()
@@ -248,9 +252,9 @@ def _median(xs: list[float]) -> float:
 
 def _info(a: argparse.Namespace) -> int:
     path = _model_path(a.model, "info")
-    info = gemma_rs._gemma_rs.inspect(os.fspath(path))
-    config = json.loads(info["config_json"])
-    print(f"{path}: {info['format']}")
+    info = gemma_rs.inspect(path)
+    config = info.config
+    print(f"{path}: {info.format}")
     print("config:")
     keys = [
         "vocab_size",
@@ -272,21 +276,21 @@ def _info(a: argparse.Namespace) -> int:
         if config.get(k) is not None:
             print(f"  {k}: {config[k]}")
     by_type: dict[str, list[int]] = {}
-    for _name, ty, _shape, nbytes in info["tensors"]:
-        count_bytes = by_type.setdefault(ty, [0, 0])
+    for t in info.tensors:
+        count_bytes = by_type.setdefault(t.type, [0, 0])
         count_bytes[0] += 1
-        count_bytes[1] += nbytes
+        count_bytes[1] += t.bytes
     total = sum(b for _, b in by_type.values())
-    print(f"tensors: {len(info['tensors'])}, {total / 1e6:.1f} MB")
+    print(f"tensors: {len(info.tensors)}, {total / 1e6:.1f} MB")
     for ty, (count, nbytes) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
         print(f"  {ty}: {count} tensors, {nbytes / 1e6:.1f} MB")
     if a.tensors:
-        for name, ty, shape, nbytes in info["tensors"]:
-            print(f"  {name}  {ty}  {shape}  {nbytes} bytes")
-    vocab = info["vocab"]
+        for t in info.tensors:
+            print(f"  {t.name}  {t.type}  {list(t.shape)}  {t.bytes} bytes")
+    vocab = info.vocab_size
     print(f"tokenizer: {f'{vocab} tokens' if vocab is not None else 'none'}")
-    print(f"chat template: {'yes' if info['chat_template'] else 'no'}")
-    print(f"end-of-sequence ids: {info['eos_token_ids']}")
+    print(f"chat template: {'yes' if info.has_chat_template else 'no'}")
+    print(f"end-of-sequence ids: {list(info.eos_token_ids)}")
     plan = gemma_rs.memory_plan(path, a.max_inference_len, a.weights, threads=a.threads)
     mil = a.max_inference_len or min(config.get("max_position_embeddings", 4096), 4096)
     print(f"memory plan (weights={a.weights}, max_inference_len={mil}):")
@@ -337,47 +341,15 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
 
-def _non_negative(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return n
-
-
-def _number(low: float, high: float, low_open: bool) -> Any:
-    def parse(text: str) -> float:
-        try:
-            x = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        ok = (x > low if low_open else x >= low) and x <= high
-        if not ok:
-            raise argparse.ArgumentTypeError(
-                f"{text} is outside {'(' if low_open else '['}{low:g}, {high:g}]"
-            )
-        return x
-
-    return parse
-
-
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    # Parsed as numbers here; their ranges are checked by the API (gemma_rs.Sampling).
     p.add_argument(
-        "--max-new-tokens", type=_non_negative, default=max_new_tokens, metavar="N", help="at most"
+        "--max-new-tokens", type=int, default=max_new_tokens, metavar="N", help="at most"
     )
-    p.add_argument(
-        "--temperature",
-        type=_number(0.0, float("inf"), False),
-        default=0.0,
-        help="0 is greedy",
-    )
-    p.add_argument("--top-k", type=_non_negative, default=0, metavar="K", help="0 keeps all")
-    p.add_argument(
-        "--top-p", type=_number(0.0, 1.0, True), default=1.0, metavar="P", help="1 keeps all"
-    )
-    p.add_argument("--seed", type=_non_negative, default=None, help="fixes sampled tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 keeps all")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 keeps all")
+    p.add_argument("--seed", type=int, default=None, help="fixes sampled tokens")
 
 
 def parser() -> argparse.ArgumentParser:
