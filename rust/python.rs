@@ -201,9 +201,23 @@ fn load_options(
 /// The sampling options shared by `complete`, `generate`, `stream` and `chat`, checked once,
 /// here: temperature (0 is greedy), top-k (0 keeps all), top-p, min-p, repetition penalty
 /// (1 is none) and seed (None draws one).
-#[pyclass(frozen, eq, module = "gemma_rs._gemma_rs", name = "Sampling")]
-#[derive(Clone, PartialEq)]
-struct Sampling(SamplingParams);
+#[pyclass(frozen, eq, get_all, module = "gemma_rs._gemma_rs", name = "Sampling")]
+#[derive(Clone, Copy, PartialEq)]
+struct Sampling {
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    min_p: f32,
+    repetition_penalty: f32,
+    seed: Option<u64>,
+}
+
+impl Sampling {
+    fn params(&self) -> SamplingParams {
+        let Sampling { temperature, top_k, top_p, min_p, repetition_penalty, seed } = *self;
+        SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty, seed }
+    }
+}
 
 #[pymethods]
 impl Sampling {
@@ -231,36 +245,12 @@ impl Sampling {
             seed: seed_arg(seed)?,
         };
         params.validate()?;
-        Ok(Sampling(params))
-    }
-
-    #[getter]
-    fn temperature(&self) -> f32 {
-        self.0.temperature
-    }
-    #[getter]
-    fn top_k(&self) -> usize {
-        self.0.top_k
-    }
-    #[getter]
-    fn top_p(&self) -> f32 {
-        self.0.top_p
-    }
-    #[getter]
-    fn min_p(&self) -> f32 {
-        self.0.min_p
-    }
-    #[getter]
-    fn repetition_penalty(&self) -> f32 {
-        self.0.repetition_penalty
-    }
-    #[getter]
-    fn seed(&self) -> Option<u64> {
-        self.0.seed
+        let SamplingParams { temperature, top_k, top_p, min_p, repetition_penalty, seed } = params;
+        Ok(Sampling { temperature, top_k, top_p, min_p, repetition_penalty, seed })
     }
 
     fn __repr__(&self) -> String {
-        let p = &self.0;
+        let p = self;
         let seed = p.seed.map_or("None".to_string(), |s| s.to_string());
         format!(
             "Sampling(temperature={}, top_k={}, top_p={}, min_p={}, repetition_penalty={}, seed={seed})",
@@ -375,13 +365,13 @@ fn quantize_q8_0<'py>(py: Python<'py>, values: &[u8]) -> PyResult<Bound<'py, PyB
 }
 
 /// A model's files without its weights: `{"format", "config_json", "tensors": [(name, ggml
-/// type, shape, bytes)], "vocab", "chat_template", "eos_token_ids"}` (the tensors a Gemma 3
-/// model uses, in load order; `vocab` is the tokenizer's size, or None without one).
+/// type, shape, bytes)], "vocab", "chat_template", "eos_token_ids", "default_max_inference_len"}` (the tensors a
+/// Gemma 3 model uses, in load order; `vocab` is the tokenizer's size, or None without one).
 #[pyfunction]
 fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
     use crate::formats::checkpoint::{Checkpoint, Source};
     type Row = (String, &'static str, Vec<usize>, usize);
-    let (format, config, tensors, vocab, template, eos) = compute(py, || {
+    let (format, config, tensors, vocab, template, eos, cap) = compute(py, || {
         let ck = Checkpoint::open(&path)?;
         let format = match &ck.source {
             Source::Gguf(g) => format!("GGUF v{}", g.version),
@@ -395,7 +385,8 @@ fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> 
             })
             .collect::<crate::Result<Vec<Row>>>()?;
         let vocab = ck.tokenizer.as_ref().map(|t| t.vocab_size());
-        Ok((format, ck.config.raw.to_string(), tensors, vocab, ck.chat_template.is_some(), ck.eos_token_ids))
+        let cap = crate::runtime::resolve_max_inference_len(&ck.config, None)?;
+        Ok((format, ck.config.raw.to_string(), tensors, vocab, ck.chat_template.is_some(), ck.eos_token_ids, cap))
     })?;
     let d = PyDict::new(py);
     d.set_item("format", format)?;
@@ -404,6 +395,7 @@ fn inspect<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> 
     d.set_item("vocab", vocab)?;
     d.set_item("chat_template", template)?;
     d.set_item("eos_token_ids", eos)?;
+    d.set_item("default_max_inference_len", cap)?;
     Ok(d)
 }
 
@@ -533,7 +525,7 @@ fn request(
         },
     };
     let max_new_tokens = count_arg("max_new_tokens", max_new_tokens)?;
-    Ok((prompt, GenerateParams { max_new_tokens, sampling: sampling.0.clone(), stop, text }))
+    Ok((prompt, GenerateParams { max_new_tokens, sampling: sampling.params(), stop, text }))
 }
 
 /// The result of `Model.complete`: the generated text and ids, why generation stopped, and how

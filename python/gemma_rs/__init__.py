@@ -543,6 +543,8 @@ class ModelInfo:
     """The tokenizer's size, None without a tokenizer."""
     has_chat_template: bool
     eos_token_ids: tuple[int, ...]
+    default_max_inference_len: int
+    """What ``load(path)`` sizes the KV cache for when not told."""
 
 
 def inspect(path: str | os.PathLike[str]) -> ModelInfo:
@@ -560,6 +562,7 @@ def inspect(path: str | os.PathLike[str]) -> ModelInfo:
         vocab_size=d["vocab"],
         has_chat_template=d["chat_template"],
         eos_token_ids=tuple(d["eos_token_ids"]),
+        default_max_inference_len=d["default_max_inference_len"],
     )
 
 

@@ -24,69 +24,40 @@ __all__ = [
 ]
 
 __version__: str
+_Prompt = str | Sequence[int]
+_Stop = str | Sequence[str] | None
 _testing: types.ModuleType  # kernels exposed for the tests alone
 
 class GemmaError(Exception): ...
 
 @final
 class Sampling:
-    def __new__(
-        cls,
-        *,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-    ) -> Sampling: ...
-    @property
-    def temperature(self) -> float: ...
-    @property
-    def top_k(self) -> int: ...
-    @property
-    def top_p(self) -> float: ...
-    @property
-    def min_p(self) -> float: ...
-    @property
-    def repetition_penalty(self) -> float: ...
-    @property
-    def seed(self) -> int | None: ...
+    # fmt: off
+    def __new__(cls, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None) -> Sampling: ...  # noqa: E501
+    # fmt: on
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    seed: int | None
 
 @final
 class Completion:
-    @property
-    def text(self) -> str: ...
-    @property
-    def token_ids(self) -> list[int]: ...
-    @property
-    def finish_reason(self) -> Literal["eos", "stop", "length"]: ...
-    @property
-    def prompt_tokens(self) -> int: ...
-    @property
-    def reused_tokens(self) -> int: ...
-    @property
-    def prefill_seconds(self) -> float: ...
-    @property
-    def decode_seconds(self) -> float: ...
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["eos", "stop", "length"]
+    prompt_tokens: int
+    reused_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
 
 @final
 class Model:
-    def complete(
-        self,
-        prompt: str | Sequence[int],
-        max_new_tokens: int,
-        sampling: Sampling,
-        stop: str | Sequence[str] | None,
-        text: bool,
-    ) -> Completion: ...
-    def stream(
-        self,
-        prompt: str | Sequence[int],
-        max_new_tokens: int,
-        sampling: Sampling,
-        stop: str | Sequence[str] | None,
-    ) -> Stream: ...
+    # fmt: off
+    def complete(self, prompt: _Prompt, max_new_tokens: int, sampling: Sampling, stop: _Stop, text: bool) -> Completion: ...  # noqa: E501
+    def stream(self, prompt: _Prompt, max_new_tokens: int, sampling: Sampling, stop: _Stop) -> Stream: ...  # noqa: E501
+    # fmt: on
     def reset(self) -> None: ...
     def tokenize(self, text: str, add_bos: bool) -> list[int]: ...
     def detokenize(self, ids: Sequence[int], skip_special_tokens: bool) -> str: ...

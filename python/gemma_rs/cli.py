@@ -292,7 +292,7 @@ def _info(a: argparse.Namespace) -> int:
     print(f"chat template: {'yes' if info.has_chat_template else 'no'}")
     print(f"end-of-sequence ids: {list(info.eos_token_ids)}")
     plan = gemma_rs.memory_plan(path, a.max_inference_len, a.weights, threads=a.threads)
-    mil = a.max_inference_len or min(config.get("max_position_embeddings", 4096), 4096)
+    mil = a.max_inference_len or info.default_max_inference_len
     print(f"memory plan (weights={a.weights}, max_inference_len={mil}):")
     for part, nbytes in plan.items():
         print(f"  {part}: {nbytes / 1e6:.1f} MB")

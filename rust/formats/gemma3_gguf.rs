@@ -27,40 +27,30 @@ pub struct Key {
     pub get: fn(&Config) -> f64,
 }
 
-/// The keys, in the order `pack` writes them.
+/// A row of [`KEYS`]: `key!(u32 "gguf.key" => config_field)` or `key!(f32 ...)`.
+macro_rules! key {
+    ($ty:ident $gguf:literal => $field:ident) => {
+        Key { gguf: $gguf, field: stringify!($field), integer: key!(@int $ty), get: |c| c.$field as f64 }
+    };
+    (@int u32) => { true };
+    (@int f32) => { false };
+}
+
+/// The keys, in the order `pack` writes them. `attention.value_length` is read only to check
+/// that it equals `key_length` (transformers has no field of its own for it).
+#[rustfmt::skip]
 pub const KEYS: [Key; 11] = [
-    Key {
-        gguf: "context_length",
-        field: "max_position_embeddings",
-        integer: true,
-        get: |c| c.max_position_embeddings as f64,
-    },
-    Key { gguf: "embedding_length", field: "hidden_size", integer: true, get: |c| c.hidden_size as f64 },
-    Key { gguf: "block_count", field: "num_hidden_layers", integer: true, get: |c| c.num_hidden_layers as f64 },
-    Key { gguf: "feed_forward_length", field: "intermediate_size", integer: true, get: |c| c.intermediate_size as f64 },
-    Key {
-        gguf: "attention.head_count",
-        field: "num_attention_heads",
-        integer: true,
-        get: |c| c.num_attention_heads as f64,
-    },
-    Key {
-        gguf: "attention.layer_norm_rms_epsilon",
-        field: "rms_norm_eps",
-        integer: false,
-        get: |c| c.rms_norm_eps as f64,
-    },
-    Key { gguf: "attention.key_length", field: "head_dim", integer: true, get: |c| c.head_dim as f64 },
-    // Read only to check it equals key_length (transformers has no separate field).
-    Key { gguf: "attention.value_length", field: "head_dim", integer: true, get: |c| c.head_dim as f64 },
-    Key { gguf: "rope.freq_base", field: "rope_theta", integer: false, get: |c| c.rope_theta },
-    Key { gguf: "attention.sliding_window", field: "sliding_window", integer: true, get: |c| c.sliding_window as f64 },
-    Key {
-        gguf: "attention.head_count_kv",
-        field: "num_key_value_heads",
-        integer: true,
-        get: |c| c.num_key_value_heads as f64,
-    },
+    key!(u32 "context_length" => max_position_embeddings),
+    key!(u32 "embedding_length" => hidden_size),
+    key!(u32 "block_count" => num_hidden_layers),
+    key!(u32 "feed_forward_length" => intermediate_size),
+    key!(u32 "attention.head_count" => num_attention_heads),
+    key!(f32 "attention.layer_norm_rms_epsilon" => rms_norm_eps),
+    key!(u32 "attention.key_length" => head_dim),
+    key!(u32 "attention.value_length" => head_dim),
+    key!(f32 "rope.freq_base" => rope_theta),
+    key!(u32 "attention.sliding_window" => sliding_window),
+    key!(u32 "attention.head_count_kv" => num_key_value_heads),
 ];
 
 /// The full key name, `gemma3.{key}`.

@@ -9,7 +9,7 @@ pub mod session;
 #[cfg(test)]
 mod tests;
 
-pub use model::{memory_plan, LoadOptions, Model, DEFAULT_MAX_INFERENCE_LEN};
+pub use model::{memory_plan, resolve_max_inference_len, LoadOptions, Model, DEFAULT_MAX_INFERENCE_LEN};
 
 use crate::error::Result;
 

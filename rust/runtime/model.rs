@@ -267,7 +267,8 @@ impl Model {
     }
 }
 
-fn resolve_max_inference_len(c: &Config, requested: Option<usize>) -> Result<usize> {
+/// The cap a model of config `c` gets for `requested` (None: the default).
+pub fn resolve_max_inference_len(c: &Config, requested: Option<usize>) -> Result<usize> {
     match requested {
         None => Ok(c.max_position_embeddings.min(DEFAULT_MAX_INFERENCE_LEN)),
         Some(0) => Err(Error::InvalidArgument("max_inference_len must be a positive integer, got 0".into())),

@@ -152,3 +152,18 @@ fn sliding_rings_give_the_bits_of_a_full_cache() {
     assert_eq!(got.reused_tokens, 0);
     assert_eq!(got.token_ids, fresh(&f).token_ids);
 }
+
+/// `memory_plan` predicts the weights' bytes from the schema alone; a loaded model counts what it
+/// holds. The two agree for every weight type, mapped in place or converted.
+#[test]
+fn planned_weight_bytes_are_the_loaded_ones() {
+    use crate::model::schema;
+    let dir = fixtures().join("tiny").join("tiny-gqa");
+    for weights in [WeightType::F32, WeightType::Bf16, WeightType::Q8_0] {
+        let opts = LoadOptions { weights, threads: Some(1), ..Default::default() };
+        let m = Model::load(&dir, &opts).unwrap();
+        let c = m.config();
+        assert_eq!(m.transformer.weight_bytes(), schema::weight_bytes(c, weights), "{weights:?}");
+        assert_eq!(crate::runtime::memory_plan(&dir, &opts).unwrap(), m.memory(), "{weights:?}");
+    }
+}
