@@ -218,17 +218,25 @@ def test_a_thousand_generate_calls_do_not_grow_resident_memory(model):
     # about 4 MB that settle within the first 500 calls, then stay flat (measured to 3000).
     for i in range(500):
         model.generate(prompts[i % 4], max_new_tokens=1)
-    before = rss_kib("VmRSS")
-    for i in range(1000):
-        p = prompts[i % 4]
-        if i % 3 == 0:
-            model.generate(p, max_new_tokens=3)
-        elif i % 3 == 1:
-            "".join(model.stream(p, max_new_tokens=3))
-        else:
-            model.generate(p, max_new_tokens=3, temperature=1.0, seed=i)
-    grown = rss_kib("VmRSS") - before
-    assert grown < 2048, f"resident memory grew by {grown} KiB over 1000 calls"
+
+    def thousand_calls() -> int:
+        before = rss_kib("VmRSS")
+        for i in range(1000):
+            p = prompts[i % 4]
+            if i % 3 == 0:
+                model.generate(p, max_new_tokens=3)
+            elif i % 3 == 1:
+                "".join(model.stream(p, max_new_tokens=3))
+            else:
+                model.generate(p, max_new_tokens=3, temperature=1.0, seed=i)
+        return rss_kib("VmRSS") - before
+
+    # A leak grows every window alike; the allocator's settling (late malloc arenas of the
+    # per-call worker threads, 2-4 MB seen in the first window) happens once. So the second
+    # window must be about flat, and the first bounded.
+    first, second = thousand_calls(), thousand_calls()
+    assert first < 16384, f"resident memory grew by {first} KiB over the first 1000 calls"
+    assert second < 1024, f"resident memory grew by {second} KiB over the second 1000 calls"
 
 
 # --- NaN and infinite weights -----------------------------------------------------------------
