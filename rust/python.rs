@@ -183,6 +183,20 @@ fn check_max_new_tokens(max_new_tokens: &Bound<'_, PyAny>) -> PyResult<usize> {
     count_arg("max_new_tokens", max_new_tokens)
 }
 
+/// Checks `load`'s options as `load` does, without loading anything (the CLI checks its flags
+/// with this before it looks for a model).
+#[pyfunction]
+#[pyo3(signature = (max_inference_len, weights, threads))]
+fn check_load_options(
+    max_inference_len: Option<&Bound<'_, PyAny>>,
+    weights: &str,
+    threads: Option<&Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    let opts = load_options(max_inference_len, weights, threads, None)?;
+    Threads::count_for(opts.threads)?;
+    Ok(())
+}
+
 /// `LoadOptions` from Python arguments.
 fn load_options(
     max_inference_len: Option<&Bound<'_, PyAny>>,
@@ -764,6 +778,7 @@ fn _gemma_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(check_max_new_tokens, m)?)?;
+    m.add_function(wrap_pyfunction!(check_load_options, m)?)?;
     m.add_class::<Model>()?;
     m.add_class::<Stream>()?;
     m.add_class::<Sampling>()?;

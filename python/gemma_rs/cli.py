@@ -314,6 +314,18 @@ def _pack(a: argparse.Namespace) -> int:
 # --- arguments --------------------------------------------------------------------------------
 
 
+def _check_load_flags(a: argparse.Namespace) -> None:
+    """--max-inference-len, --weights and --threads as load() checks them: a usage error."""
+    if not hasattr(a, "threads"):
+        return
+    try:
+        gemma_rs._gemma_rs.check_load_options(
+            getattr(a, "max_inference_len", None), a.weights, a.threads
+        )
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -325,16 +337,15 @@ def _positive(text: str) -> int:
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
+    # Parsed as integers here; load() checks them (check_load_options, before any model is read).
     p.add_argument(
         "--max-inference-len",
-        type=_positive,
+        type=int,
         default=None,
         metavar="N",
         help="prompt + new tokens, sizes the KV cache (None: min(model's limit, 4096))",
     )
-    p.add_argument(
-        "--threads", type=_positive, default=None, metavar="N", help="None: every CPU allowed"
-    )
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="None: every CPU allowed")
     p.add_argument(
         "--weights", choices=["q8_0", "bf16", "f32"], default="q8_0", help="how weights are held"
     )
@@ -438,7 +449,7 @@ def parser() -> argparse.ArgumentParser:
     pk.add_argument("src", help="a Hugging Face model directory or a .gguf file")
     pk.add_argument("dst", help="the GGUF file to write")
     pk.add_argument("--weights", choices=["q8_0", "bf16", "f32"], default="q8_0")
-    pk.add_argument("--threads", type=_positive, default=None)
+    pk.add_argument("--threads", type=int, default=None)
     pk.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     pk.set_defaults(run=_pack, parser=pk)
     return p
@@ -448,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     a = p.parse_args(argv)
     try:
+        _check_load_flags(a)
         return a.run(a)
     except UsageError as e:
         a.parser.error(str(e))  # the subcommand's usage, then exit status 2
