@@ -210,7 +210,6 @@ fn tiled(
     let Out { mut cols, row0 } = out;
     // This part's first column holds weight row `base`.
     let base = row0 + cols.cols().start;
-    let mut write = |t: usize, r: usize, v: f32| cols.row(t)[r - base] = v;
     let token_tile = (L1_TILE_BYTES / token_bytes.max(1)).max(4) / 4 * 4;
     let row_tile = (L2_TILE_BYTES / row_bytes.max(1)).max(4);
     for rt in (rows.start..rows.end).step_by(row_tile) {
@@ -222,23 +221,22 @@ fn tiled(
             for r in (rt..r4_end).step_by(4) {
                 for t in (tt..t4_end).step_by(4) {
                     let tile = tile4([r, r + 1, r + 2, r + 3], [t, t + 1, t + 2, t + 3]);
-                    for (i, row) in tile.into_iter().enumerate() {
-                        for (j, v) in row.into_iter().enumerate() {
-                            write(t + j, r + i, v);
-                        }
+                    for j in 0..4 {
+                        // Token `t + j`'s four outputs, one row slice.
+                        cols.row(t + j)[r - base..r - base + 4].copy_from_slice(&tile.map(|row| row[j]));
                     }
                 }
             }
             for r in r4_end..rt_end {
                 for t in (tt..t4_end).step_by(4) {
                     for (i, v) in dot4(r, [t, t + 1, t + 2, t + 3]).into_iter().enumerate() {
-                        write(t + i, r, v);
+                        cols.row(t + i)[r - base] = v;
                     }
                 }
             }
             for t in t4_end..t_end {
                 for r in rt..rt_end {
-                    write(t, r, dot1(r, t));
+                    cols.row(t)[r - base] = dot1(r, t);
                 }
             }
         }
