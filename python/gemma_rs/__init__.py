@@ -496,7 +496,8 @@ class CpuFeatures:
     """``"x86_64"``, ``"aarch64"``, ..."""
     features: tuple[str, ...]
     """The CPU features the Q8_0 kernels are chosen by, as detected at run time: ``avx2``,
-    ``fma``, ``f16c``, ``avx512vnni``, ``avx512vl`` on x86_64; ``neon``, ``dotprod`` on aarch64."""
+    ``fma``, ``f16c``, ``avx512vnni``, ``avx512vl``, ``avx512f``, ``avx512bw``, ``avxvnni`` on
+    x86_64; ``neon``, ``dotprod``, ``i8mm`` on aarch64."""
     kernels: tuple[str, ...]
     """The Q8_0 kernels this CPU runs, fastest first; ``"scalar"`` is always last."""
     kernel: str
