@@ -12,6 +12,9 @@ use gemma_rs::kernels::quant::{quantize_row_q8_0, BlockQ8_0, Kernel};
 use gemma_rs::kernels::threads::Threads;
 use std::time::Instant;
 
+#[path = "timing.rs"]
+mod timing;
+
 fn q8_0(rows: usize, cols: usize) -> Matrix {
     let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3).collect();
     let mut data = vec![BlockQ8_0::default(); rows * cols / 32];
@@ -21,20 +24,8 @@ fn q8_0(rows: usize, cols: usize) -> Matrix {
 
 /// Median seconds of `reps` calls of `f`, after 200 ms of warm-up calls (clock ramp-up, the
 /// pool's workers awake).
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    let warm = Instant::now();
-    while warm.elapsed().as_millis() < 200 {
-        f();
-    }
-    let mut s: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    s.sort_by(f64::total_cmp);
-    s[reps / 2]
+fn time(reps: usize, f: impl FnMut()) -> f64 {
+    timing::sorted_times(reps, f)[reps / 2]
 }
 
 fn measure(name: &str, threads: &Threads) {

@@ -13,6 +13,7 @@
 use crate::kernels::half::{f16_to_f32, f32_to_f16};
 use std::sync::OnceLock;
 
+pub mod gemm;
 pub mod ggml;
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -172,18 +173,7 @@ impl Kernel {
     /// tests) when this CPU can run it; chosen once.
     pub fn best() -> &'static Kernel {
         static BEST: OnceLock<&'static Kernel> = OnceLock::new();
-        BEST.get_or_init(|| {
-            let all = Kernel::available();
-            let Ok(wanted) = std::env::var("GEMMA_RS_KERNEL") else { return all[0] };
-            all.iter().copied().find(|k| k.name == wanted).unwrap_or_else(|| {
-                let names: Vec<&str> = all.iter().map(|k| k.name).collect();
-                eprintln!(
-                    "gemma_rs: GEMMA_RS_KERNEL={wanted:?} is not available here {names:?}; using {}",
-                    all[0].name
-                );
-                all[0]
-            })
-        })
+        BEST.get_or_init(|| choose(Kernel::available(), "GEMMA_RS_KERNEL", |k| k.name))
     }
 
     /// The available kernel called `name`, if this CPU runs it.
@@ -197,6 +187,17 @@ impl Kernel {
         // SAFETY: lengths checked; `self` comes from `available`, so the CPU runs it.
         unsafe { (self.dot1)(w, x) }
     }
+}
+
+/// The first of `all` (available kernels, fastest first), or the one the environment variable
+/// `var` names if it is among them (a warning on stderr if it is not).
+pub(crate) fn choose<K>(all: Vec<&'static K>, var: &str, name: fn(&K) -> &'static str) -> &'static K {
+    let Ok(wanted) = std::env::var(var) else { return all[0] };
+    all.iter().copied().find(|k| name(k) == wanted).unwrap_or_else(|| {
+        let names: Vec<&str> = all.iter().map(|k| name(k)).collect();
+        eprintln!("gemma_rs: {var}={wanted:?} is not available here {names:?}; using {}", name(all[0]));
+        all[0]
+    })
 }
 
 /// The portable kernel.
@@ -223,8 +224,9 @@ fn scalar_tile4(w: [&[BlockQ8_0]; 4], xs: [QRow<'_>; 4]) -> [[f32; 4]; 4] {
 mod tests {
     use super::*;
 
-    /// xorshift floats in [-scale, scale), with a few exact zeros and outliers.
-    fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    /// xorshift floats in [-scale, scale), value `i` replaced by `special(i)` where that is
+    /// `Some` (the sequence advances either way).
+    pub(super) fn random_with(n: usize, seed: u64, scale: f32, special: impl Fn(usize) -> Option<f32>) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..n)
             .map(|i| {
@@ -232,13 +234,18 @@ mod tests {
                 s ^= s >> 7;
                 s ^= s << 17;
                 let u = (s >> 40) as f32 / (1u64 << 24) as f32;
-                match i % 97 {
-                    0 => 0.0,
-                    1 => scale * 40.0,
-                    _ => (2.0 * u - 1.0) * scale,
-                }
+                special(i).unwrap_or((2.0 * u - 1.0) * scale)
             })
             .collect()
+    }
+
+    /// xorshift floats in [-scale, scale), with a few exact zeros and outliers.
+    fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        random_with(n, seed, scale, |i| match i % 97 {
+            0 => Some(0.0),
+            1 => Some(scale * 40.0),
+            _ => None,
+        })
     }
 
     fn quantized(x: &[f32]) -> Vec<BlockQ8_0> {
