@@ -2,6 +2,7 @@
 //! map errors. The typed, documented API is python/gemma_rs/__init__.py.
 
 use crate::error::Error;
+use crate::kernels::quant::gemm::Gemm;
 use crate::kernels::quant::{self, BlockQ8_0, QK8_0};
 use crate::kernels::threads::Threads;
 use crate::model::memory::Memory;
@@ -421,19 +422,19 @@ fn cpu_features<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("arch", std::env::consts::ARCH)?;
     d.set_item("features", crate::kernels::cpu::names())?;
-    d.set_item("kernels", quant::Kernel::available().iter().map(|k| k.name).collect::<Vec<_>>())?;
-    d.set_item("kernel", quant::Kernel::best().name)?;
+    d.set_item("kernels", Gemm::available().iter().map(|k| k.name).collect::<Vec<_>>())?;
+    d.set_item("kernel", Gemm::best().name)?;
     Ok(d)
 }
 
-/// `x (n, cols) · wᵀ` as little-endian f32 bytes `(n, rows)`, with the Q8_0 kernel named `kernel`
-/// on this thread: `w` is `rows` rows of Q8_0 blocks, `x` little-endian f32 values. For tests
+/// `x (n, cols) · wᵀ` as little-endian f32 bytes `(n, rows)`, with the Q8_0 GEMM kernel named
+/// `kernel` on this thread (the weights repacked for it): `w` is `rows` rows of Q8_0 blocks, `x` little-endian f32 values. For tests
 /// that compare the kernels of this CPU with the scalar one.
 #[pyfunction]
 fn q8_0_matmul<'py>(py: Python<'py>, kernel: &str, w: &[u8], rows: usize, x: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-    use crate::kernels::ops::{matmul_q8_0_with, Activations, QuantBuf};
-    let k = quant::Kernel::named(kernel)
-        .ok_or_else(|| value_error(format!("kernel {kernel:?} is not available on this CPU")))?;
+    use crate::kernels::quant::gemm::{gemm, PackedQ8_0, QuantizedActs};
+    let k =
+        Gemm::named(kernel).ok_or_else(|| value_error(format!("kernel {kernel:?} is not available on this CPU")))?;
     let block = std::mem::size_of::<BlockQ8_0>();
     if rows == 0 || !w.len().is_multiple_of(rows * block) || !x.len().is_multiple_of(4) {
         return Err(value_error("weights are not `rows` rows of Q8_0 blocks, or x is not f32".into()));
@@ -452,11 +453,10 @@ fn q8_0_matmul<'py>(py: Python<'py>, kernel: &str, w: &[u8], rows: usize, x: &[u
         .collect();
     let xf: Vec<f32> = x.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     let n = xf.len() / cols;
-    let mut buf = QuantBuf::new(xf.len());
-    let acts = Activations::quantized(&xf, n, cols, &mut buf, &Threads::new(1));
+    let mut acts = QuantizedActs::new();
+    acts.quantize(&xf, n, cols);
     let mut out = vec![0f32; n * rows];
-    // SAFETY: `k` comes from `Kernel::named`, which lists only the kernels this CPU runs.
-    unsafe { matmul_q8_0_with(k, &mut out, &acts, &blocks, rows) };
+    gemm(&mut out, rows, &acts, &PackedQ8_0::for_kernel(k, &blocks, rows, cols), 0..rows);
     let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
     Ok(PyBytes::new(py, &bytes))
 }

@@ -8,6 +8,7 @@ use crate::formats::checkpoint::{Source, Tensor};
 use crate::kernels::half::f32_to_bf16;
 use crate::kernels::matrix::Matrix;
 use crate::kernels::ops;
+use crate::kernels::quant::gemm::PackedQ8_0;
 use crate::kernels::quant::ggml::GgmlType;
 use crate::kernels::quant::{self, BlockQ8_0, QK8_0};
 use crate::kernels::threads::Threads;
@@ -63,7 +64,6 @@ impl LoadWeight for SourceLoader<'_> {
         let t = checked(src, name, &[rows, cols])?;
         let ty = self.weights.matrix_type(cols);
         let in_place = match (ty, t.ty) {
-            (GgmlType::Q8_0, GgmlType::Q8_0) => src.in_place(&t).map(|data| Matrix::Q8_0 { data, rows, cols }),
             (GgmlType::F32, GgmlType::F32) => src.in_place(&t).map(|data| Matrix::F32 { data, rows, cols }),
             (GgmlType::BF16, GgmlType::BF16) => src.in_place(&t).map(|data| Matrix::Bf16 { data, rows, cols }),
             _ => None,
@@ -76,10 +76,7 @@ impl LoadWeight for SourceLoader<'_> {
         let threads = self.threads;
         let m = match ty {
             GgmlType::F32 => Matrix::F32 { data: finite_f32(&t)?.into(), rows, cols },
-            GgmlType::Q8_0 => {
-                let data = pack_q8_0(src, &t, rows, cols, threads, &mut |b| self.advance(b))?;
-                Matrix::Q8_0 { data: data.into(), rows, cols }
-            }
+            GgmlType::Q8_0 => Matrix::Q8_0(pack_q8_0(src, &t, rows, cols, threads, &mut |b| self.advance(b))?),
             GgmlType::BF16 => {
                 let mut bits = Vec::with_capacity(rows * cols);
                 for_slabs(&t, rows, cols, |r0, x| {
@@ -104,11 +101,12 @@ impl LoadWeight for SourceLoader<'_> {
 /// tensor's source that is resident, and of its f32 copy, at a time.
 const SLAB_BYTES: usize = 1 << 20;
 
-/// The `(rows, cols)` tensor `t` as Q8_0 blocks, quantized from the map a slab of rows at a
-/// time (dequantized first when the file holds another quantization); each slab's pages are
-/// released once packed, so loading never holds the whole source tensor resident, nor any
-/// full-precision copy of it.
-/// `advanced(bytes)` is told the source bytes of each slab done.
+/// The `(rows, cols)` tensor `t` as Q8_0 blocks repacked for the GEMM kernel, a slab of rows at
+/// a time: Q8_0 blocks of the file copied as they are (never requantized), any other type
+/// quantized from its values (dequantized first when the file holds another quantization). Each
+/// slab's pages are released once packed, so loading never holds the whole source tensor
+/// resident, nor any full-precision copy of it. `advanced(bytes)` is told the source bytes of
+/// each slab done.
 pub fn pack_q8_0(
     src: &Source,
     t: &Tensor,
@@ -116,25 +114,50 @@ pub fn pack_q8_0(
     cols: usize,
     threads: &Threads,
     advanced: &mut dyn FnMut(u64) -> Result<()>,
-) -> Result<Vec<BlockQ8_0>> {
+) -> Result<PackedQ8_0> {
     let per_row = cols / QK8_0;
-    let mut out = vec![BlockQ8_0::default(); rows * per_row];
-    for_slabs(t, rows, cols, |r0, x| {
-        let n = x.len() / cols;
-        quantize_rows(x, cols, &mut out[r0 * per_row..(r0 + n) * per_row], threads);
-        let range = t.byte_range(r0 * cols..(r0 + n) * cols);
+    let mut packed = PackedQ8_0::zeroed(rows, cols);
+    let mut slab_done = |r0: usize, blocks: &[BlockQ8_0]| {
+        packed.pack_rows(r0, blocks, threads);
+        let range = t.byte_range(r0 * cols..r0 * cols + blocks.len() * QK8_0);
         let bytes = range.len() as u64;
         src.release(t, range);
         advanced(bytes)
-    })?;
-    check_q8_0_scales(t, &out)?;
-    Ok(out)
+    };
+    if t.ty == GgmlType::Q8_0 {
+        // Whole slabs of the kernel's row groups (slabs end on group boundaries).
+        let slab = (SLAB_BYTES / (per_row * BLOCK_BYTES).max(1)).max(1).next_multiple_of(64);
+        let mut blocks = Vec::with_capacity(slab.min(rows) * per_row);
+        for r0 in (0..rows).step_by(slab) {
+            let r1 = (r0 + slab).min(rows);
+            blocks.clear();
+            blocks.extend(
+                t.data[r0 * per_row * BLOCK_BYTES..r1 * per_row * BLOCK_BYTES].chunks_exact(BLOCK_BYTES).map(|b| {
+                    BlockQ8_0 { d: u16::from_le_bytes([b[0], b[1]]), qs: std::array::from_fn(|i| b[2 + i] as i8) }
+                }),
+            );
+            slab_done(r0, &blocks)?;
+        }
+    } else {
+        let mut blocks = Vec::new();
+        for_slabs(t, rows, cols, |r0, x| {
+            blocks.resize(x.len() / QK8_0, BlockQ8_0::default());
+            quantize_rows(x, cols, &mut blocks, threads);
+            check_q8_0_scales(t, r0 * per_row, &blocks)?;
+            slab_done(r0, &blocks)
+        })?;
+    }
+    Ok(packed)
 }
 
-/// Q8_0 blocks quantized from the finite values of `t`: a block whose values exceed what an f16
-/// scale can hold (|x| > 65504 × 127) got an infinite scale; refused, naming the way out.
-pub fn check_q8_0_scales(t: &Tensor, blocks: &[BlockQ8_0]) -> Result<()> {
-    match blocks.iter().position(|b| b.d & 0x7C00 == 0x7C00) {
+/// Bytes of a ggml Q8_0 block in a file.
+const BLOCK_BYTES: usize = std::mem::size_of::<BlockQ8_0>();
+
+/// Q8_0 blocks `first ..` quantized from the finite values of `t`: a block whose values exceed
+/// what an f16 scale can hold (|x| > 65504 × 127) got an infinite scale; refused, naming the way
+/// out.
+pub fn check_q8_0_scales(t: &Tensor, first: usize, blocks: &[BlockQ8_0]) -> Result<()> {
+    match blocks.iter().position(|b| b.d & 0x7C00 == 0x7C00).map(|i| first + i) {
         None => Ok(()),
         Some(i) => Err(Error::format(
             t.path(),
@@ -162,7 +185,8 @@ pub fn quantize_rows(x: &[f32], cols: usize, out: &mut [BlockQ8_0], threads: &Th
 /// an error too (Q8_0 packing would silently turn a NaN into 0: the block's maximum skips it).
 pub fn for_slabs(t: &Tensor, rows: usize, cols: usize, mut f: impl FnMut(usize, &[f32]) -> Result<()>) -> Result<()> {
     let row_bytes = t.byte_range(0..cols).len().max(1);
-    let slab = (SLAB_BYTES / row_bytes).max(1);
+    // Whole multiples of 64 rows: the row groups of every GEMM kernel's layout.
+    let slab = (SLAB_BYTES / row_bytes).max(1).next_multiple_of(64);
     let mut buf = vec![0f32; slab.min(rows) * cols];
     for r0 in (0..rows).step_by(slab) {
         let r1 = (r0 + slab).min(rows);

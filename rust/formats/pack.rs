@@ -232,7 +232,7 @@ fn write_tensor(
             GgmlType::Q8_0 => {
                 blocks.resize(n * (p.cols / QK8_0), BlockQ8_0::default());
                 quantize_rows(x, p.cols, &mut blocks, threads);
-                check_q8_0_scales(&t, &blocks)?;
+                check_q8_0_scales(&t, r0 * (p.cols / QK8_0), &blocks)?;
                 bytes.extend_from_slice(BlockQ8_0::as_bytes(&blocks));
             }
             GgmlType::BF16 => x.iter().for_each(|&v| bytes.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),

@@ -1,7 +1,9 @@
-//! Weight matrices as stored in memory: f32, bf16 bits widened on the fly, or GGML Q8_0 blocks;
-//! each either owned or used in place from a memory-mapped model file.
+//! Weight matrices as stored in memory: f32 or bf16 bits (widened on the fly), owned or used in
+//! place from a memory-mapped model file, or GGML Q8_0 blocks repacked at load for the GEMM
+//! kernels (`quant::gemm::PackedQ8_0`).
 
-use crate::kernels::quant::{self, BlockQ8_0, QK8_0};
+use crate::kernels::quant::gemm::PackedQ8_0;
+use crate::kernels::quant::BlockQ8_0;
 use memmap2::Mmap;
 use std::ops::Deref;
 use std::sync::Arc;
@@ -69,24 +71,22 @@ pub enum Matrix {
         rows: usize,
         cols: usize,
     },
-    /// `cols / 32` blocks per row.
-    Q8_0 {
-        data: Storage<BlockQ8_0>,
-        rows: usize,
-        cols: usize,
-    },
+    /// `cols / 32` blocks per row, in the row groups of the GEMM kernel.
+    Q8_0(PackedQ8_0),
 }
 
 impl Matrix {
     pub fn rows(&self) -> usize {
         match self {
-            Matrix::F32 { rows, .. } | Matrix::Bf16 { rows, .. } | Matrix::Q8_0 { rows, .. } => *rows,
+            Matrix::F32 { rows, .. } | Matrix::Bf16 { rows, .. } => *rows,
+            Matrix::Q8_0(p) => p.rows(),
         }
     }
 
     pub fn cols(&self) -> usize {
         match self {
-            Matrix::F32 { cols, .. } | Matrix::Bf16 { cols, .. } | Matrix::Q8_0 { cols, .. } => *cols,
+            Matrix::F32 { cols, .. } | Matrix::Bf16 { cols, .. } => *cols,
+            Matrix::Q8_0(p) => p.cols(),
         }
     }
 
@@ -94,7 +94,7 @@ impl Matrix {
         match self {
             Matrix::F32 { data, .. } => std::mem::size_of_val(&data[..]),
             Matrix::Bf16 { data, .. } => std::mem::size_of_val(&data[..]),
-            Matrix::Q8_0 { data, .. } => std::mem::size_of_val(&data[..]),
+            Matrix::Q8_0(p) => p.bytes(),
         }
     }
 
@@ -104,7 +104,7 @@ impl Matrix {
         match self {
             Matrix::F32 { data, .. } => data.iter().position(|v| !v.is_finite()),
             Matrix::Bf16 { data, .. } => data.iter().position(|&b| b & 0x7F80 == 0x7F80),
-            Matrix::Q8_0 { data, .. } => data.iter().position(|b| b.d & 0x7C00 == 0x7C00).map(|i| i * QK8_0),
+            Matrix::Q8_0(p) => p.first_non_finite(),
         }
     }
 
@@ -118,10 +118,7 @@ impl Matrix {
                     *o = f32::from_bits((b as u32) << 16);
                 }
             }
-            Matrix::Q8_0 { data, .. } => {
-                let blocks = c / QK8_0;
-                quant::dequantize_row_q8_0(&data[r * blocks..(r + 1) * blocks], out)
-            }
+            Matrix::Q8_0(p) => p.dequantize_row(r, out),
         }
     }
 }

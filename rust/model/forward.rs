@@ -5,7 +5,8 @@
 //! turns hidden states into logits with the tied embedding.
 
 use crate::error::Result;
-use crate::kernels::ops::{self, Activations, QuantBuf};
+use crate::kernels::ops::{self, Activations};
+use crate::kernels::quant::gemm::QuantizedActs;
 use crate::kernels::threads::{split_rows, Threads};
 use crate::model::config::{Config, LayerType};
 use crate::model::kv_cache::KvCache;
@@ -31,19 +32,19 @@ pub struct Transformer {
 
 /// Activations of one chunk, sized at load; nothing here grows.
 pub struct Scratch {
-    pub x: Vec<f32>,      // (CHUNK, hidden) residual stream; final-normed after `forward`
-    xb: Vec<f32>,         // (CHUNK, hidden) normed input / block output
-    q: Vec<f32>,          // (CHUNK, heads * head_dim)
-    k: Vec<f32>,          // (CHUNK, kv_dim)
-    v: Vec<f32>,          // (CHUNK, kv_dim)
-    att: Vec<f32>,        // (CHUNK, heads * head_dim)
-    gate: Vec<f32>,       // (CHUNK, intermediate)
-    up: Vec<f32>,         // (CHUNK, intermediate)
-    cos: [Vec<f32>; 2],   // [local, global] × (CHUNK, head_dim / 2)
-    sin: [Vec<f32>; 2],   // [local, global] × (CHUNK, head_dim / 2)
-    scores: Vec<f32>,     // (threads, group, capacity) attention weights of a group of heads
-    pub logits: Vec<f32>, // (vocab)
-    pub xq: QuantBuf,     // (CHUNK, max(hidden, q_dim, intermediate)) a matmul input, quantized
+    pub x: Vec<f32>,       // (CHUNK, hidden) residual stream; final-normed after `forward`
+    xb: Vec<f32>,          // (CHUNK, hidden) normed input / block output
+    q: Vec<f32>,           // (CHUNK, heads * head_dim)
+    k: Vec<f32>,           // (CHUNK, kv_dim)
+    v: Vec<f32>,           // (CHUNK, kv_dim)
+    att: Vec<f32>,         // (CHUNK, heads * head_dim)
+    gate: Vec<f32>,        // (CHUNK, intermediate)
+    up: Vec<f32>,          // (CHUNK, intermediate)
+    cos: [Vec<f32>; 2],    // [local, global] × (CHUNK, head_dim / 2)
+    sin: [Vec<f32>; 2],    // [local, global] × (CHUNK, head_dim / 2)
+    scores: Vec<f32>,      // (threads, group, capacity) attention weights of a group of heads
+    pub logits: Vec<f32>,  // (vocab)
+    pub xq: QuantizedActs, // (CHUNK, max(hidden, q_dim, intermediate)) a matmul input, quantized
 }
 
 impl Scratch {
@@ -63,7 +64,7 @@ impl Scratch {
             sin: [z(CHUNK * half), z(CHUNK * half)],
             scores: z(threads * Self::group(c) * capacity),
             logits: z(c.vocab_size),
-            xq: QuantBuf::new(CHUNK * Self::widest_input(c)),
+            xq: QuantizedActs::with_capacity(CHUNK * Self::widest_input(c)),
         }
     }
 
@@ -83,7 +84,7 @@ impl Scratch {
             + 4 * CHUNK * (c.head_dim / 2)
             + threads * Self::group(c) * capacity
             + c.vocab_size;
-        floats * 4 + QuantBuf::bytes_for(CHUNK * Self::widest_input(c))
+        floats * 4 + QuantizedActs::bytes_for(CHUNK * Self::widest_input(c))
     }
 }
 
@@ -258,7 +259,7 @@ impl Transformer {
         x: &'a [f32],
         n: usize,
         cols: usize,
-        buf: &'a mut QuantBuf,
+        buf: &'a mut QuantizedActs,
         threads: &Threads,
     ) -> Activations<'a> {
         match self.weights {

@@ -6,6 +6,7 @@
 use crate::error::{Error, Result};
 use crate::kernels::matrix::Matrix;
 use crate::kernels::ops;
+use crate::kernels::quant::gemm::PackedQ8_0;
 use crate::kernels::quant::ggml::GgmlType;
 use crate::kernels::quant::QK8_0;
 use crate::model::config::Config;
@@ -128,7 +129,11 @@ impl TensorName {
     pub fn bytes(&self, c: &Config, weights: WeightType) -> usize {
         match (self.spec.kind, &self.shape(c)[..]) {
             (Kind::Norm, &[n]) => 4 * n,
-            (Kind::Matrix, &[rows, cols]) => rows * weights.matrix_type(cols).row_bytes(cols).expect("whole blocks"),
+            (Kind::Matrix, &[rows, cols]) => match weights.matrix_type(cols) {
+                // Repacked for the GEMM kernel: its row groups' padding counts.
+                GgmlType::Q8_0 => PackedQ8_0::bytes_for(rows, cols),
+                ty => rows * ty.row_bytes(cols).expect("whole blocks"),
+            },
             (kind, shape) => unreachable!("a {kind:?} of shape {shape:?}"),
         }
     }

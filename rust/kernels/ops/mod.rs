@@ -6,8 +6,9 @@
 //! was computed in, so prefill in one pass and token-by-token decoding give identical bits.
 
 use crate::kernels::matrix::Matrix;
-use crate::kernels::quant::{self, BlockQ8_0, Kernel, QRow, QK8_0};
-use crate::kernels::threads::{split_columns, split_rows, ColumnsMut, Threads};
+use crate::kernels::quant::gemm::{self, PackedQ8_0, QuantizedActs};
+use crate::kernels::quant::QK8_0;
+use crate::kernels::threads::{split_columns, ColumnsMut, Threads};
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -124,32 +125,13 @@ impl RowKernel<u16> {
 const L1_TILE_BYTES: usize = 24 << 10;
 const L2_TILE_BYTES: usize = 256 << 10;
 
-/// Room for quantized activations: one f32 scale per 32 values and one int8 per value.
-pub struct QuantBuf {
-    d: Vec<f32>,
-    qs: Vec<i8>,
-}
-
-impl QuantBuf {
-    /// Room for `values` activations (a multiple of 32 per row).
-    pub fn new(values: usize) -> QuantBuf {
-        QuantBuf { d: vec![0.0; values.div_ceil(QK8_0)], qs: vec![0; values] }
-    }
-
-    /// Bytes `QuantBuf::new(values)` allocates.
-    pub fn bytes_for(values: usize) -> usize {
-        values.div_ceil(QK8_0) * 4 + values
-    }
-}
-
 /// Activations `(n, cols)` as the matrix products take them: the f32 rows and, for Q8_0 weights,
 /// the same rows quantized once (so q, k and v, or gate and up, share one quantization).
 pub struct Activations<'a> {
     x: &'a [f32],
     n: usize,
     cols: usize,
-    /// Per row: `cols / 32` scales and `cols` values.
-    q: Option<(&'a [f32], &'a [i8])>,
+    q: Option<&'a QuantizedActs>,
 }
 
 impl<'a> Activations<'a> {
@@ -160,19 +142,18 @@ impl<'a> Activations<'a> {
     }
 
     /// Rows for any weights: quantized into `buf` when `cols` is a whole number of blocks.
-    pub fn quantized(x: &'a [f32], n: usize, cols: usize, buf: &'a mut QuantBuf, threads: &Threads) -> Activations<'a> {
+    pub fn quantized(
+        x: &'a [f32],
+        n: usize,
+        cols: usize,
+        buf: &'a mut QuantizedActs,
+        threads: &Threads,
+    ) -> Activations<'a> {
         let mut a = Activations::f32(x, n, cols);
-        if !cols.is_multiple_of(QK8_0) {
-            return a;
+        if cols.is_multiple_of(QK8_0) {
+            buf.quantize_parallel(x, n, cols, threads);
+            a.q = Some(buf);
         }
-        let blocks = cols / QK8_0;
-        let (d, qs) = (&mut buf.d[..n * blocks], &mut buf.qs[..n * cols]);
-        let ranges = threads.ranges(n, 1, n * cols * 4);
-        let parts = split_rows(d, blocks, &ranges).into_iter().zip(split_rows(qs, cols, &ranges));
-        threads.run(ranges.iter().cloned().zip(parts).collect(), |_, (rows, (d, qs))| {
-            quant::quantize_activations(&x[rows.start * cols..rows.end * cols], d, qs);
-        });
-        a.q = Some((&buf.d[..n * blocks], &buf.qs[..n * cols]));
         a
     }
 
@@ -184,10 +165,8 @@ impl<'a> Activations<'a> {
         &self.x[t * self.cols..(t + 1) * self.cols]
     }
 
-    fn qrow(&self, t: usize) -> QRow<'_> {
-        let (d, qs) = self.q.expect("Q8_0 weights need quantized activations (Activations::quantized)");
-        let blocks = self.cols / QK8_0;
-        QRow { d: &d[t * blocks..(t + 1) * blocks], qs: &qs[t * self.cols..(t + 1) * self.cols] }
+    fn quantized_acts(&self) -> &QuantizedActs {
+        self.q.expect("Q8_0 weights need quantized activations (Activations::quantized)")
     }
 }
 
@@ -254,46 +233,45 @@ fn matmul_float<E: Elem>(k: &RowKernel<E>, out: Out, x: &Activations, w: &[E], r
     tiled(out, x.n, rows, (std::mem::size_of::<E>() * cols, 4 * cols), tile4, dot4, dot1);
 }
 
-/// Rows `rows` of a Q8_0 weight applied to the quantized `x`.
-fn matmul_q8_0(k: &Kernel, out: Out, x: &Activations, w: &[BlockQ8_0], rows: Range<usize>) {
-    let blocks = x.cols / QK8_0;
-    let wrow = |r: usize| &w[r * blocks..(r + 1) * blocks];
-    // SAFETY (both kernels): from `Kernel::best`, so this CPU runs them; a weight row has
-    // `blocks` blocks and every quantized row `blocks` scales and `cols` values.
-    let dot4 = |r, t: [usize; 4]| unsafe { (k.dot4)(wrow(r), t.map(|t| x.qrow(t))) };
-    let dot1 = |r, t| unsafe { (k.dot1)(wrow(r), x.qrow(t)) };
-    let tile4 = |r: [usize; 4], t: [usize; 4]| unsafe { (k.tile4)(r.map(wrow), t.map(|t| x.qrow(t))) };
-    let bytes = (blocks * std::mem::size_of::<BlockQ8_0>(), x.cols + 4 * blocks);
-    tiled(out, x.n, rows, bytes, tile4, dot4, dot1);
-}
-
 /// `out (n, rows.len()) = x (n, cols) · w[rows]ᵀ`: the rows `rows` of `w` applied to `n` tokens.
+/// Threads split the rows (each writes its own columns of `out`); for Q8_0 weights on whole
+/// register tiles of the GEMM kernel, counted from row 0, so that no two threads read a group.
 pub fn matmul(out: &mut [f32], x: &Activations, w: &Matrix, rows: Range<usize>, threads: &Threads) {
     let (n, cols, m) = (x.n, w.cols(), rows.len());
     assert!(rows.end <= w.rows() && out.len() >= n * m && x.cols == cols, "matmul shapes");
-    let parts = threads.ranges(m, 4, n * m * cols);
+    let parts = match w {
+        Matrix::Q8_0(p) => {
+            let tile = p.tile_rows();
+            let first = rows.start / tile;
+            threads
+                .ranges(rows.end.div_ceil(tile) - first, 1, n * m * cols)
+                .into_iter()
+                .map(|t| {
+                    ((first + t.start) * tile).max(rows.start) - rows.start
+                        ..((first + t.end) * tile).min(rows.end) - rows.start
+                })
+                .collect()
+        }
+        _ => threads.ranges(m, 4, n * m * cols),
+    };
     let outs = split_columns(&mut out[..n * m], m, &parts);
     threads.run(outs, |_, cols| {
         let part = rows.start + cols.cols().start..rows.start + cols.cols().end;
-        let out = Out { cols, row0: rows.start };
         match w {
-            Matrix::F32 { data, .. } => matmul_float(RowKernel::<f32>::best(), out, x, data, part),
-            Matrix::Bf16 { data, .. } => matmul_float(RowKernel::<u16>::best(), out, x, data, part),
-            Matrix::Q8_0 { data, .. } => matmul_q8_0(Kernel::best(), out, x, data, part),
+            Matrix::F32 { data, .. } => {
+                matmul_float(RowKernel::<f32>::best(), Out { cols, row0: rows.start }, x, data, part)
+            }
+            Matrix::Bf16 { data, .. } => {
+                matmul_float(RowKernel::<u16>::best(), Out { cols, row0: rows.start }, x, data, part)
+            }
+            Matrix::Q8_0(p) => matmul_q8_0(cols, x, p, part),
         }
     });
 }
 
-/// `out (n, rows) = x · wᵀ` for a Q8_0 weight of `rows` rows with one given kernel, on this
-/// thread: the products of `matmul` (same tiling), for comparing kernels with each other.
-///
-/// # Safety
-/// `kernel` comes from `Kernel::available()` (or `Kernel::named`): this CPU runs it.
-pub unsafe fn matmul_q8_0_with(kernel: &Kernel, out: &mut [f32], x: &Activations, w: &[BlockQ8_0], rows: usize) {
-    assert!(x.q.is_some() && w.len() == rows * (x.cols / QK8_0) && out.len() >= x.n * rows, "matmul shapes");
-    let all = 0..rows;
-    let cols = split_columns(&mut out[..x.n * rows], rows, std::slice::from_ref(&all)).pop().expect("one part");
-    matmul_q8_0(kernel, Out { cols, row0: 0 }, x, w, 0..rows);
+/// Rows `rows` of a packed Q8_0 weight applied to the quantized `x`, into a thread's columns.
+fn matmul_q8_0(mut out: ColumnsMut<'_, f32>, x: &Activations, w: &PackedQ8_0, rows: Range<usize>) {
+    gemm::gemm_into(x.quantized_acts(), w, rows, |t, at, sums| out.row(t)[at..][..sums.len()].copy_from_slice(sums));
 }
 
 /// The index of the first NaN or infinite value of `x`, if any. An integer OR over the
@@ -685,22 +663,22 @@ mod tests {
     }
 
     fn q8_0(w: &[f32], rows: usize, cols: usize) -> Matrix {
-        let mut data = vec![BlockQ8_0::default(); rows * cols / QK8_0];
-        quant::quantize_row_q8_0(w, &mut data);
-        Matrix::Q8_0 { data: data.into(), rows, cols }
+        let mut data = vec![crate::kernels::quant::BlockQ8_0::default(); rows * cols / QK8_0];
+        crate::kernels::quant::quantize_row_q8_0(w, &mut data);
+        Matrix::Q8_0(PackedQ8_0::new(&data, rows, cols))
     }
 
     #[test]
     fn q8_0_matmul_is_close_to_f32_and_batch_independent() {
         let mut s = 13u64;
-        for &(n, rows, cols) in &[(1, 1, 32), (5, 9, 96), (9, 130, 640), (66, 7, 2048)] {
+        for &(n, rows, cols) in &[(1, 1, 32), (5, 9, 96), (9, 130, 640), (66, 7, 2048), (3, 300, 64)] {
             let x: Vec<f32> = (0..n * cols).map(|_| lcg(&mut s)).collect();
             let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut s) * 0.1).collect();
             let want = naive_matmul(&x, n, &w, rows, cols);
             let m = q8_0(&w, rows, cols);
             for threads in [1, 3] {
                 let threads = Threads::new(threads);
-                let mut buf = QuantBuf::new(n * cols);
+                let mut buf = QuantizedActs::new();
                 let xa = Activations::quantized(&x, n, cols, &mut buf, &threads);
                 let mut all = vec![0f32; n * rows];
                 matmul(&mut all, &xa, &m, 0..rows, &threads);
@@ -708,7 +686,14 @@ mod tests {
                 for (a, b) in all.iter().zip(&want) {
                     assert!((a - b).abs() < 0.02 * 0.1 * cols as f32 / 2.0, "{a} {b}");
                 }
-                let mut one_buf = QuantBuf::new(cols);
+                // Any sub-range of rows (here not on a group boundary) gives the same bits.
+                let sub = rows / 3..rows - rows / 4;
+                let mut part = vec![0f32; n * sub.len()];
+                matmul(&mut part, &xa, &m, sub.clone(), &threads);
+                for t in 0..n {
+                    assert_eq!(part[t * sub.len()..(t + 1) * sub.len()], all[t * rows + sub.start..t * rows + sub.end]);
+                }
+                let mut one_buf = QuantizedActs::new();
                 for t in [0, n / 2, n - 1] {
                     let xt = Activations::quantized(&x[t * cols..(t + 1) * cols], 1, cols, &mut one_buf, &threads);
                     let mut one = vec![0f32; rows];

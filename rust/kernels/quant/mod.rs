@@ -1,22 +1,22 @@
-//! GGML's Q8_0 format and the integer kernels that multiply it with quantized activations.
+//! GGML's Q8_0 format and the quantizers of weights and activations.
 //!
 //! Weights are blocks of 32 int8 values with one f16 scale, 34 bytes: the layout of ggml's
-//! `block_q8_0` (ggml-common.h), so that a Q8_0 tensor of a GGUF file is used as stored and a
-//! model packed here is readable by llama.cpp. Activations are quantized at run time, one row at
-//! a time, into blocks of 32 int8 with an f32 scale, held as separate scale and value arrays so
-//! that SIMD kernels load the values of consecutive blocks contiguously. A block's dot product is
-//! exact in i32; only its scaling and the sum over blocks round.
+//! `block_q8_0` (ggml-common.h), so that a model packed here is readable by llama.cpp, and a Q8_0
+//! tensor of a GGUF file is read as stored and repacked once, at load, into the row-interleaved
+//! layout of [`gemm`], whose kernels compute every Q8_0 matrix product (prefill's GEMM and
+//! decode's matrix-vector product alike). Activations are quantized at run time into blocks of
+//! 32 int8 with an f32 scale. A block's dot product is exact in i32; only its scaling and the sum
+//! over blocks round.
 //!
-//! Kernels: portable scalar code, AVX2 and AVX-512 VNNI on x86_64, NEON with and without the
-//! dotprod extension on aarch64, chosen once at run time by CPU feature detection.
+//! Kernels (in `gemm/`): AVX-512 VNNI, AVX-VNNI and AVX2 on x86_64; NEON i8mm, dotprod and plain
+//! NEON on aarch64; portable scalar code everywhere; one chosen at run time by CPU feature
+//! detection (`GEMMA_RS_KERNEL` names another for tests and benchmarks). `ggml` reads the other
+//! GGUF block types by widening them.
 
 use crate::kernels::half::{f16_to_f32, f32_to_f16};
-use std::sync::OnceLock;
 
 pub mod gemm;
 pub mod ggml;
-#[cfg(target_arch = "aarch64")]
-mod neon;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -99,13 +99,6 @@ pub fn dequantize_row_q8_0(blocks: &[BlockQ8_0], out: &mut [f32]) {
     }
 }
 
-/// One row of activations quantized for the kernels: value `i` is `d[i / 32] * qs[i]`.
-#[derive(Clone, Copy, Debug)]
-pub struct QRow<'a> {
-    pub d: &'a [f32],
-    pub qs: &'a [i8],
-}
-
 /// Quantizes one activation row: per block `d = max|x| / 127` (kept in f32, finer than Q8_0's
 /// f16) and `q = x / d` rounded to nearest even. A block holding a NaN or an infinity gets
 /// `d = NaN`, so that the products it enters are NaN too (the maximum alone would skip a NaN
@@ -134,61 +127,6 @@ fn quantize_activations_portable(x: &[f32], d: &mut [f32], qs: &mut [i8]) {
     }
 }
 
-/// Dot products of one Q8_0 weight row with quantized activation rows.
-///
-/// `dot4` and `dot1` of one kernel give the same bits for a token (same operations in the same
-/// order), so a token's result does not depend on the batch it is computed in. Kernels agree with
-/// each other within float rounding.
-pub struct Kernel {
-    pub name: &'static str,
-    /// One weight row with four activation rows, sharing each load of the weights.
-    ///
-    /// # Safety
-    /// The CPU has the kernel's features (`Kernel::available` lists only those), and every row
-    /// has `w.len()` scales and `32 * w.len()` values.
-    pub dot4: unsafe fn(&[BlockQ8_0], [QRow<'_>; 4]) -> [f32; 4],
-    /// One weight row with one activation row. Safety as `dot4`.
-    pub dot1: unsafe fn(&[BlockQ8_0], QRow<'_>) -> f32,
-    /// Four weight rows (of equal length) with four activation rows: prefill's register tile.
-    /// Safety as `dot4`.
-    pub tile4: Tile4,
-}
-
-/// `Kernel::tile4`: `out[r][t]` is weight row `r` with activation row `t`.
-pub type Tile4 = unsafe fn([&[BlockQ8_0]; 4], [QRow<'_>; 4]) -> [[f32; 4]; 4];
-
-impl Kernel {
-    /// The kernels this CPU can run, fastest first; the scalar one is always last.
-    pub fn available() -> Vec<&'static Kernel> {
-        let mut v: Vec<&'static Kernel> = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        v.extend(x86::available());
-        #[cfg(target_arch = "aarch64")]
-        v.extend(neon::available());
-        v.push(&SCALAR);
-        v
-    }
-
-    /// The fastest available kernel, or the one named by `GEMMA_RS_KERNEL` (for benchmarks and
-    /// tests) when this CPU can run it; chosen once.
-    pub fn best() -> &'static Kernel {
-        static BEST: OnceLock<&'static Kernel> = OnceLock::new();
-        BEST.get_or_init(|| choose(Kernel::available(), "GEMMA_RS_KERNEL", |k| k.name))
-    }
-
-    /// The available kernel called `name`, if this CPU runs it.
-    pub fn named(name: &str) -> Option<&'static Kernel> {
-        Kernel::available().into_iter().find(|k| k.name == name)
-    }
-
-    /// Safe wrapper of `dot1` with the length checks (tests and one-off products).
-    pub fn dot(&self, w: &[BlockQ8_0], x: QRow<'_>) -> f32 {
-        assert!(x.d.len() == w.len() && x.qs.len() == w.len() * QK8_0, "Kernel::dot: lengths");
-        // SAFETY: lengths checked; `self` comes from `available`, so the CPU runs it.
-        unsafe { (self.dot1)(w, x) }
-    }
-}
-
 /// The first of `all` (available kernels, fastest first), or the one the environment variable
 /// `var` names if it is among them (a warning on stderr if it is not).
 pub(crate) fn choose<K>(all: Vec<&'static K>, var: &str, name: fn(&K) -> &'static str) -> &'static K {
@@ -198,26 +136,6 @@ pub(crate) fn choose<K>(all: Vec<&'static K>, var: &str, name: fn(&K) -> &'stati
         eprintln!("gemma_rs: {var}={wanted:?} is not available here {names:?}; using {}", name(all[0]));
         all[0]
     })
-}
-
-/// The portable kernel.
-pub static SCALAR: Kernel = Kernel { name: "scalar", dot4: scalar_dot4, dot1: scalar_dot1, tile4: scalar_tile4 };
-
-fn scalar_dot1(w: &[BlockQ8_0], x: QRow<'_>) -> f32 {
-    let mut acc = 0f32;
-    for ((b, &xd), xq) in w.iter().zip(x.d).zip(x.qs.chunks_exact(QK8_0)) {
-        let isum: i32 = b.qs.iter().zip(xq).map(|(&a, &c)| a as i32 * c as i32).sum();
-        acc += f16_to_f32(b.d) * xd * isum as f32;
-    }
-    acc
-}
-
-fn scalar_dot4(w: &[BlockQ8_0], xs: [QRow<'_>; 4]) -> [f32; 4] {
-    xs.map(|x| scalar_dot1(w, x))
-}
-
-fn scalar_tile4(w: [&[BlockQ8_0]; 4], xs: [QRow<'_>; 4]) -> [[f32; 4]; 4] {
-    w.map(|w| scalar_dot4(w, xs))
 }
 
 #[cfg(test)]
@@ -303,75 +221,15 @@ mod tests {
         let (rows, cols) = (3, 256);
         let w = random(rows * cols, 1, 0.05);
         let x = random(cols, 2, 3.0);
-        let wq = quantized(&w);
-        let (mut d, mut qs) = (vec![0f32; cols / QK8_0], vec![0i8; cols]);
-        quantize_activations(&x, &mut d, &mut qs);
-        for r in 0..rows {
+        let packed = gemm::PackedQ8_0::new(&quantized(&w), rows, cols);
+        let mut acts = gemm::QuantizedActs::new();
+        acts.quantize(&x, 1, cols);
+        let mut got = vec![0f32; rows];
+        gemm::gemm(&mut got, rows, &acts, &packed, 0..rows);
+        for (r, got) in got.iter().enumerate() {
             let exact: f32 = w[r * cols..(r + 1) * cols].iter().zip(&x).map(|(a, b)| a * b).sum();
-            let got = SCALAR.dot(&wq[r * cols / 32..(r + 1) * cols / 32], QRow { d: &d, qs: &qs });
             let norm: f32 = w[r * cols..(r + 1) * cols].iter().map(|v| v.abs()).sum::<f32>() * 3.0;
             assert!((got - exact).abs() < 0.01 * norm, "row {r}: {got} vs {exact}");
-        }
-    }
-
-    #[test]
-    fn every_kernel_agrees_with_scalar_and_its_entry_points_agree_bit_for_bit() {
-        for k in Kernel::available() {
-            for blocks in [1usize, 2, 3, 5, 20, 33, 64] {
-                let cols = blocks * QK8_0;
-                let w = quantized(&random(cols, blocks as u64, 0.1));
-                let xs: Vec<(Vec<f32>, Vec<i8>)> = (0..4)
-                    .map(|t| {
-                        let x = random(cols, 100 + t, 2.0);
-                        let (mut d, mut qs) = (vec![0f32; blocks], vec![0i8; cols]);
-                        quantize_activations(&x, &mut d, &mut qs);
-                        (d, qs)
-                    })
-                    .collect();
-                let rows: Vec<QRow> = xs.iter().map(|(d, qs)| QRow { d, qs }).collect();
-                let rows4: [QRow; 4] = rows.clone().try_into().unwrap();
-                // SAFETY: `k` is available on this CPU; lengths match.
-                let four = unsafe { (k.dot4)(&w, rows4) };
-                // Four weight rows (the row and a rotated copy, twice) against the four rows.
-                let mut w2 = w.clone();
-                w2.rotate_left(1);
-                // SAFETY: as above.
-                let tile = unsafe { (k.tile4)([&w, &w2, &w, &w2], rows4) };
-                // SAFETY: as above.
-                let four2 = unsafe { (k.dot4)(&w2, rows4) };
-                for t in 0..4 {
-                    assert_eq!(tile[0][t].to_bits(), four[t].to_bits(), "{}: tile4 differs from dot4", k.name);
-                    assert_eq!(tile[1][t].to_bits(), four2[t].to_bits(), "{}: tile4 differs from dot4", k.name);
-                    assert_eq!(tile[2][t].to_bits(), four[t].to_bits());
-                }
-                for (t, row) in rows.iter().enumerate() {
-                    let one = k.dot(&w, *row);
-                    assert_eq!(one.to_bits(), four[t].to_bits(), "{}: dot4 differs from dot1", k.name);
-                    let want = SCALAR.dot(&w, *row);
-                    let scale: f32 = w.iter().map(|b| f16_to_f32(b.d).abs() * 127.0 * 32.0 * 2.0).sum();
-                    assert!(
-                        (one - want).abs() <= 1e-5 * scale.max(1.0),
-                        "{} with {blocks} blocks: {one} vs scalar {want}",
-                        k.name
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn extreme_values_do_not_saturate() {
-        // Every product at its largest magnitude: 32 × 127 × 127 per block fits i32 exactly.
-        let mut w = [BlockQ8_0 { d: f32_to_f16(1.0), qs: [-127; 32] }; 4];
-        w[1].qs = [127; 32];
-        let d = [1f32; 4];
-        for qs in [[127i8; 128], [-127i8; 128]] {
-            let x = QRow { d: &d, qs: &qs };
-            let want = SCALAR.dot(&w, x);
-            assert_eq!(want.abs(), 2.0 * 32.0 * 127.0 * 127.0);
-            for k in Kernel::available() {
-                assert_eq!(k.dot(&w, x), want, "{}", k.name);
-            }
         }
     }
 }

@@ -177,11 +177,11 @@ impl Gemm {
         [simd, vec![&SCALAR]].concat()
     }
 
-    /// The fastest available kernel, or the one named by `GEMMA_RS_GEMM` when this CPU runs it;
+    /// The fastest available kernel, or the one named by `GEMMA_RS_KERNEL` when this CPU runs it;
     /// chosen once.
     pub fn best() -> &'static Gemm {
         static BEST: OnceLock<&'static Gemm> = OnceLock::new();
-        BEST.get_or_init(|| super::choose(Gemm::available(), "GEMMA_RS_GEMM", |k| k.name))
+        BEST.get_or_init(|| super::choose(Gemm::available(), "GEMMA_RS_KERNEL", |k| k.name))
     }
 
     /// The available kernel called `name`.
@@ -244,29 +244,58 @@ impl PackedQ8_0 {
         cols: usize,
         threads: Option<&Threads>,
     ) -> PackedQ8_0 {
+        let mut p = PackedQ8_0::zeroed_for(kernel, rows, cols);
+        p.pack_rows(0, blocks, threads.unwrap_or(&Threads::new(1)));
+        p
+    }
+
+    /// A `(rows, cols)` matrix of zeros laid out for `Gemm::best()`, to be filled by
+    /// `pack_rows` (a slab at a time, as a model loads).
+    pub fn zeroed(rows: usize, cols: usize) -> PackedQ8_0 {
+        PackedQ8_0::zeroed_for(Gemm::best(), rows, cols)
+    }
+
+    fn zeroed_for(kernel: &'static Gemm, rows: usize, cols: usize) -> PackedQ8_0 {
         assert!(cols.is_multiple_of(QK8_0), "PackedQ8_0: {cols} columns is not a whole number of blocks");
-        let nb = cols / QK8_0;
-        assert_eq!(blocks.len(), rows * nb, "PackedQ8_0: {} blocks for ({rows}, {cols})", blocks.len());
-        let l = kernel.layout;
+        let (l, nb) = (kernel.layout, cols / QK8_0);
         let groups = rows.div_ceil(l.rows);
+        // Zeroed by the allocator: fresh pages, each touched first by the thread packing it.
+        let vals = vec![Line([0; 64]); groups * nb * l.rows * QK8_0 / 64];
+        let scales = vec![0u16; groups * nb * l.rows];
+        PackedQ8_0 { rows, cols, kernel, vals, scales }
+    }
+
+    /// Packs `blocks`, the ggml blocks of whole rows `first ..`, into their groups: `first` is a
+    /// multiple of `group_rows()`, and so is the row count unless the rows reach the end.
+    /// Groups are split between `threads` (packing is bound by memory bandwidth).
+    pub fn pack_rows(&mut self, first: usize, blocks: &[BlockQ8_0], threads: &Threads) {
+        let (l, nb) = (self.kernel.layout, self.blocks());
+        let n = if nb == 0 { 0 } else { blocks.len() / nb };
+        assert!(
+            blocks.len() == n * nb
+                && first.is_multiple_of(l.rows)
+                && (n.is_multiple_of(l.rows) || first + n == self.rows)
+                && first + n <= self.rows,
+            "pack_rows: {} blocks at row {first} of ({}, {})",
+            blocks.len(),
+            self.rows,
+            self.cols
+        );
         let group_bytes = nb * l.rows * QK8_0;
-        // Zeroed by the allocator (fresh pages, not written twice); every byte is set below.
-        let mut vals = vec![Line([0; 64]); groups * group_bytes / 64];
-        let mut scales = vec![0u16; groups * nb * l.rows];
-        let one = Threads::new(1);
-        let threads = threads.unwrap_or(&one);
+        let (g0, g1) = (first / l.rows, (first + n).div_ceil(l.rows));
+        let vals = &mut Line::bytes_mut(&mut self.vals)[g0 * group_bytes..g1 * group_bytes];
+        let scales = &mut self.scales[g0 * nb * l.rows..g1 * nb * l.rows];
         // Each thread packs its own consecutive groups into its own parts of both arrays.
-        let ranges = threads.ranges(groups, 1, groups * group_bytes);
+        let ranges = threads.ranges(g1 - g0, 1, (g1 - g0) * group_bytes);
         let parts: Vec<_> = ranges
             .iter()
             .cloned()
-            .zip(split_rows(&mut vals, group_bytes / 64, &ranges))
-            .zip(split_rows(&mut scales, nb * l.rows, &ranges))
+            .zip(split_rows(vals, group_bytes, &ranges))
+            .zip(split_rows(scales, nb * l.rows, &ranges))
             .collect();
         threads.run(parts, |_, ((part, v), s)| {
-            let v = Line::bytes_mut(v);
             for (i, g) in part.enumerate() {
-                let valid = (rows - g * l.rows).min(l.rows);
+                let valid = (n - g * l.rows).min(l.rows);
                 let (v, s) = (&mut v[i * group_bytes..][..group_bytes], &mut s[i * nb * l.rows..][..nb * l.rows]);
                 let src = &blocks[g * l.rows * nb..(g * l.rows + valid) * nb];
                 match l.interleave {
@@ -276,7 +305,6 @@ impl PackedQ8_0 {
                 }
             }
         });
-        PackedQ8_0 { rows, cols, kernel, vals, scales }
     }
 
     pub fn rows(&self) -> usize {
@@ -307,6 +335,30 @@ impl PackedQ8_0 {
     /// Bytes held (34 per 32 weights, padding rows included).
     pub fn bytes(&self) -> usize {
         self.vals.len() * 64 + self.scales.len() * 2
+    }
+
+    /// Bytes a `(rows, cols)` matrix takes packed for `Gemm::best()` (34 per 32 weights, the
+    /// last group's padding rows included): what `new` will allocate.
+    pub fn bytes_for(rows: usize, cols: usize) -> usize {
+        let r = Gemm::best().layout.rows;
+        rows.div_ceil(r) * r * cols / QK8_0 * (QK8_0 + 2)
+    }
+
+    /// The index (row-major, in the unpacked matrix) of the first value of the first block
+    /// whose f16 scale is NaN or infinite, if any (int8 values cannot be).
+    pub fn first_non_finite(&self) -> Option<usize> {
+        let bad = |d: &u16| d & 0x7C00 == 0x7C00;
+        if !self.scales.iter().any(bad) {
+            return None;
+        }
+        let (r, nb) = (self.kernel.layout.rows, self.blocks());
+        // Scale `i` is of group `i / (nb · R)`, block `i / R % nb`, row `i % R` of the group.
+        self.scales
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| bad(d))
+            .map(|(i, _)| (i / (nb * r) * r + i % r) * self.cols + i / r % nb * QK8_0)
+            .min()
     }
 
     fn blocks(&self) -> usize {
@@ -406,6 +458,24 @@ impl QuantizedActs {
         QuantizedActs::default()
     }
 
+    /// Room for `values` activations (whole blocks), allocated now: quantizing up to that many
+    /// allocates nothing.
+    pub fn with_capacity(values: usize) -> QuantizedActs {
+        let nb = values.div_ceil(QK8_0);
+        QuantizedActs {
+            n: 0,
+            cols: 0,
+            d: Vec::with_capacity(nb),
+            qs: Vec::with_capacity(values),
+            bsum: Vec::with_capacity(nb),
+        }
+    }
+
+    /// Bytes `with_capacity(values)` allocates.
+    pub fn bytes_for(values: usize) -> usize {
+        values + values.div_ceil(QK8_0) * 8
+    }
+
     pub fn n(&self) -> usize {
         self.n
     }
@@ -485,8 +555,7 @@ const L1_WEIGHT_BYTES: usize = 64 << 10;
 const L2_ACT_BYTES: usize = 1 << 20;
 
 /// `out[t · stride + (r - rows.start)] = Σ_k w[r][k] · x[t][k]` for `r` in `rows`, `t < n`, on
-/// this thread. `rows.start` is a multiple of `w.group_rows()`, and so is `rows.end` unless it is
-/// `w.rows()`: threads given different ranges then read disjoint weights. `out` holds
+/// this thread (see `gemm_into` for the ranges). `out` holds
 /// `(n - 1) · stride + rows.len()` floats (`stride ≥ rows.len()`).
 pub fn gemm(out: &mut [f32], stride: usize, acts: &QuantizedActs, w: &PackedQ8_0, rows: Range<usize>) {
     let n = acts.n;
@@ -512,21 +581,20 @@ pub fn gemm_parallel(out: &mut [f32], acts: &QuantizedActs, w: &PackedQ8_0, thre
     });
 }
 
-/// The driver of `gemm`: the products of `rows`, handed to `put(t, r - rows.start, sums)` a
-/// token and a tile of rows at a time (`sums` for rows `r ..`, whole groups but for the last).
+/// The products of `rows` on this thread, handed to `put(t, r - rows.start, sums)` a token and
+/// a tile of rows at a time (`sums` for rows `r ..`). Any range works; threads given ranges on
+/// whole groups (better: on whole register tiles, `w.tile_rows()`) read disjoint weights.
+pub fn gemm_into(acts: &QuantizedActs, w: &PackedQ8_0, rows: Range<usize>, put: impl FnMut(usize, usize, &[f32])) {
+    drive(acts, w, rows, put)
+}
+
+/// The driver of `gemm` and `gemm_into`.
 fn drive(acts: &QuantizedActs, w: &PackedQ8_0, rows: Range<usize>, mut put: impl FnMut(usize, usize, &[f32])) {
     let k = w.kernel;
     let l = k.layout;
     let (n, nb) = (acts.n, w.blocks());
     assert_eq!(acts.cols, w.cols, "gemm: activations have {} columns, weights {}", acts.cols, w.cols);
-    assert!(
-        rows.start.is_multiple_of(l.rows)
-            && (rows.end.is_multiple_of(l.rows) || rows.end == w.rows)
-            && rows.end <= w.rows,
-        "gemm: rows {rows:?} not on groups of {} within {}",
-        l.rows,
-        w.rows
-    );
+    assert!(rows.start <= rows.end && rows.end <= w.rows, "gemm: rows {rows:?} of {}", w.rows);
     if n == 0 || rows.is_empty() || nb == 0 {
         return;
     }
@@ -582,8 +650,12 @@ fn drive(acts: &QuantizedActs, w: &PackedQ8_0, rows: Range<usize>, mut put: impl
                     // and `ntok` slots of `groups · R` floats of the scratch.
                     unsafe { (k.tile)(&args, ntok) };
                     if kb0 + blocks == nb {
+                        // The first group may begin before `rows.start`: its rows above are
+                        // computed and dropped.
+                        let skip = rows.start.saturating_sub(r0);
                         for t in 0..ntok {
-                            put(t0 + t, r0 - rows.start, &scratch[(slot + t) * acc_stride..][..valid]);
+                            let sums = &scratch[(slot + t) * acc_stride..][skip..valid];
+                            put(t0 + t, r0 + skip - rows.start, sums);
                         }
                     }
                 }
