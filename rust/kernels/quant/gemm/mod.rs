@@ -270,7 +270,7 @@ impl PackedQ8_0 {
     /// Groups are split between `threads` (packing is bound by memory bandwidth).
     pub fn pack_rows(&mut self, first: usize, blocks: &[BlockQ8_0], threads: &Threads) {
         let (l, nb) = (self.kernel.layout, self.blocks());
-        let n = if nb == 0 { 0 } else { blocks.len() / nb };
+        let n = blocks.len().checked_div(nb).unwrap_or(0);
         assert!(
             blocks.len() == n * nb
                 && first.is_multiple_of(l.rows)

@@ -23,6 +23,12 @@
 use super::{Gemm, Layout, TileArgs};
 use std::arch::x86_64::*;
 
+/// How far ahead (in K blocks of 512 bytes per group) a matrix-vector product prefetches: with
+/// one token the weights stream by once, and the hardware prefetchers alone left decode ~20%
+/// slower on Sapphire Rapids (Gemma 3 270M Q8_0, 2 threads: 57 → 71 tok/s; 4 and 16 blocks
+/// ahead measured the same as 8).
+const PREFETCH_BLOCKS: usize = 8;
+
 const LAYOUT: Layout = Layout { rows: 16, interleave: 4, xor: 0x80 };
 
 pub fn available() -> Vec<&'static Gemm> {
@@ -70,6 +76,16 @@ unsafe fn avx512_body<const G: usize, const T: usize>(a: &TileArgs) {
             let wp = a.vals.add(b * 512);
             let mut isum: [[__m512i; G]; T] =
                 std::array::from_fn(|t| [_mm512_set1_epi32(*a.bsum.add(t * a.nb_stride + b)); G]);
+            if T == 1 {
+                // One token streams the weights once: fetch PREFETCH_BLOCKS blocks ahead.
+                for g in 0..G {
+                    for q in 0..8 {
+                        // A hint: past the end of the weights it fetches nothing and cannot fault.
+                        let ahead = wp.wrapping_add(g * a.group_vals + PREFETCH_BLOCKS * 512 + 64 * q);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                    }
+                }
+            }
             for q in 0..8 {
                 let w: [__m512i; G] =
                     std::array::from_fn(|g| _mm512_load_si512(wp.add(g * a.group_vals + 64 * q) as *const __m512i));
@@ -161,6 +177,12 @@ unsafe fn ymm_body<const T: usize, P: Copy>(
                 for (t, isum) in isum.iter_mut().enumerate() {
                     let s = _mm256_set1_epi32(*a.bsum.add(t * a.nb_stride + b));
                     *isum = [s, s];
+                }
+            }
+            if T == 1 {
+                for q in 0..8 {
+                    // As in `avx512_body`.
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BLOCKS * 512 + 64 * q) as *const i8);
                 }
             }
             for q in 0..8 {
