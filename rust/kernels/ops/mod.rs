@@ -99,6 +99,10 @@ impl RowKernel<f32> {
         static BEST: OnceLock<RowKernel<f32>> = OnceLock::new();
         BEST.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
+            if avx2::has_avx512() {
+                return RowKernel { dot4: avx2::dot4_f32_avx512, dot1: avx2::dot1_f32_avx512 };
+            }
+            #[cfg(target_arch = "x86_64")]
             if avx2::available() {
                 return RowKernel { dot4: avx2::dot4_f32, dot1: avx2::dot1_f32 };
             }
@@ -301,8 +305,31 @@ pub fn attention_scores(out: &mut [f32], q: &[f32], keys: [&[f32]; 2], stride: u
     let hd = q.len() / h;
     let k = RowKernel::<f32>::best();
     let qrow = |i: usize| &q[i * hd..(i + 1) * hd];
-    for (j, key) in keys[0].chunks_exact(stride).chain(keys[1].chunks_exact(stride)).enumerate() {
-        let key = &key[offset..offset + hd];
+    let split = keys[0].len() / stride;
+    let key = |j: usize| {
+        let (seg, j) = if j < split { (keys[0], j) } else { (keys[1], j - split) };
+        &seg[j * stride + offset..j * stride + offset + hd]
+    };
+    let mut j = 0;
+    #[cfg(target_arch = "x86_64")]
+    if h.is_multiple_of(4) && avx2::has_avx512() {
+        // Four keys × four heads a call, the bits of `dot4` (AVX-512's `RowKernel`).
+        while j + 4 <= len {
+            let ks = [key(j), key(j + 1), key(j + 2), key(j + 3)];
+            for i in (0..h).step_by(4) {
+                // SAFETY: the CPU has AVX-512; every slice has `hd` elements.
+                let d = unsafe { avx2::dot4x4_f32_avx512(ks, [qrow(i), qrow(i + 1), qrow(i + 2), qrow(i + 3)]) };
+                for (kk, d) in d.into_iter().enumerate() {
+                    for (u, v) in d.into_iter().enumerate() {
+                        out[(i + u) * len + j + kk] = v * scale;
+                    }
+                }
+            }
+            j += 4;
+        }
+    }
+    for j in j..len {
+        let key = key(j);
         let mut i = 0;
         while i + 4 <= h {
             // SAFETY: the kernel was chosen for this CPU; every slice has `hd` elements.
@@ -320,47 +347,67 @@ pub fn attention_scores(out: &mut [f32], q: &[f32], keys: [&[f32]; 2], stride: u
 }
 
 /// `out (h, hd) = p (h, len) · v`: the attention-weighted sum of `len` value rows (`hd` values at
-/// `offset` in a row of `stride`, in two segments as for `attention_scores`), in key order, one
-/// multiply and one add per term; 32 outputs at a time stay in registers while the value rows
-/// stream by. Where the segments split does not change the bits.
+/// `offset` in a row of `stride`, in two segments as for `attention_scores`): every output is
+/// `fma(p[j], v[j], acc)` over the keys in order, from 0. The SIMD kernels give the same bits:
+/// they let the rows of `p` (the query heads of a key/value group) share each load of a value
+/// row, with many columns in registers. Where the segments split does not change the bits.
 pub fn attention_values(out: &mut [f32], p: &[f32], values: [&[f32]; 2], stride: usize, offset: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::has_avx512() {
+        // SAFETY: the CPU has AVX2, FMA and AVX-512 F/BW.
+        return unsafe { avx2::attention_values_avx512(out, p, values, stride, offset) };
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { avx2::attention_values(out, p, values, stride, offset) };
     }
-    attention_values_portable(out, p, values, stride, offset)
+    values_tail(out, p, values, stride, offset, 0)
 }
 
-#[inline(always)]
-fn attention_values_portable(out: &mut [f32], p: &[f32], values: [&[f32]; 2], stride: usize, offset: usize) {
-    const W: usize = 32; // output values kept in registers while the value rows stream by
+/// `(h, hd, len, split)` of an `attention_values` call, its slices checked to hold them.
+fn values_shape(
+    out: &[f32],
+    p: &[f32],
+    values: [&[f32]; 2],
+    stride: usize,
+    offset: usize,
+) -> (usize, usize, usize, usize) {
     let len = (values[0].len() + values[1].len()) / stride;
+    assert!(len > 0, "attention_values: no keys");
     let h = p.len() / len;
-    let hd = out.len() / h;
-    let full = hd / W * W;
-    let split = values[0].len() / stride;
-    for (o, p) in out.chunks_exact_mut(hd).zip(p.chunks_exact(len)) {
+    let hd = out.len().checked_div(h).unwrap_or(0);
+    assert!(
+        p.len() == h * len
+            && out.len() == h * hd
+            && values.iter().all(|v| v.len().is_multiple_of(stride))
+            && offset + hd <= stride,
+        "attention_values: shapes"
+    );
+    (h, hd, len, values[0].len() / stride)
+}
+
+/// Columns `from ..` of `attention_values`, portably (16 columns at a time in an array that
+/// the compiler keeps in vector registers): the bits of the SIMD kernels.
+fn values_tail(out: &mut [f32], p: &[f32], values: [&[f32]; 2], stride: usize, offset: usize, from: usize) {
+    const W: usize = 16;
+    let (h, hd, len, split) = values_shape(out, p, values, stride, offset);
+    for (o, p) in out.chunks_exact_mut(hd).zip(p.chunks_exact(len)).take(h) {
         let parts = [(values[0], &p[..split]), (values[1], &p[split..])];
-        for c in (0..full).step_by(W) {
+        let mut c = from;
+        while c < hd {
+            let w = (hd - c).min(W);
             let mut acc = [0f32; W];
             for (seg, p) in parts {
                 for (j, &a) in p.iter().enumerate() {
-                    let at = j * stride + offset + c;
-                    let x: &[f32; W] = seg[at..at + W].try_into().expect("W values");
-                    for e in 0..W {
-                        acc[e] += a * x[e];
+                    let x = &seg[j * stride + offset + c..][..w];
+                    for (acc, &x) in acc.iter_mut().zip(x) {
+                        *acc = a.mul_add(x, *acc);
                     }
                 }
             }
-            o[c..c + W].copy_from_slice(&acc);
-        }
-        for (e, o) in o.iter_mut().enumerate().skip(full) {
-            let mut sum = 0.0;
-            for (seg, p) in parts {
-                sum = p.iter().enumerate().fold(sum, |s, (j, &a)| s + a * seg[j * stride + offset + e]);
-            }
-            *o = sum;
+            o[c..c + w].copy_from_slice(&acc[..w]);
+            c += w;
         }
     }
 }
@@ -428,7 +475,12 @@ pub fn rope_cos_sin(pos: usize, inv_freq: &[f32], cos: &mut [f32], sin: &mut [f3
 
 /// In-place softmax.
 pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = lanes_max(x);
+    #[cfg(target_arch = "x86_64")]
+    if avx2::has_avx512() {
+        // SAFETY: the CPU has AVX2, FMA and AVX-512.
+        return unsafe { avx2::softmax_from_avx512(x, max) };
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -437,14 +489,35 @@ pub fn softmax(x: &mut [f32]) {
     softmax_from(x, max)
 }
 
-/// Softmax given the maximum; the exponentials are computed branch-free so the loop vectorizes.
+/// The maximum of `x` (−∞ if empty), over `LANES` running maxima so that it vectorizes (the
+/// maximum is exact in any order).
+#[inline(always)]
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in m.iter_mut().zip(c) {
+            *m = m.max(v);
+        }
+    }
+    chunks.remainder().iter().chain(&m).copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Softmax given the maximum: the exponentials branch-free in one loop and their sum over
+/// `LANES` partial sums reduced in a fixed order in another, so that both vectorize.
 #[inline(always)]
 fn softmax_from(x: &mut [f32], max: f32) {
-    let mut sum = 0f32;
     for v in x.iter_mut() {
         *v = exp(*v - max);
-        sum += *v;
     }
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let sum = chunks.remainder().iter().fold(reduce(&acc), |s, &v| s + v);
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
@@ -470,6 +543,11 @@ pub fn gelu_tanh(x: f32) -> f32 {
 
 /// `gate = gelu_tanh(gate) * up`, element by element: the MLP's gated activation.
 pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::has_avx512() {
+        // SAFETY: the CPU has AVX2, FMA and AVX-512.
+        return unsafe { avx2::gelu_tanh_mul_avx512(gate, up) };
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -618,6 +696,62 @@ mod tests {
                 for i in 0..4 {
                     assert!((y[i] - z[i]).abs() <= tol, "bf16 cols {cols}: {} vs {}", y[i], z[i]);
                     assert_eq!(y[i], (a.dot1)(&wb, xr[i]));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_values_kernels_give_the_portable_bits() {
+        let mut s = 17u64;
+        for &(h, hd, len, stride_extra) in
+            &[(1, 1, 1, 0), (4, 256, 37, 0), (3, 17, 5, 3), (5, 40, 9, 1), (2, 300, 3, 7), (6, 96, 70, 5)]
+        {
+            let stride = hd + stride_extra;
+            let offset = stride_extra.min(2);
+            let stride = stride + offset;
+            let v: Vec<f32> = (0..len * stride).map(|_| lcg(&mut s)).collect();
+            let p: Vec<f32> = (0..h * len).map(|_| lcg(&mut s).abs()).collect();
+            let mut want = vec![f32::NAN; h * hd];
+            values_tail(&mut want, &p, [&v, &[]], stride, offset, 0);
+            for t in 0..hd.min(3) {
+                let exact: f64 = (0..len).map(|j| p[j] as f64 * v[j * stride + offset + t] as f64).sum();
+                assert!((want[t] as f64 - exact).abs() < 1e-5 * (1.0 + exact.abs()), "{} vs {exact}", want[t]);
+            }
+            for split in [0, len / 2, len] {
+                let (a, b) = v.split_at(split * stride);
+                let mut got = vec![f32::NAN; h * hd];
+                attention_values(&mut got, &p, [a, b], stride, offset);
+                assert_eq!(got, want, "h {h} hd {hd} len {len} split {split}");
+                #[cfg(target_arch = "x86_64")]
+                if avx2::available() {
+                    let mut ymm = vec![f32::NAN; h * hd];
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    unsafe { avx2::attention_values(&mut ymm, &p, [a, b], stride, offset) };
+                    assert_eq!(ymm, want, "avx2: h {h} hd {hd} len {len} split {split}");
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_dot_products_give_the_avx2_bits() {
+        if !avx2::has_avx512() {
+            return;
+        }
+        let mut s = 19u64;
+        for cols in [1, 15, 16, 17, 100, 256, 640] {
+            let w: Vec<f32> = (0..cols).map(|_| lcg(&mut s)).collect();
+            let xs: Vec<Vec<f32>> = (0..4).map(|_| (0..cols).map(|_| lcg(&mut s)).collect()).collect();
+            let xr = [&xs[0][..], &xs[1][..], &xs[2][..], &xs[3][..]];
+            // SAFETY: the CPU has AVX2, FMA and AVX-512.
+            unsafe {
+                assert_eq!(avx2::dot4_f32_avx512(&w, xr), avx2::dot4_f32(&w, xr), "cols {cols}");
+                assert_eq!(avx2::dot1_f32_avx512(&w, xr[1]), avx2::dot1_f32(&w, xr[1]), "cols {cols}");
+                let four = avx2::dot4x4_f32_avx512([xr[2], &w, xr[0], xr[3]], xr);
+                for (k, wk) in [xr[2], &w, xr[0], xr[3]].into_iter().enumerate() {
+                    assert_eq!(four[k], avx2::dot4_f32(wk, xr), "cols {cols}, row {k}");
                 }
             }
         }
