@@ -5,7 +5,7 @@
 //! turns hidden states into logits with the tied embedding.
 
 use crate::error::Result;
-use crate::kernels::ops::{self, Activations};
+use crate::kernels::ops::{self, Activations, Values};
 use crate::kernels::quant::gemm::QuantizedActs;
 use crate::kernels::threads::{split_rows, Threads};
 use crate::model::config::{Config, LayerType};
@@ -15,6 +15,12 @@ use crate::model::schema::{Layer, LoadWeight, Outer, TensorName, WeightRef, Weig
 /// Tokens per forward chunk: prefill runs as matrix × matrix on this many tokens at a time, so
 /// the scratch buffers have a fixed size whatever the prompt length.
 pub const CHUNK: usize = 128;
+
+/// Prefill's attention: tokens that share each block of keys and values (their scores: a
+/// `TOKEN_TILE × group × capacity` buffer per thread) ...
+const TOKEN_TILE: usize = 4;
+/// ... and keys per block (16 rows of a 256-wide head: 16 KiB of keys, then of values, in L1).
+const KEY_BLOCK: usize = 16;
 
 /// Gemma 3's weights and what the forward pass derives from the config once.
 pub struct Transformer {
@@ -42,7 +48,7 @@ pub struct Scratch {
     up: Vec<f32>,          // (CHUNK, intermediate)
     cos: [Vec<f32>; 2],    // [local, global] × (CHUNK, head_dim / 2)
     sin: [Vec<f32>; 2],    // [local, global] × (CHUNK, head_dim / 2)
-    scores: Vec<f32>,      // (threads, group, capacity) attention weights of a group of heads
+    scores: Vec<f32>,      // (threads, TOKEN_TILE, group, capacity) attention weights of a tile
     pub logits: Vec<f32>,  // (vocab)
     pub xq: QuantizedActs, // (CHUNK, max(hidden, q_dim, intermediate)) a matmul input, quantized
 }
@@ -62,7 +68,7 @@ impl Scratch {
             up: z(CHUNK * c.intermediate_size),
             cos: [z(CHUNK * half), z(CHUNK * half)],
             sin: [z(CHUNK * half), z(CHUNK * half)],
-            scores: z(threads * Self::group(c) * capacity),
+            scores: z(threads * TOKEN_TILE * Self::group(c) * capacity),
             logits: z(c.vocab_size),
             xq: QuantizedActs::with_capacity(CHUNK * Self::widest_input(c)),
         }
@@ -82,7 +88,7 @@ impl Scratch {
     pub fn bytes_for(c: &Config, capacity: usize, threads: usize) -> usize {
         let floats = CHUNK * (2 * c.hidden_size + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.intermediate_size)
             + 4 * CHUNK * (c.head_dim / 2)
-            + threads * Self::group(c) * capacity
+            + threads * TOKEN_TILE * Self::group(c) * capacity
             + c.vocab_size;
         floats * 4 + QuantizedActs::bytes_for(CHUNK * Self::widest_input(c))
     }
@@ -208,6 +214,9 @@ impl Transformer {
     /// attention ignores `attn_logit_softcapping` (the tiny-mqa-softcap fixture sets it to 50 and
     /// its reference logits are those of uncapped scores).
     fn attention(&self, s: &mut Scratch, cache: &KvCache, layer: usize, n: usize, start: usize, threads: &Threads) {
+        if n >= 2 * TOKEN_TILE * threads.count() {
+            return self.attention_tiled(s, cache, layer, n, start, threads);
+        }
         let c = &self.config;
         let (hd, heads) = (c.head_dim, c.num_attention_heads);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
@@ -249,6 +258,86 @@ impl Transformer {
                 }
                 let values = cache.values(layer, first, pos);
                 ops::attention_values(out, scores, values, kv_dim, kv_off);
+            }
+        });
+    }
+
+    /// Prefill's attention: the same bits as `attention` (decode's), computed so that the
+    /// `TOKEN_TILE` tokens of a tile share every block of `KEY_BLOCK` keys and values while it
+    /// is in L1: per key/value group, the tile's scores block by block, a softmax per row, then
+    /// the weighted values block by block, each sum continuing from the blocks before it in key
+    /// order. Threads take runs of tiles of about equal key work.
+    fn attention_tiled(
+        &self,
+        s: &mut Scratch,
+        cache: &KvCache,
+        layer: usize,
+        n: usize,
+        start: usize,
+        threads: &Threads,
+    ) {
+        let c = &self.config;
+        let (hd, kv_heads) = (c.head_dim, c.num_key_value_heads);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let group = c.num_attention_heads / kv_heads;
+        let capacity = cache.positions();
+        let window = match c.layer_types[layer] {
+            LayerType::Sliding => c.sliding_window,
+            LayerType::Global => usize::MAX,
+        };
+        // Token `t` attends to positions `first(t) ..= start + t`.
+        let first = |t: usize| (start + t + 1).saturating_sub(window);
+        let keys_of = |t: usize| start + t + 1 - first(t);
+        let tiles = n.div_ceil(TOKEN_TILE);
+        let tile_tokens = |i: usize| i * TOKEN_TILE..((i + 1) * TOKEN_TILE).min(n);
+        let work = n * c.num_attention_heads * keys_of(n - 1) * hd * 2;
+        let by_tile = threads.ranges_by_weight(tiles, work, |i| tile_tokens(i).map(keys_of).sum());
+        let by_token: Vec<_> = by_tile.iter().map(|r| r.start * TOKEN_TILE..(r.end * TOKEN_TILE).min(n)).collect();
+        let outs = split_rows(&mut s.att[..n * q_dim], q_dim, &by_token);
+        let scores = s.scores.chunks_mut(TOKEN_TILE * group * capacity);
+        assert!(scores.len() >= by_token.len(), "scores buffer sized for fewer threads");
+        let q = &s.q;
+        let scale = self.attn_scale;
+        let parts = by_token.into_iter().zip(outs).zip(scores).collect();
+        threads.run(parts, |_, ((tokens, out), buf)| {
+            let t_start = tokens.start;
+            for t0 in tokens.step_by(TOKEN_TILE) {
+                let t1 = (t0 + TOKEN_TILE).min(t_start + out.len() / q_dim);
+                // The keys any token of the tile reads, in blocks.
+                let (lo, hi) = (first(t0), start + t1 - 1);
+                let blocks = || (lo..=hi).step_by(KEY_BLOCK).map(|b| b..=(b + KEY_BLOCK - 1).min(hi));
+                // Token t's part of block b: positions a ..= z, and its rows in `buf`.
+                let part = |t: usize, b: &std::ops::RangeInclusive<usize>| {
+                    let (a, z) = ((*b.start()).max(first(t)), (*b.end()).min(start + t));
+                    (a <= z).then_some((a, z))
+                };
+                for g in 0..kv_heads {
+                    let kv_off = g * hd;
+                    for b in blocks() {
+                        for t in t0..t1 {
+                            let Some((a, z)) = part(t, &b) else { continue };
+                            let rows = &mut buf[(t - t0) * group * capacity + (a - first(t))..];
+                            let qh = &q[t * q_dim + g * group * hd..t * q_dim + (g + 1) * group * hd];
+                            let keys = Values { rows: cache.keys(layer, a, z), stride: kv_dim, offset: kv_off };
+                            ops::attention_scores_into(rows, capacity, group, qh, keys, scale);
+                        }
+                    }
+                    for t in t0..t1 {
+                        let rows = &mut buf[(t - t0) * group * capacity..];
+                        for row in rows.chunks_mut(capacity).take(group) {
+                            ops::softmax(&mut row[..keys_of(t)]);
+                        }
+                    }
+                    for b in blocks() {
+                        for t in t0..t1 {
+                            let Some((a, z)) = part(t, &b) else { continue };
+                            let o = &mut out[(t - t_start) * q_dim + g * group * hd..][..group * hd];
+                            let p = &buf[(t - t0) * group * capacity + (a - first(t))..];
+                            let values = Values { rows: cache.values(layer, a, z), stride: kv_dim, offset: kv_off };
+                            ops::attention_values_into(o, group, p, capacity, values, a > first(t));
+                        }
+                    }
+                }
             }
         });
     }

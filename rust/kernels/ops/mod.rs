@@ -302,7 +302,22 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn attention_scores(out: &mut [f32], q: &[f32], keys: [&[f32]; 2], stride: usize, offset: usize, scale: f32) {
     let len = (keys[0].len() + keys[1].len()) / stride;
     let h = out.len() / len;
-    let hd = q.len() / h;
+    attention_scores_into(out, len, h, q, Values { rows: keys, stride, offset }, scale)
+}
+
+/// `attention_scores` of `h` heads into rows of `out_stride` (`out[i · out_stride + j]` for
+/// key `j`), for a block of keys of longer rows. The same bits.
+pub fn attention_scores_into(out: &mut [f32], out_stride: usize, h: usize, q: &[f32], keys: Values<'_>, scale: f32) {
+    let Values { rows: keys, stride, offset } = keys;
+    let len = (keys[0].len() + keys[1].len()) / stride;
+    let hd = q.len() / h.max(1);
+    assert!(
+        len <= out_stride
+            && (h == 0 || out.len() >= (h - 1) * out_stride + len)
+            && q.len() == h * hd
+            && offset + hd <= stride,
+        "attention_scores: shapes"
+    );
     let k = RowKernel::<f32>::best();
     let qrow = |i: usize| &q[i * hd..(i + 1) * hd];
     let split = keys[0].len() / stride;
@@ -321,7 +336,7 @@ pub fn attention_scores(out: &mut [f32], q: &[f32], keys: [&[f32]; 2], stride: u
                 let d = unsafe { avx2::dot4x4_f32_avx512(ks, [qrow(i), qrow(i + 1), qrow(i + 2), qrow(i + 3)]) };
                 for (kk, d) in d.into_iter().enumerate() {
                     for (u, v) in d.into_iter().enumerate() {
-                        out[(i + u) * len + j + kk] = v * scale;
+                        out[(i + u) * out_stride + j + kk] = v * scale;
                     }
                 }
             }
@@ -335,15 +350,25 @@ pub fn attention_scores(out: &mut [f32], q: &[f32], keys: [&[f32]; 2], stride: u
             // SAFETY: the kernel was chosen for this CPU; every slice has `hd` elements.
             let d = unsafe { (k.dot4)(key, [qrow(i), qrow(i + 1), qrow(i + 2), qrow(i + 3)]) };
             for (u, v) in d.into_iter().enumerate() {
-                out[(i + u) * len + j] = v * scale;
+                out[(i + u) * out_stride + j] = v * scale;
             }
             i += 4;
         }
         for i in i..h {
             // SAFETY: as above.
-            out[i * len + j] = unsafe { (k.dot1)(key, qrow(i)) } * scale;
+            out[i * out_stride + j] = unsafe { (k.dot1)(key, qrow(i)) } * scale;
         }
     }
+}
+
+/// Rows of a key or value cache as the attention kernels read them: `hd` values at `offset` in
+/// rows of `stride`, in two segments, oldest first (a ring buffer's wrap; the second may be
+/// empty).
+#[derive(Clone, Copy)]
+pub struct Values<'a> {
+    pub rows: [&'a [f32]; 2],
+    pub stride: usize,
+    pub offset: usize,
 }
 
 /// `out (h, hd) = p (h, len) · v`: the attention-weighted sum of `len` value rows (`hd` values at
@@ -352,52 +377,61 @@ pub fn attention_scores(out: &mut [f32], q: &[f32], keys: [&[f32]; 2], stride: u
 /// they let the rows of `p` (the query heads of a key/value group) share each load of a value
 /// row, with many columns in registers. Where the segments split does not change the bits.
 pub fn attention_values(out: &mut [f32], p: &[f32], values: [&[f32]; 2], stride: usize, offset: usize) {
+    let len = (values[0].len() + values[1].len()) / stride;
+    let h = p.len() / len.max(1);
+    attention_values_into(out, h, p, len, Values { rows: values, stride, offset }, false)
+}
+
+/// `attention_values` for a block of keys: `p` holds `h` rows of `p_stride` whose first `len`
+/// weights are this block's; with `accumulate` the sums continue from `out` (the blocks before,
+/// in key order), so a row computed block by block has the bits of one call over all keys.
+pub fn attention_values_into(out: &mut [f32], h: usize, p: &[f32], p_stride: usize, v: Values<'_>, accumulate: bool) {
     #[cfg(target_arch = "x86_64")]
     if avx2::has_avx512() {
         // SAFETY: the CPU has AVX2, FMA and AVX-512 F/BW.
-        return unsafe { avx2::attention_values_avx512(out, p, values, stride, offset) };
+        return unsafe { avx2::attention_values_avx512(out, h, p, p_stride, v, accumulate) };
     }
     #[cfg(target_arch = "x86_64")]
     if avx2::available() {
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { avx2::attention_values(out, p, values, stride, offset) };
+        return unsafe { avx2::attention_values(out, h, p, p_stride, v, accumulate) };
     }
-    values_tail(out, p, values, stride, offset, 0)
+    values_tail(out, h, p, p_stride, v, accumulate, 0)
 }
 
-/// `(h, hd, len, split)` of an `attention_values` call, its slices checked to hold them.
-fn values_shape(
-    out: &[f32],
-    p: &[f32],
-    values: [&[f32]; 2],
-    stride: usize,
-    offset: usize,
-) -> (usize, usize, usize, usize) {
-    let len = (values[0].len() + values[1].len()) / stride;
+/// `(hd, len, split)` of an `attention_values_into` call, its slices checked to hold them.
+fn values_shape(out: &[f32], h: usize, p: &[f32], p_stride: usize, v: Values<'_>) -> (usize, usize, usize) {
+    let Values { rows, stride, offset } = v;
+    let len = (rows[0].len() + rows[1].len()) / stride;
     assert!(len > 0, "attention_values: no keys");
-    let h = p.len() / len;
     let hd = out.len().checked_div(h).unwrap_or(0);
     assert!(
-        p.len() == h * len
+        len <= p_stride
+            && (h == 0 || p.len() >= (h - 1) * p_stride + len)
             && out.len() == h * hd
-            && values.iter().all(|v| v.len().is_multiple_of(stride))
+            && rows.iter().all(|v| v.len().is_multiple_of(stride))
             && offset + hd <= stride,
         "attention_values: shapes"
     );
-    (h, hd, len, values[0].len() / stride)
+    (hd, len, rows[0].len() / stride)
 }
 
-/// Columns `from ..` of `attention_values`, portably (16 columns at a time in an array that
-/// the compiler keeps in vector registers): the bits of the SIMD kernels.
-fn values_tail(out: &mut [f32], p: &[f32], values: [&[f32]; 2], stride: usize, offset: usize, from: usize) {
+/// Columns `from ..` of `attention_values_into`, portably (16 columns at a time in an array
+/// that the compiler keeps in vector registers): the bits of the SIMD kernels.
+fn values_tail(out: &mut [f32], h: usize, p: &[f32], p_stride: usize, v: Values<'_>, accumulate: bool, from: usize) {
     const W: usize = 16;
-    let (h, hd, len, split) = values_shape(out, p, values, stride, offset);
-    for (o, p) in out.chunks_exact_mut(hd).zip(p.chunks_exact(len)).take(h) {
+    let (hd, len, split) = values_shape(out, h, p, p_stride, v);
+    let Values { rows: values, stride, offset } = v;
+    for (r, o) in out.chunks_exact_mut(hd.max(1)).enumerate().take(h) {
+        let p = &p[r * p_stride..r * p_stride + len];
         let parts = [(values[0], &p[..split]), (values[1], &p[split..])];
         let mut c = from;
         while c < hd {
             let w = (hd - c).min(W);
             let mut acc = [0f32; W];
+            if accumulate {
+                acc[..w].copy_from_slice(&o[c..c + w]);
+            }
             for (seg, p) in parts {
                 for (j, &a) in p.iter().enumerate() {
                     let x = &seg[j * stride + offset + c..][..w];
@@ -713,7 +747,7 @@ mod tests {
             let v: Vec<f32> = (0..len * stride).map(|_| lcg(&mut s)).collect();
             let p: Vec<f32> = (0..h * len).map(|_| lcg(&mut s).abs()).collect();
             let mut want = vec![f32::NAN; h * hd];
-            values_tail(&mut want, &p, [&v, &[]], stride, offset, 0);
+            values_tail(&mut want, h, &p, len, Values { rows: [&v, &[]], stride, offset }, false, 0);
             for t in 0..hd.min(3) {
                 let exact: f64 = (0..len).map(|j| p[j] as f64 * v[j * stride + offset + t] as f64).sum();
                 assert!((want[t] as f64 - exact).abs() < 1e-5 * (1.0 + exact.abs()), "{} vs {exact}", want[t]);
@@ -723,11 +757,22 @@ mod tests {
                 let mut got = vec![f32::NAN; h * hd];
                 attention_values(&mut got, &p, [a, b], stride, offset);
                 assert_eq!(got, want, "h {h} hd {hd} len {len} split {split}");
+                // Block by block (keys 0..split, then split..len), continuing from `out`.
+                if split > 0 && split < len {
+                    let mut blocks = vec![f32::NAN; h * hd];
+                    let first = Values { rows: [a, &[]], stride, offset };
+                    attention_values_into(&mut blocks, h, &p, len, first, false);
+                    let rest = Values { rows: [b, &[]], stride, offset };
+                    attention_values_into(&mut blocks, h, &p[split..], len, rest, true);
+                    assert_eq!(blocks, want, "in blocks: h {h} hd {hd} len {len} split {split}");
+                }
                 #[cfg(target_arch = "x86_64")]
                 if avx2::available() {
                     let mut ymm = vec![f32::NAN; h * hd];
                     // SAFETY: the CPU has AVX2 and FMA.
-                    unsafe { avx2::attention_values(&mut ymm, &p, [a, b], stride, offset) };
+                    unsafe {
+                        avx2::attention_values(&mut ymm, h, &p, len, Values { rows: [a, b], stride, offset }, false)
+                    };
                     assert_eq!(ymm, want, "avx2: h {h} hd {hd} len {len} split {split}");
                 }
             }

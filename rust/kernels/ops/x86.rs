@@ -36,15 +36,23 @@ pub fn has_avx512() -> bool {
     f.avx2_fma && f.avx512_bw
 }
 
-/// Generates `attention_values` for one vector width: rows of `p` four at a time share each
+/// Generates `attention_values_into` for one vector width: rows of `p` four at a time share each
 /// load of a value row, `C` vectors of columns per row in registers; the columns left over by
 /// whole vectors go through `super::values_tail`. Every output is `fma(p, v, acc)` in key
-/// order from 0: the bits of `attention_values_portable`.
+/// order from 0 (or from `out`): the bits of `super::values_tail`.
 macro_rules! values_kernel {
     ($name:ident, $tile:ident, $feat:literal, $w:literal, $c:literal, $zero:ident, $load:ident, $store:ident, $set1:ident, $fma:ident) => {
         #[target_feature(enable = $feat)]
-        pub unsafe fn $name(out: &mut [f32], p: &[f32], values: [&[f32]; 2], stride: usize, offset: usize) {
-            let (h, hd, len, split) = super::values_shape(out, p, values, stride, offset);
+        pub unsafe fn $name(
+            out: &mut [f32],
+            h: usize,
+            p: &[f32],
+            p_stride: usize,
+            v: super::Values<'_>,
+            accumulate: bool,
+        ) {
+            let (hd, _, split) = super::values_shape(out, h, p, p_stride, v);
+            let super::Values { rows: values, stride, offset } = v;
             let full = hd / $w * $w;
             for r0 in (0..h).step_by(4) {
                 let rows = (h - r0).min(4);
@@ -55,7 +63,17 @@ macro_rules! values_kernel {
                     // columns c .. c + (C or 1)·W ≤ hd of the value rows, as values_shape checked.
                     unsafe {
                         let o = out.as_mut_ptr().add(r0 * hd + c);
-                        let args = (o, hd, p.as_ptr().add(r0 * len), len, values, split, stride, offset + c);
+                        let args = (
+                            o,
+                            hd,
+                            p.as_ptr().add(r0 * p_stride),
+                            p_stride,
+                            values,
+                            split,
+                            stride,
+                            offset + c,
+                            accumulate,
+                        );
                         match (rows, wide) {
                             (4, true) => $tile::<4, $c>(args),
                             (3, true) => $tile::<3, $c>(args),
@@ -70,7 +88,7 @@ macro_rules! values_kernel {
                     c += if wide { $c * $w } else { $w };
                 }
             }
-            super::values_tail(out, p, values, stride, offset, full);
+            super::values_tail(out, h, p, p_stride, v, accumulate, full);
         }
 
         /// `R` rows × `C` vectors of columns of `attention_values`.
@@ -81,7 +99,7 @@ macro_rules! values_kernel {
         #[inline(always)]
         #[allow(clippy::type_complexity)]
         unsafe fn $tile<const R: usize, const C: usize>(
-            (out, hd, p, len, values, split, stride, offset): (
+            (out, hd, p, p_stride, values, split, stride, offset, accumulate): (
                 *mut f32,
                 usize,
                 *const f32,
@@ -90,11 +108,19 @@ macro_rules! values_kernel {
                 usize,
                 usize,
                 usize,
+                bool,
             ),
         ) {
             // SAFETY: the caller's contract.
             unsafe {
                 let mut acc = [[$zero(); C]; R];
+                if accumulate {
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        for (c, acc) in acc.iter_mut().enumerate() {
+                            *acc = $load(out.add(r * hd + $w * c));
+                        }
+                    }
+                }
                 for (seg, first) in [(values[0], 0), (values[1], split)] {
                     let count = seg.len() / stride;
                     let base = seg.as_ptr().add(offset);
@@ -102,7 +128,7 @@ macro_rules! values_kernel {
                         let v = base.add(k * stride);
                         let x: [_; C] = std::array::from_fn(|c| $load(v.add($w * c)));
                         for (r, acc) in acc.iter_mut().enumerate() {
-                            let a = $set1(*p.add(r * len + first + k));
+                            let a = $set1(*p.add(r * p_stride + first + k));
                             for (acc, x) in acc.iter_mut().zip(&x) {
                                 *acc = $fma(a, *x, *acc);
                             }
