@@ -380,7 +380,7 @@ def load(
     ``.gguf`` file (llama.cpp's format: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K
     and Q6_K tensors), or a directory holding one GGUF and no safetensors. A GGUF's tokenizer
     comes from its metadata unless a tokenizer.json lies beside it. A Q8_0 GGUF loaded with
-    ``weights="q8_0"`` is used in place from the memory map: nothing is converted or copied.
+    ``weights="q8_0"`` is not requantized: its blocks are regrouped for the matrix kernels.
 
     ``max_inference_len`` caps prompt + generated tokens of one sequence; the KV cache is sized
     from it once, here. ``None`` means ``min(max_position_embeddings, 4096)``.
@@ -576,7 +576,7 @@ def pack(
     progress: bool | Callable[[int, int], object] | None = None,
 ) -> Path:
     """Writes the model at ``src`` (a Hugging Face directory or a GGUF file) to ``dst`` as a
-    GGUF file that gemma_rs maps in place and llama.cpp loads.
+    GGUF file that gemma_rs loads without quantizing and llama.cpp loads too.
 
     Matrices are stored as ``weights`` (Q8_0 by default, quantized exactly as :func:`load`
     quantizes, so the packed file and its source, both loaded with ``weights="q8_0"``, give the

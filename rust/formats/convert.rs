@@ -1,7 +1,8 @@
 //! Weights from a checkpoint into memory: each tensor read a slab at a time from the map,
 //! dequantized as ggml does when needed, checked finite, converted to the load's weight type
-//! (Q8_0 packing, bf16) and its source pages released; or used in place when the file already
-//! holds that type. `pack` writes files from the same slabs.
+//! (Q8_0 quantization, bf16) and its source pages released. Q8_0 matrices end repacked for the
+//! GEMM kernel (a file's Q8_0 blocks copied as stored); f32 and bf16 ones are used in place when
+//! the file already holds that type. `pack` writes files from the same slabs.
 
 use crate::error::{Error, Result};
 use crate::formats::checkpoint::{Source, Tensor};
@@ -57,8 +58,9 @@ impl LoadWeight for SourceLoader<'_> {
         Ok(if self.src.norms_include_one() { w } else { w.into_iter().map(|w| 1.0 + w).collect() })
     }
 
-    /// Used in place from the map when the file already holds the wanted type, else converted
-    /// (refused if it holds a NaN or an infinity) and its source pages released.
+    /// Used in place from the map when the file already holds the wanted f32 or bf16, Q8_0
+    /// blocks copied as stored into the GEMM kernel's layout, else converted (refused if it holds
+    /// a NaN or an infinity); the source pages released.
     fn matrix(&mut self, name: &TensorName, rows: usize, cols: usize) -> Result<Matrix> {
         let src = self.src;
         let t = checked(src, name, &[rows, cols])?;

@@ -124,7 +124,7 @@ impl Transformer {
     }
 
     /// The first weight tensor holding a NaN or an infinity, with the element's index: a full
-    /// scan, for the error path (tensors used in place from a file are not checked at load).
+    /// scan, for the error path (tensors the file held in the wanted type are not checked at load).
     pub fn first_non_finite_weight(&self) -> Option<(String, usize)> {
         self.tensors().find_map(|(name, w)| w.first_non_finite().map(|i| (name.hf(), i)))
     }

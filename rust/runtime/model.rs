@@ -208,7 +208,7 @@ impl Model {
     }
 
     /// The error for NaN or infinite logits at `position`: names the first weight tensor that
-    /// holds such a value (tensors used in place from a file are not scanned at load), or says
+    /// holds such a value (tensors the file held in the wanted type are not scanned at load), or says
     /// that the weights are finite and an activation overflowed.
     pub(crate) fn non_finite(&self, position: usize) -> Error {
         let cause = match self.transformer.first_non_finite_weight() {
