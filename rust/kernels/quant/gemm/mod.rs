@@ -426,14 +426,15 @@ impl PackedQ8_0 {
 fn pack_group<const I: usize>(l: Layout, src: &[BlockQ8_0], nb: usize, vals: &mut [u8], scales: &mut [u16]) {
     let block_bytes = l.rows * QK8_0;
     let valid = src.len() / nb.max(1);
-    for ri in 0..l.rows {
-        for b in 0..nb {
+    // Block by block, so that each block's bytes are written together (the rows are read as
+    // `R` streams).
+    for (b, dst) in vals.chunks_exact_mut(block_bytes).take(nb).enumerate() {
+        for ri in 0..l.rows {
             let (d, qs) = if ri < valid { (src[ri * nb + b].d, src[ri * nb + b].qs) } else { (0, [0; QK8_0]) };
             scales[b * l.rows + ri] = d;
-            let dst = &mut vals[b * block_bytes..(b + 1) * block_bytes];
-            for c in 0..QK8_0 / I {
-                let to = &mut dst[(c * l.rows + ri) * I..][..I];
-                for (t, &q) in to.iter_mut().zip(&qs[c * I..(c + 1) * I]) {
+            for (c, q) in qs.chunks_exact(I).enumerate() {
+                let to: &mut [u8; I] = (&mut dst[(c * l.rows + ri) * I..][..I]).try_into().expect("I bytes");
+                for (t, &q) in to.iter_mut().zip(q) {
                     *t = q as u8 ^ l.xor;
                 }
             }
