@@ -496,24 +496,23 @@ enum Prompt {
 }
 
 impl Prompt {
+    /// The ids: text is tokenized with BOS first, as `complete` does.
+    fn ids(self, engine: &Engine) -> crate::Result<Vec<u32>> {
+        match self {
+            Prompt::Text(text) => engine.tokenize(&text, true),
+            Prompt::Ids(ids) => Ok(ids),
+        }
+    }
+
     fn start(self, engine: Arc<Engine>, params: GenerateParams) -> crate::Result<Generation> {
-        let ids = match self {
-            Prompt::Text(text) => engine.tokenize(&text, true)?,
-            Prompt::Ids(ids) => ids,
-        };
+        let ids = self.ids(&engine)?;
         Generation::new(engine, ids, params)
     }
 }
 
-/// A prompt and the generation options, checked.
-fn request(
-    prompt: &Bound<'_, PyAny>,
-    max_new_tokens: &Bound<'_, PyAny>,
-    sampling: &Sampling,
-    stop: Option<&Bound<'_, PyAny>>,
-    text: bool,
-) -> PyResult<(Prompt, GenerateParams)> {
-    let prompt = match prompt.cast::<PyString>() {
+/// A prompt argument, checked: a non-empty str or a sequence of ids.
+fn prompt_arg(prompt: &Bound<'_, PyAny>) -> PyResult<Prompt> {
+    Ok(match prompt.cast::<PyString>() {
         Ok(s) if s.to_cow()?.is_empty() => {
             return Err(value_error("the prompt is empty (to start from BOS alone, pass [its id])".into()))
         }
@@ -528,7 +527,18 @@ fn request(
                 type_name(prompt)
             )))
         }
-    };
+    })
+}
+
+/// A prompt and the generation options, checked.
+fn request(
+    prompt: &Bound<'_, PyAny>,
+    max_new_tokens: &Bound<'_, PyAny>,
+    sampling: &Sampling,
+    stop: Option<&Bound<'_, PyAny>>,
+    text: bool,
+) -> PyResult<(Prompt, GenerateParams)> {
+    let prompt = prompt_arg(prompt)?;
     let stop: Vec<String> = match stop.filter(|s| !s.is_none()) {
         None => Vec::new(),
         Some(s) => match s.cast::<PyString>() {
@@ -686,6 +696,22 @@ impl Model {
             out.copy_from_slice(&lp);
             Ok(())
         })
+    }
+
+    /// Writes the KV state of the tokens held (after prefilling `prompt`, if given) to `path`.
+    #[pyo3(signature = (path, prompt=None))]
+    fn save_state(&self, py: Python<'_>, path: PathBuf, prompt: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
+        let prompt = prompt.filter(|p| !p.is_none()).map(prompt_arg).transpose()?;
+        let engine = &self.engine;
+        compute_cancellable(py, move |cancel| {
+            let ids = prompt.map(|p| p.ids(engine)).transpose()?;
+            engine.save_state(&path, ids.as_deref(), cancel)
+        })
+    }
+
+    /// Restores a state file written by `save_state`; returns its token count.
+    fn load_state(&self, py: Python<'_>, path: PathBuf) -> PyResult<usize> {
+        compute_cancellable(py, |cancel| self.engine.load_state(&path, cancel))
     }
 
     /// config.json as read, as a JSON string.

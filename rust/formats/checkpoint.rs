@@ -4,13 +4,14 @@
 //! loading (`formats::convert`) and `pack` see.
 
 use crate::error::{Error, Result};
+use crate::formats::digest::Digest;
 use crate::formats::gemma3_gguf;
 use crate::formats::gguf::{self, Gguf};
 use crate::formats::safetensors::{Dtype, SafeTensors};
 use crate::kernels::matrix::{Plain, Storage};
 use crate::kernels::quant::ggml::{self, GgmlType};
 use crate::model::config::{token_ids, Config};
-use crate::model::schema::TensorName;
+use crate::model::schema::{all_tensors, TensorName, WeightType};
 use crate::text::tokenizer::{GgufVocab, Tokenizer};
 use serde_json::Value;
 use std::ops::Range;
@@ -149,6 +150,47 @@ impl Source {
 }
 
 impl Checkpoint {
+    /// A digest that tells this model, loaded as `weights`, from any other: the config, every
+    /// tensor's name, type and shape with bytes sampled across its data (17 × 64 bytes: the
+    /// start, the end and 15 points between; a fine-tune or a re-quantization changes them all),
+    /// the tokenizer's vocabulary and the chat template. About 4 000 small reads, so `load`
+    /// does not slow down; the same on every host (nothing of the kernel's layout enters it).
+    pub fn fingerprint(&self, weights: WeightType) -> Result<u64> {
+        let c = &self.config;
+        let mut d = Digest::new(0x6765_6d6d_615f_7273); // "gemma_rs"
+        d.field(format!("{c:?}").as_bytes());
+        d.field(weights.name().as_bytes());
+        for name in all_tensors(c) {
+            let t = self.source.tensor(&name)?;
+            d.field(name.hf().as_bytes());
+            d.field(t.ty.name().as_bytes());
+            for &n in &t.shape {
+                d.u64(n as u64);
+            }
+            d.u64(t.data.len() as u64);
+            const SAMPLE: usize = 64;
+            const POINTS: usize = 17;
+            if t.data.len() <= SAMPLE * POINTS {
+                d.update(t.data);
+            } else {
+                let step = (t.data.len() - SAMPLE) / (POINTS - 1);
+                for i in 0..POINTS {
+                    let at = if i == POINTS - 1 { t.data.len() - SAMPLE } else { i * step };
+                    d.update(&t.data[at..at + SAMPLE]);
+                }
+            }
+        }
+        match &self.tokenizer {
+            Some(tok) => tok.digest(&mut d),
+            None => d.u64(0),
+        }
+        d.field(self.chat_template.as_deref().unwrap_or("").as_bytes());
+        for &id in &self.eos_token_ids {
+            d.u64(id as u64);
+        }
+        Ok(d.finish())
+    }
+
     /// Opens a Hugging Face directory, a `.gguf` file, or a directory holding one GGUF file
     /// and no safetensors.
     pub fn open(path: &Path) -> Result<Checkpoint> {

@@ -49,6 +49,19 @@ impl KvCache {
             .collect()
     }
 
+    /// Rows each layer needs of a sequence of `n` tokens so that the next token can be computed
+    /// (what a state file keeps): every position on a global layer, the last `sliding_window`
+    /// on a sliding one.
+    pub fn live_rows(c: &Config, n: usize) -> Vec<usize> {
+        c.layer_types
+            .iter()
+            .map(|t| match t {
+                LayerType::Global => n,
+                LayerType::Sliding => n.min(c.sliding_window),
+            })
+            .collect()
+    }
+
     /// Layers holding `capacities` positions each, of sequences of at most `positions` tokens.
     /// The memory is reserved zeroed; the OS backs pages only as slots are written.
     pub fn new(capacities: &[usize], kv_dim: usize, positions: usize) -> KvCache {
@@ -85,6 +98,11 @@ impl KvCache {
     pub fn holds(&self, layer: usize, first: usize, last: usize) -> bool {
         let tags = &self.tags[layer];
         tags.is_empty() || (first..last).all(|p| tags[p % tags.len()] == p as u32)
+    }
+
+    /// Floats of one key (and of one value) row.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
     }
 
     /// Positions of a sequence.

@@ -4,10 +4,12 @@
 use crate::error::{Error, Result};
 use crate::formats::checkpoint::Checkpoint;
 use crate::formats::convert::{checked, SourceLoader};
+use crate::formats::state;
 use crate::kernels::ops::{self, LogSumExp};
 use crate::kernels::threads::Threads;
 use crate::model::config::Config;
 use crate::model::forward::{Transformer, CHUNK};
+use crate::model::kv_cache::KvCache;
 use crate::model::memory::Memory;
 use crate::model::schema::{self, all_tensors, WeightType};
 use crate::runtime::session::Session;
@@ -65,6 +67,9 @@ pub struct Model {
     pub chat_template: Option<String>,
     /// The file or directory it was loaded from (for messages).
     pub path: PathBuf,
+    /// Tells this model, as loaded, from any other (`Checkpoint::fingerprint`): state files
+    /// carry it.
+    pub fingerprint: u64,
     session: Mutex<Session>,
 }
 
@@ -100,6 +105,7 @@ impl Model {
             }
         }
         let threads = Threads::new(n_threads);
+        let fingerprint = ck.fingerprint(opts.weights)?;
         let Checkpoint { source, config, tokenizer, eos_token_ids, chat_template, .. } = ck;
         let mut from = SourceLoader::new(&source, &config, opts.weights, &threads, progress)?;
         let transformer = Transformer::load(config, &mut from, opts.weights)?;
@@ -112,6 +118,7 @@ impl Model {
             threads,
             chat_template,
             path: path.to_path_buf(),
+            fingerprint,
             session: Mutex::new(session),
         })
     }
@@ -160,6 +167,49 @@ impl Model {
                 Err(TryLockError::WouldBlock) => std::thread::sleep(std::time::Duration::from_micros(200)),
             }
         }
+    }
+
+    /// Writes the KV state of the tokens the session holds to `path` (`docs/STATE_FORMAT.md`),
+    /// after bringing it to exactly `prompt` when one is given (prefilling only what the cache
+    /// lacks); returns the token count.
+    pub fn save_state(&self, path: &Path, prompt: Option<&[u32]>, cancel: Cancel<'_>) -> Result<usize> {
+        if let Some(p) = prompt {
+            self.check_sequence(p, "the prompt")?;
+        }
+        let mut s = self.session_or_cancel(cancel)?;
+        if let Some(p) = prompt {
+            s.extend_to(&self.transformer, p, &self.threads, cancel, |_, _, _| {})?;
+        }
+        let n = s.tokens.len();
+        if n == 0 {
+            return Err(Error::InvalidArgument(
+                "the model holds no tokens to save: give a prompt, or call it after a generation".into(),
+            ));
+        }
+        let rows = KvCache::live_rows(self.config(), n);
+        state::save(path, self.fingerprint, &s.cache, &s.tokens, &rows)?;
+        Ok(n)
+    }
+
+    /// Restores the state file `path` (written by `save_state` from this model, on any host):
+    /// the session then holds its tokens, and the next call whose prompt starts with them reuses
+    /// them. Returns the token count. A file that is not such a state, or not this model's, is
+    /// an error and leaves the session empty.
+    pub fn load_state(&self, path: &Path, cancel: Cancel<'_>) -> Result<usize> {
+        let mut s = self.session_or_cancel(cancel)?;
+        s.tokens.clear();
+        let c = self.config();
+        let live = |n| KvCache::live_rows(c, n);
+        let want = state::Expect {
+            fingerprint: self.fingerprint,
+            kv_dim: c.kv_dim(),
+            max_tokens: self.max_inference_len,
+            vocab: c.vocab_size,
+            rows: &live,
+        };
+        let ids = state::load(path, &mut s.cache, &want)?;
+        s.tokens = ids;
+        Ok(s.tokens.len())
     }
 
     /// Checks that `ids` is a non-empty sequence of vocabulary ids that fits the cache.

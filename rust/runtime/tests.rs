@@ -167,3 +167,85 @@ fn planned_weight_bytes_are_the_loaded_ones() {
         assert_eq!(crate::runtime::memory_plan(&dir, &opts).unwrap(), m.memory(), "{weights:?}");
     }
 }
+
+/// A state saved by one model continues in another process's model exactly as the first would
+/// have: the same tokens, its prefix reused; the file holds the live rows only; and every
+/// damaged, truncated, foreign or too long state is refused with its reason, leaving the
+/// session empty.
+#[test]
+fn saved_state_continues_in_a_fresh_model_and_bad_files_are_refused() {
+    use crate::error::Error;
+    let dir = fixtures().join("tiny").join("tiny-gqa");
+    let tmp = std::env::temp_dir().join(format!("gemma_rs-state-test-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let opts =
+        LoadOptions { max_inference_len: Some(256), weights: WeightType::F32, threads: Some(2), memory_limit: None };
+    let ids: Vec<u32> = std::iter::once(2).chain((1..150).map(|i| (i * 37 % 500 + 5) as u32)).collect();
+    let mut prompt = ids.clone();
+    prompt.extend_from_slice(&[7, 8, 9]);
+    let run = |engine: &Arc<Model>, prompt: &[u32]| {
+        let params = GenerateParams { max_new_tokens: 6, ..Default::default() };
+        Generation::new(engine.clone(), prompt.to_vec(), params).unwrap().run(&mut never).unwrap()
+    };
+    let load = |opts: &LoadOptions| Arc::new(Model::load(&dir, opts).unwrap());
+    let cold = run(&load(&opts), &prompt);
+
+    let a = load(&opts);
+    run(&a, &ids[..20]); // the session holds something else first
+    let path = tmp.join("prefix.state");
+    assert_eq!(a.save_state(&path, Some(&ids), &mut never).unwrap(), 150);
+    // 7 layers (1 global: every position; 6 sliding: the window of 8), K and V of 64 floats.
+    let c = a.config().clone();
+    let rows: usize = KvCache::live_rows(&c, 150).iter().sum();
+    assert_eq!(rows, 150 + 6 * 8);
+    let bytes = std::fs::metadata(&path).unwrap().len() as usize;
+    assert_eq!(bytes, 48 + 4 * 7 + 8 + 4 * 150 + rows * 2 * c.kv_dim() * 4 + 8);
+
+    let b = load(&opts);
+    assert_eq!(b.load_state(&path, &mut never).unwrap(), 150);
+    let warm = run(&b, &prompt);
+    assert_eq!(warm.reused_tokens, 150);
+    assert_eq!(warm.token_ids, cold.token_ids);
+    // Saving what the model holds (no prompt) after a generation, and again: the same file.
+    let again = tmp.join("again.state");
+    let b2 = load(&opts);
+    b2.load_state(&path, &mut never).unwrap();
+    b2.save_state(&again, None, &mut never).unwrap();
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&path).unwrap());
+
+    let good = std::fs::read(&path).unwrap();
+    let refused = |model: &Model, bytes: &[u8], why: &str| {
+        let p = tmp.join("bad.state");
+        std::fs::write(&p, bytes).unwrap();
+        match model.load_state(&p, &mut never) {
+            Err(e @ Error::Format { .. }) => assert!(e.to_string().contains(why), "{why}: {e}"),
+            other => panic!("{why}: {:?}", other.map(|_| ())),
+        }
+        assert!(model.session().tokens.is_empty(), "{why}: the session must be empty");
+    };
+    refused(&b, &[], "empty");
+    refused(&b, b"GGUF\x03\0\0\0 and more", "not a gemma_rs state file");
+    refused(&b, &good[..30], "shorter than its header");
+    refused(&b, &good[..good.len() - 1], "truncated");
+    refused(&b, &good[..200], "truncated");
+    for at in [60, 700, good.len() / 2, good.len() - 9] {
+        let mut flipped = good.clone();
+        flipped[at] ^= 0x10;
+        refused(&b, &flipped, "damaged");
+    }
+    let mut header = good.clone();
+    header[36] ^= 1; // a header byte without a meaning of its own: caught by the checksum
+    refused(&b, &header, "header's checksum");
+    // Another model, the same model loaded as another weight type, a cap too small.
+    let other = Model::load(&fixtures().join("tiny").join("tiny-mqa-softcap"), &opts).unwrap();
+    refused(&other, &good, "another model");
+    refused(&load(&LoadOptions { weights: WeightType::Q8_0, ..opts.clone() }), &good, "another model");
+    refused(&load(&LoadOptions { max_inference_len: Some(100), ..opts.clone() }), &good, "max_inference_len");
+    assert!(matches!(b.load_state(&tmp.join("missing.state"), &mut never), Err(Error::NotFound(_))));
+    // A model with nothing to save says so.
+    assert!(matches!(load(&opts).save_state(&again, None, &mut never), Err(Error::InvalidArgument(_))));
+    // The damaged attempts left nothing reused behind: the intact file still works.
+    b.load_state(&path, &mut never).unwrap();
+    assert_eq!(run(&b, &prompt).token_ids, cold.token_ids);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

@@ -38,6 +38,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::formats::digest::Digest;
 pub use gguf::{GgufVocab, OwnedGgufVocab};
 use tables::{AddedTrie, Merges, Vocab, SPECIAL};
 
@@ -322,6 +323,18 @@ impl Tokenizer {
     /// Whether `id` is an added token marked special (what `skip_special_tokens` drops).
     pub fn is_special(&self, id: u32) -> bool {
         self.vocab.flags(id) & SPECIAL != 0
+    }
+
+    /// Feeds what decides the ids of a text into `d`: every token's string and flags, and the
+    /// id put first. (The merge rules follow from the vocabulary for GGUF vocabularies; a
+    /// `tokenizer.json` whose merges alone differ is not told apart.)
+    pub fn digest(&self, d: &mut Digest) {
+        d.u64(self.vocab.len() as u64);
+        for id in 0..self.vocab.len() as u32 {
+            d.field(self.vocab.get(id).unwrap_or("").as_bytes());
+            d.update(&[self.vocab.flags(id)]);
+        }
+        d.u64(self.bos_id.map_or(u64::MAX, u64::from));
     }
 
     /// Heap bytes held by this tokenizer (capacities of its buffers).
