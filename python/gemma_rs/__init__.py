@@ -230,7 +230,6 @@ class Model:
         ``max_new_tokens`` and the sampling options are :meth:`complete`'s. A tokenizer without
         FunctionGemma's control tokens (base Gemma 3) still gets the tool prompt, with a warning.
         """
-        from . import chat as _chat
         from . import tools as _tools
 
         s = _sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -248,31 +247,7 @@ class Model:
                     "trained to call them",
                     stacklevel=2,
                 )
-        template = self.chat_template
-        if template is None:
-            text = _chat.render_chat(messages, tools, add_generation_prompt)
-            ids = self.tokenize(text, add_bos=True)
-        else:
-            import json
-
-            schemas = _chat.normalize_tools(tools or [])
-            bos = self.config.get("bos_token_id")
-            # Chat templates read tool calls in the OpenAI form (transformers passes them so).
-            msgs = [
-                {**m, "tool_calls": _chat.tool_calls_openai(m["tool_calls"])}
-                if m.get("tool_calls")
-                else dict(m)
-                for m in messages
-            ]
-            context = {
-                "messages": msgs,
-                "tools": [{"type": "function", "function": t} for t in schemas] or None,
-                "add_generation_prompt": add_generation_prompt,
-                "bos_token": self.detokenize([bos]) if isinstance(bos, int) else "<bos>",
-                "eos_token": self.detokenize(self.eos_token_ids[:1]) if self.eos_token_ids else "",
-            }
-            text = _gemma_rs.render_template(template, json.dumps(context, ensure_ascii=False))
-            ids = self.tokenize(text, add_bos=False)
+        ids = self.chat_prompt(messages, tools, add_generation_prompt=add_generation_prompt)
         stops = [_tools.RESPONSE_START, "<end_of_turn>"]
         if isinstance(stop, str):
             stops.append(stop)
@@ -288,6 +263,47 @@ class Model:
             completion=c,
         )
 
+    def chat_prompt(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Any] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """The token ids :meth:`chat` prefills for ``messages`` and ``tools`` (BOS first).
+
+        The ids of the leading turns are a prefix of a longer chat's, so that the state of a
+        system and tool-declaration turn can be saved once and serves every later request::
+
+            prefix = model.chat_prompt([system], tools, add_generation_prompt=False)
+            model.save_state("tools.state", prefix)
+        """
+        from . import chat as _chat
+
+        template = self.chat_template
+        if template is None:
+            return self.tokenize(_chat.render_chat(messages, tools, add_generation_prompt))
+        import json
+
+        schemas = _chat.normalize_tools(tools or [])
+        bos = self.config.get("bos_token_id")
+        # Chat templates read tool calls in the OpenAI form (transformers passes them so).
+        msgs = [
+            {**m, "tool_calls": _chat.tool_calls_openai(m["tool_calls"])}
+            if m.get("tool_calls")
+            else dict(m)
+            for m in messages
+        ]
+        context = {
+            "messages": msgs,
+            "tools": [{"type": "function", "function": t} for t in schemas] or None,
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": self.detokenize([bos]) if isinstance(bos, int) else "<bos>",
+            "eos_token": self.detokenize(self.eos_token_ids[:1]) if self.eos_token_ids else "",
+        }
+        text = _gemma_rs.render_template(template, json.dumps(context, ensure_ascii=False))
+        return self.tokenize(text, add_bos=False)
+
     @property
     def chat_template(self) -> str | None:
         """The model's own Jinja chat template (tokenizer_config.json's ``chat_template`` or a
@@ -299,6 +315,28 @@ class Model:
         whose prompt starts with the previous call's tokens otherwise reuses their KV cache:
         ``Completion.reused_tokens``.)"""
         self._inner.reset()
+
+    def save_state(self, path: str | os.PathLike[str], prompt: Prompt | None = None) -> int:
+        """Writes the KV cache of the tokens the model holds to ``path`` and returns their
+        count; with ``prompt`` (a ``str``, tokenized with BOS, or ids), first makes the model
+        hold exactly that prompt, prefilling only what its cache lacks.
+
+        The file (format: docs/STATE_FORMAT.md) holds the live cache only (about 2 KiB per
+        token for Gemma 3 270M, the sliding layers at most their window), the token ids and a
+        fingerprint of this model as loaded; no logits. It is written to a temporary file and
+        renamed, so readers never see a partial file. x86_64 and aarch64 hosts read each other's
+        files.
+        """
+        return self._inner.save_state(os.fspath(path), prompt)
+
+    def load_state(self, path: str | os.PathLike[str]) -> int:
+        """Restores a file written by :meth:`save_state` and returns its token count; the next
+        call whose prompt starts with those tokens reuses them (``Completion.reused_tokens``;
+        the last prompt token is always recomputed). A file that is empty, truncated, damaged,
+        of another model (or of this one loaded with other ``weights``) or longer than
+        ``max_inference_len`` raises :class:`GemmaError` saying which, and leaves the model
+        holding nothing."""
+        return self._inner.load_state(os.fspath(path))
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of ``text``, as transformers gives them. Special tokens written in the
