@@ -58,9 +58,11 @@ def test_a_state_continues_in_a_fresh_model(fixtures_dir, tmp_path):
         (lambda b: flip(b, len(b) // 2), "checksum of its KV data"),
         (lambda b: flip(b, 70), "header's checksum"),
     ],
-    ids=["empty", "foreign", "short", "truncated", "longer", "version", "payload bit", "header bit"],
+    ids=["empty", "foreign", "short", "truncated", "long", "version", "payload", "header"],
 )
-def test_a_bad_state_file_is_refused_and_leaves_the_model_usable(fixtures_dir, tmp_path, damage, why):
+def test_a_bad_state_file_is_refused_and_leaves_the_model_usable(
+    fixtures_dir, tmp_path, damage, why
+):
     good = tmp_path / "good.state"
     tiny(fixtures_dir).save_state(good, IDS)
     bad = tmp_path / "bad.state"
@@ -101,10 +103,14 @@ def tools25() -> list[dict]:
     return json.loads((Path(__file__).parent / "data" / "tools25.json").read_text())
 
 
-SYSTEM = {"role": "developer", "content": "You are a model that can do function calling with the following functions"}
+SYSTEM = {
+    "role": "developer",
+    "content": "You are a model that can do function calling with the following functions",
+}
 CHAT = [SYSTEM, {"role": "user", "content": "Turn off the lights in the kitchen, please."}]
 
 
+@pytest.mark.filterwarnings("ignore:this tokenizer lacks FunctionGemma's control tokens")
 def test_the_tool_declarations_state_in_a_fresh_process(packed_q8_0, tmp_path):
     """The 25-tool chat turn: its declarations' state saved here, restored in a fresh process,
     gives the cold run's greedy tokens, prefilling only the user's turn. (Time to first token,
