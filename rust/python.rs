@@ -9,6 +9,7 @@ use crate::model::memory::Memory;
 use crate::model::schema::{all_tensors, WeightType};
 use crate::runtime::generate::{Completion, GenerateParams, Generation};
 use crate::runtime::sampler::SamplingParams;
+use crate::runtime::session::Slot;
 use crate::runtime::{Cancel, LoadOptions, Model as Engine};
 use pyo3::exceptions::{
     PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyMemoryError, PyRuntimeError, PyTypeError, PyValueError,
@@ -301,7 +302,8 @@ fn load(
     if let Some(e) = raised {
         return Err(e);
     }
-    Ok(Model { engine: Arc::new(engine?) })
+    let engine = Arc::new(engine?);
+    Ok(Model { slot: engine.slot.clone(), engine })
 }
 
 fn memory_dict<'py>(py: Python<'py>, m: &Memory) -> PyResult<Bound<'py, PyDict>> {
@@ -315,16 +317,18 @@ fn memory_dict<'py>(py: Python<'py>, m: &Memory) -> PyResult<Bound<'py, PyDict>>
 
 /// The bytes a model would hold once loaded (`Model.memory`), without loading its weights.
 #[pyfunction]
-#[pyo3(signature = (path, max_inference_len, weights, threads))]
+#[pyo3(signature = (path, max_inference_len, weights, threads, sessions))]
 fn memory_plan<'py>(
     py: Python<'py>,
     path: PathBuf,
     max_inference_len: Option<&Bound<'py, PyAny>>,
     weights: &str,
     threads: Option<&Bound<'py, PyAny>>,
+    sessions: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let opts = load_options(max_inference_len, weights, threads, None)?;
-    let plan = compute(py, || crate::runtime::memory_plan(&path, &opts))?;
+    let sessions = count_arg("sessions", sessions)?;
+    let plan = compute(py, || crate::runtime::memory_plan(&path, &opts, sessions))?;
     memory_dict(py, &plan)
 }
 
@@ -487,6 +491,8 @@ fn dequantize<'py>(py: Python<'py>, type_name: &str, data: &[u8]) -> PyResult<Bo
 #[pyclass(frozen, module = "gemma_rs._gemma_rs")]
 struct Model {
     engine: Arc<Engine>,
+    /// The session its calls use: the engine's own, or one of `session()`'s.
+    slot: Arc<Slot>,
 }
 
 /// A prompt as given: text (tokenized later, without the GIL) or token ids.
@@ -504,9 +510,9 @@ impl Prompt {
         }
     }
 
-    fn start(self, engine: Arc<Engine>, params: GenerateParams) -> crate::Result<Generation> {
+    fn start(self, engine: Arc<Engine>, slot: Arc<Slot>, params: GenerateParams) -> crate::Result<Generation> {
         let ids = self.ids(&engine)?;
-        Generation::new(engine, ids, params)
+        Generation::in_session(engine, slot, ids, params)
     }
 }
 
@@ -637,8 +643,8 @@ impl Model {
         text: bool,
     ) -> PyResult<PyCompletion> {
         let (prompt, params) = request(prompt, max_new_tokens, sampling, stop, text)?;
-        let engine = Arc::clone(&self.engine);
-        let completion = compute_cancellable(py, move |cancel| prompt.start(engine, params)?.run(cancel))?;
+        let (engine, slot) = (Arc::clone(&self.engine), Arc::clone(&self.slot));
+        let completion = compute_cancellable(py, move |cancel| prompt.start(engine, slot, params)?.run(cancel))?;
         Ok(completion.into())
     }
 
@@ -652,15 +658,15 @@ impl Model {
         stop: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Stream> {
         let (prompt, params) = request(prompt, max_new_tokens, sampling, stop, true)?;
-        let engine = Arc::clone(&self.engine);
-        let generation = compute(py, move || prompt.start(engine, params))?;
+        let (engine, slot) = (Arc::clone(&self.engine), Arc::clone(&self.slot));
+        let generation = compute(py, move || prompt.start(engine, slot, params))?;
         Ok(Stream { generation: Mutex::new(generation) })
     }
 
     /// Forgets the cached sequence (waits for a call in progress on another thread).
     fn reset(&self, py: Python<'_>) -> PyResult<()> {
         compute(py, || {
-            self.engine.reset();
+            self.slot.lock().tokens.clear();
             Ok(())
         })
     }
@@ -684,34 +690,42 @@ impl Model {
         let ids = ids_from(ids)?;
         self.engine.check_sequence(&ids, "the sequence")?;
         let vocab = self.engine.config().vocab_size;
-        let out = f32_bytearray(py, ids.len() * vocab, |out, cancel| self.engine.logits(&ids, out, cancel))?;
+        let out =
+            f32_bytearray(py, ids.len() * vocab, |out, cancel| self.engine.logits(&self.slot, &ids, out, cancel))?;
         Ok((out, ids.len(), vocab))
     }
 
     /// A bytearray of float32 log-probabilities, `len(ids) - 1` of them.
     fn logprobs<'py>(&self, py: Python<'py>, ids: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyByteArray>> {
         let ids = ids_from(ids)?;
-        let lp = compute_cancellable(py, |cancel| self.engine.logprobs(&ids, cancel))?;
+        let lp = compute_cancellable(py, |cancel| self.engine.logprobs(&self.slot, &ids, cancel))?;
         f32_bytearray(py, lp.len(), |out, _| {
             out.copy_from_slice(&lp);
             Ok(())
         })
     }
 
+    /// A new session over the same weights: its own KV cache and scratch, empty.
+    fn session(&self, py: Python<'_>) -> PyResult<Model> {
+        let engine = Arc::clone(&self.engine);
+        let slot = compute(py, || Ok(Arc::new(engine.new_slot())))?;
+        Ok(Model { engine, slot })
+    }
+
     /// Writes the KV state of the tokens held (after prefilling `prompt`, if given) to `path`.
     #[pyo3(signature = (path, prompt=None))]
     fn save_state(&self, py: Python<'_>, path: PathBuf, prompt: Option<&Bound<'_, PyAny>>) -> PyResult<usize> {
         let prompt = prompt.filter(|p| !p.is_none()).map(prompt_arg).transpose()?;
-        let engine = &self.engine;
+        let (engine, slot) = (&self.engine, &self.slot);
         compute_cancellable(py, move |cancel| {
             let ids = prompt.map(|p| p.ids(engine)).transpose()?;
-            engine.save_state(&path, ids.as_deref(), cancel)
+            engine.save_state(slot, &path, ids.as_deref(), cancel)
         })
     }
 
     /// Restores a state file written by `save_state`; returns its token count.
     fn load_state(&self, py: Python<'_>, path: PathBuf) -> PyResult<usize> {
-        compute_cancellable(py, |cancel| self.engine.load_state(&path, cancel))
+        compute_cancellable(py, |cancel| self.engine.load_state(&self.slot, &path, cancel))
     }
 
     /// config.json as read, as a JSON string.

@@ -40,6 +40,7 @@ __all__ = [
     "GemmaError",
     "Model",
     "ModelInfo",
+    "Session",
     "Sampling",
     "Stream",
     "TensorInfo",
@@ -398,8 +399,27 @@ class Model:
 
     @property
     def memory(self) -> dict[str, int]:
-        """Bytes held: ``weights``, ``kv_cache``, ``scratch`` (activations) and ``tokenizer``."""
+        """Bytes held: ``weights``, ``kv_cache``, ``scratch`` (activations) and ``tokenizer``;
+        ``kv_cache`` and ``scratch`` of the model's own session and of every :meth:`session`
+        alive."""
         return self._inner.memory
+
+    def session(self) -> Session:
+        """A new session over the same weights (never a copy of them): an object with this
+        class's generation, chat and state methods and its own KV cache and scratch (its cost:
+        ``memory_plan(..., sessions=2)`` minus ``sessions=1``), starting empty. Its prefix reuse
+        and saved state are its own. Sessions may be used from different Python threads at once
+        (the GIL is released while they compute; their kernel jobs take turns on the model's
+        threads); calls on one session or model from several threads wait for each other."""
+        return Session(self._inner.session())
+
+
+class Session(Model):
+    """A session of a :class:`Model` (see :meth:`Model.session`): the same methods, its own
+    KV cache. It keeps the weights alive; dropping it frees its cache."""
+
+    def __repr__(self) -> str:
+        return "<gemma_rs.Session of " + super().__repr__()[1:]
 
 
 def load(
@@ -518,12 +538,15 @@ def memory_plan(
     weights: Literal["q8_0", "bf16", "f32"] = "q8_0",
     *,
     threads: int | None = None,
+    sessions: int = 1,
 ) -> dict[str, int]:
     """The bytes :func:`load` with these arguments would hold — ``weights``, ``kv_cache``,
     ``scratch`` and ``tokenizer``, equal to ``Model.memory`` after loading — computed from the
     config and the tensors' shapes and types, without reading the weights (the tokenizer is
-    built, a fraction of a second). ``sum(plan.values())`` is what ``memory_limit`` checks."""
-    return _gemma_rs.memory_plan(os.fspath(path), max_inference_len, weights, threads)
+    built, a fraction of a second). ``sum(plan.values())`` is what ``memory_limit`` checks.
+    ``sessions`` counts the model's own session and its :meth:`Model.session` objects alive:
+    each adds a KV cache and a scratch, never weights."""
+    return _gemma_rs.memory_plan(os.fspath(path), max_inference_len, weights, threads, sessions)
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,20 @@ pub struct Memory {
 
 impl Memory {
     /// A model of config `c` whose weights take `weights` bytes and its tokenizer `tokenizer`,
-    /// with one KV cache and scratch for sequences of `max_len` tokens on `threads` threads.
-    pub fn new(c: &Config, weights: usize, tokenizer: usize, max_len: usize, threads: usize) -> Memory {
+    /// with `sessions` KV caches and scratches for sequences of `max_len` tokens on `threads`
+    /// threads (the model's own session and each `session()`).
+    pub fn new(
+        c: &Config,
+        weights: usize,
+        tokenizer: usize,
+        max_len: usize,
+        threads: usize,
+        sessions: usize,
+    ) -> Memory {
         Memory {
             weights,
-            kv_cache: KvCache::bytes_for_model(c, max_len),
-            scratch: Scratch::bytes_for(c, max_len, threads),
+            kv_cache: sessions * KvCache::bytes_for_model(c, max_len),
+            scratch: sessions * Scratch::bytes_for(c, max_len, threads),
             tokenizer,
         }
     }

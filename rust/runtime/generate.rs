@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::kernels::ops;
 use crate::runtime::model::Model;
 use crate::runtime::sampler::{Sampler, SamplingParams};
-use crate::runtime::session::Session;
+use crate::runtime::session::{Session, Slot};
 use crate::runtime::Cancel;
 use crate::text::tokenizer::StreamDecoder;
 use std::ops::Range;
@@ -60,6 +60,7 @@ pub struct Completion {
 /// recomputes what they displaced.
 pub struct Generation {
     model: Arc<Model>,
+    slot: Arc<Slot>,
     params: GenerateParams,
     sampler: Sampler,
     decoder: Option<StreamDecoder>,
@@ -78,7 +79,19 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// A generation in the model's own session.
     pub fn new(model: Arc<Model>, prompt: Vec<u32>, params: GenerateParams) -> Result<Generation> {
+        let slot = model.slot.clone();
+        Generation::in_session(model, slot, prompt, params)
+    }
+
+    /// A generation in the session `slot` (one of `model.new_slot()`'s).
+    pub fn in_session(
+        model: Arc<Model>,
+        slot: Arc<Slot>,
+        prompt: Vec<u32>,
+        params: GenerateParams,
+    ) -> Result<Generation> {
         model.check_sequence(&prompt, "the prompt")?;
         let sampler = Sampler::new(params.sampling.clone())?;
         if params.stop.iter().any(String::is_empty) {
@@ -91,6 +104,7 @@ impl Generation {
         };
         Ok(Generation {
             model,
+            slot,
             sampler,
             decoder,
             prompt_len: prompt.len(),
@@ -113,16 +127,16 @@ impl Generation {
     /// Generates one token and returns the text that became final (possibly empty); `None`
     /// once the generation is finished and all its text was returned.
     pub fn step(&mut self, cancel: Cancel<'_>) -> Result<Option<String>> {
-        let model = Arc::clone(&self.model);
-        let mut session = model.session_or_cancel(cancel)?;
+        let slot = Arc::clone(&self.slot);
+        let mut session = slot.lock_or_cancel(cancel)?;
         Ok(self.step_with(&mut session, cancel)?.map(|piece| self.text[piece].to_string()))
     }
 
     /// Steps until the end, holding the session throughout, and returns the completion;
     /// `cancel` is asked before every token (and between prefill chunks).
     pub fn run(&mut self, cancel: Cancel<'_>) -> Result<Completion> {
-        let model = Arc::clone(&self.model);
-        let mut session = model.session_or_cancel(cancel)?;
+        let slot = Arc::clone(&self.slot);
+        let mut session = slot.lock_or_cancel(cancel)?;
         while self.step_with(&mut session, cancel)?.is_some() {}
         Ok(self.completion().expect("finished"))
     }

@@ -12,11 +12,12 @@ use crate::model::forward::{Transformer, CHUNK};
 use crate::model::kv_cache::KvCache;
 use crate::model::memory::Memory;
 use crate::model::schema::{self, all_tensors, WeightType};
-use crate::runtime::session::Session;
+use crate::runtime::session::{Session, Slot};
 use crate::runtime::{Cancel, Progress};
 use crate::text::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// The default cap on a sequence when the caller gives none (and the model allows it).
 pub const DEFAULT_MAX_INFERENCE_LEN: usize = 4096;
@@ -36,23 +37,28 @@ impl Default for LoadOptions {
     }
 }
 
-/// What a model of `ck` holds with these settings (the weights are not read).
-fn plan(ck: &Checkpoint, max_len: usize, weights: WeightType, threads: usize) -> Result<Memory> {
+/// What a model of `ck` holds with these settings and `sessions` sessions (the weights are not
+/// read).
+fn plan(ck: &Checkpoint, max_len: usize, weights: WeightType, threads: usize, sessions: usize) -> Result<Memory> {
     let c = &ck.config;
     for name in all_tensors(c) {
         checked(&ck.source, &name, &name.shape(c))?;
     }
     let tokenizer = ck.tokenizer.as_ref().map_or(0, Tokenizer::memory_bytes);
-    Ok(Memory::new(c, schema::weight_bytes(c, weights), tokenizer, max_len, threads))
+    Ok(Memory::new(c, schema::weight_bytes(c, weights), tokenizer, max_len, threads, sessions))
 }
 
-/// The memory a model at `path` would hold when loaded with `opts`, without loading its weights
-/// (their shapes and types are read, and the tokenizer is built): equal to `Model::memory`
-/// after `Model::load`.
-pub fn memory_plan(path: &Path, opts: &LoadOptions) -> Result<Memory> {
+/// The memory a model at `path` would hold when loaded with `opts` and used through `sessions`
+/// sessions (its own and `sessions - 1` more), without loading its weights (their shapes and
+/// types are read, and the tokenizer is built): equal to `Model::memory` after `Model::load`
+/// and as many `new_slot()`s.
+pub fn memory_plan(path: &Path, opts: &LoadOptions, sessions: usize) -> Result<Memory> {
     let ck = Checkpoint::open(path)?;
     let max_len = resolve_max_inference_len(&ck.config, opts.max_inference_len)?;
-    plan(&ck, max_len, opts.weights, Threads::count_for(opts.threads)?)
+    if sessions == 0 {
+        return Err(Error::InvalidArgument("sessions must be at least 1 (the model's own)".into()));
+    }
+    plan(&ck, max_len, opts.weights, Threads::count_for(opts.threads)?, sessions)
 }
 
 /// What Python's `Model` wraps: the transformer, its tokenizer and one session.
@@ -70,7 +76,10 @@ pub struct Model {
     /// Tells this model, as loaded, from any other (`Checkpoint::fingerprint`): state files
     /// carry it.
     pub fingerprint: u64,
-    session: Mutex<Session>,
+    /// The session of calls made on the model itself.
+    pub slot: Arc<Slot>,
+    /// Slots alive: this one and every `new_slot()` not dropped.
+    live_slots: Arc<AtomicUsize>,
 }
 
 impl Model {
@@ -87,7 +96,7 @@ impl Model {
             .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
         let n_threads = Threads::count_for(opts.threads)?;
         if let Some(limit) = opts.memory_limit {
-            let plan = plan(&ck, max_inference_len, opts.weights, n_threads)?;
+            let plan = plan(&ck, max_inference_len, opts.weights, n_threads, 1)?;
             if plan.total() > limit {
                 let hint = if opts.weights == WeightType::Q8_0 { "" } else { " or use weights=\"q8_0\"" };
                 return Err(Error::MemoryLimit(format!(
@@ -109,7 +118,9 @@ impl Model {
         let Checkpoint { source, config, tokenizer, eos_token_ids, chat_template, .. } = ck;
         let mut from = SourceLoader::new(&source, &config, opts.weights, &threads, progress)?;
         let transformer = Transformer::load(config, &mut from, opts.weights)?;
+        let live_slots = Arc::new(AtomicUsize::new(0));
         let session = Session::new(&transformer.config, max_inference_len, threads.count());
+        let slot = Arc::new(Slot::new(session, live_slots.clone()));
         Ok(Model {
             transformer,
             tokenizer,
@@ -119,7 +130,8 @@ impl Model {
             chat_template,
             path: path.to_path_buf(),
             fingerprint,
-            session: Mutex::new(session),
+            slot,
+            live_slots,
         })
     }
 
@@ -130,12 +142,19 @@ impl Model {
     pub fn memory(&self) -> Memory {
         let tokenizer = self.tokenizer.as_ref().map_or(0, Tokenizer::memory_bytes);
         let (c, weights) = (&self.transformer.config, self.transformer.weight_bytes());
-        Memory::new(c, weights, tokenizer, self.max_inference_len, self.threads.count())
+        let sessions = self.live_slots.load(Ordering::Relaxed);
+        Memory::new(c, weights, tokenizer, self.max_inference_len, self.threads.count(), sessions)
     }
 
-    /// Forgets the cached sequence: the next call computes its prompt from the start.
-    pub fn reset(&self) {
-        self.session().tokens.clear();
+    /// A new session over the same weights: its own KV cache and scratch, empty.
+    pub fn new_slot(&self) -> Slot {
+        let session = Session::new(self.config(), self.max_inference_len, self.threads.count());
+        Slot::new(session, self.live_slots.clone())
+    }
+
+    /// The model's own session, for tests.
+    pub fn session(&self) -> std::sync::MutexGuard<'_, Session> {
+        self.slot.lock()
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
@@ -150,33 +169,14 @@ impl Model {
         self.tokenizer()?.decode(ids, skip_special_tokens)
     }
 
-    /// The session, usable even if a panic poisoned the lock (its state is always consistent:
-    /// `tokens` only grows after a chunk completed).
-    pub(crate) fn session(&self) -> MutexGuard<'_, Session> {
-        self.session.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The session, waiting for another call to release it unless `cancel` says to stop (so a
-    /// Ctrl-C is seen while another thread's long generation holds the model).
-    pub(crate) fn session_or_cancel(&self, cancel: Cancel<'_>) -> Result<MutexGuard<'_, Session>> {
-        loop {
-            match self.session.try_lock() {
-                Ok(s) => return Ok(s),
-                Err(TryLockError::Poisoned(e)) => return Ok(e.into_inner()),
-                Err(TryLockError::WouldBlock) if cancel() => return Err(Error::Interrupted),
-                Err(TryLockError::WouldBlock) => std::thread::sleep(std::time::Duration::from_micros(200)),
-            }
-        }
-    }
-
     /// Writes the KV state of the tokens the session holds to `path` (`docs/STATE_FORMAT.md`),
     /// after bringing it to exactly `prompt` when one is given (prefilling only what the cache
     /// lacks); returns the token count.
-    pub fn save_state(&self, path: &Path, prompt: Option<&[u32]>, cancel: Cancel<'_>) -> Result<usize> {
+    pub fn save_state(&self, slot: &Slot, path: &Path, prompt: Option<&[u32]>, cancel: Cancel<'_>) -> Result<usize> {
         if let Some(p) = prompt {
             self.check_sequence(p, "the prompt")?;
         }
-        let mut s = self.session_or_cancel(cancel)?;
+        let mut s = slot.lock_or_cancel(cancel)?;
         if let Some(p) = prompt {
             s.extend_to(&self.transformer, p, &self.threads, cancel, |_, _, _| {})?;
         }
@@ -195,8 +195,8 @@ impl Model {
     /// the session then holds its tokens, and the next call whose prompt starts with them reuses
     /// them. Returns the token count. A file that is not such a state, or not this model's, is
     /// an error and leaves the session empty.
-    pub fn load_state(&self, path: &Path, cancel: Cancel<'_>) -> Result<usize> {
-        let mut s = self.session_or_cancel(cancel)?;
+    pub fn load_state(&self, slot: &Slot, path: &Path, cancel: Cancel<'_>) -> Result<usize> {
+        let mut s = slot.lock_or_cancel(cancel)?;
         s.tokens.clear();
         let c = self.config();
         let live = |n| KvCache::live_rows(c, n);
@@ -233,13 +233,13 @@ impl Model {
 
     /// Logits `(ids.len(), vocab)` of a fresh forward pass over `ids`, into `out` (the caller
     /// allocates it, after `check_sequence`, so that a too large request fails there).
-    pub fn logits(&self, ids: &[u32], out: &mut [f32], cancel: Cancel<'_>) -> Result<()> {
+    pub fn logits(&self, slot: &Slot, ids: &[u32], out: &mut [f32], cancel: Cancel<'_>) -> Result<()> {
         self.check_sequence(ids, "the sequence")?;
         let vocab = self.transformer.config.vocab_size;
         if out.len() != ids.len() * vocab {
             return Err(Error::Internal(format!("logits buffer of {} floats for {} tokens", out.len(), ids.len())));
         }
-        let mut s = self.session_or_cancel(cancel)?;
+        let mut s = slot.lock_or_cancel(cancel)?;
         s.tokens.clear();
         let mut non_finite = None;
         s.extend_to(&self.transformer, ids, &self.threads, cancel, |scratch, start, n| {
@@ -273,14 +273,14 @@ impl Model {
 
     /// `log p(ids[i + 1] | ids[..=i])` for every `i`, teacher-forced, vocabulary tile by tile
     /// so that no more than the scratch logits buffer is ever held.
-    pub fn logprobs(&self, ids: &[u32], cancel: Cancel<'_>) -> Result<Vec<f32>> {
+    pub fn logprobs(&self, slot: &Slot, ids: &[u32], cancel: Cancel<'_>) -> Result<Vec<f32>> {
         self.check_sequence(ids, "the sequence")?;
         if ids.len() < 2 {
             return Ok(Vec::new());
         }
         let vocab = self.transformer.config.vocab_size;
         let mut out = vec![0f32; ids.len() - 1];
-        let mut s = self.session_or_cancel(cancel)?;
+        let mut s = slot.lock_or_cancel(cancel)?;
         s.tokens.clear();
         s.extend_to(&self.transformer, ids, &self.threads, cancel, |scratch, start, n| {
             let n = n.min(ids.len() - 1 - start); // the last token has no target

@@ -8,6 +8,8 @@ use crate::model::config::Config;
 use crate::model::forward::{Scratch, Transformer, CHUNK};
 use crate::model::kv_cache::KvCache;
 use crate::runtime::Cancel;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 /// What the cache currently holds: the KV rows of `tokens`, positions `0..tokens.len()`.
 pub struct Session {
@@ -68,5 +70,46 @@ impl Session {
         } else {
             0
         }
+    }
+}
+
+/// A session behind its lock: what one user of a model holds (Python's `Model`, or each of its
+/// `session()`s). Calls on one slot take turns; calls on different slots run at once (their
+/// kernel jobs interleave on the model's thread pool). `live` counts the model's slots alive, so
+/// that `Model::memory` counts their caches.
+pub struct Slot {
+    session: Mutex<Session>,
+    live: Arc<AtomicUsize>,
+}
+
+impl Slot {
+    pub fn new(session: Session, live: Arc<AtomicUsize>) -> Slot {
+        live.fetch_add(1, Ordering::Relaxed);
+        Slot { session: Mutex::new(session), live }
+    }
+
+    /// The session, usable even if a panic poisoned the lock (its state is always consistent:
+    /// `tokens` only grows after a chunk completed).
+    pub fn lock(&self) -> MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session, waiting for another call to release it unless `cancel` says to stop (so a
+    /// Ctrl-C is seen while another thread's long generation holds it).
+    pub fn lock_or_cancel(&self, cancel: Cancel<'_>) -> Result<MutexGuard<'_, Session>> {
+        loop {
+            match self.session.try_lock() {
+                Ok(s) => return Ok(s),
+                Err(TryLockError::Poisoned(e)) => return Ok(e.into_inner()),
+                Err(TryLockError::WouldBlock) if cancel() => return Err(Error::Interrupted),
+                Err(TryLockError::WouldBlock) => std::thread::sleep(std::time::Duration::from_micros(200)),
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -37,7 +37,7 @@ fn tiny_checkpoints_match_transformers_in_one_pass_and_token_by_token() {
                 let engine = Model::load(&dir, &opts).unwrap();
                 let vocab = engine.config().vocab_size;
                 let mut full = vec![0f32; ids.len() * vocab];
-                engine.logits(&ids, &mut full, &mut never).unwrap();
+                engine.logits(&engine.slot, &ids, &mut full, &mut never).unwrap();
                 let err = max_abs_diff(&full, &want);
                 assert!(err < tol, "{name} {weights:?}: one pass off by {err}");
 
@@ -110,7 +110,7 @@ fn sliding_rings_give_the_bits_of_a_full_cache() {
     let vocab = c.vocab_size;
     let ids: Vec<u32> = std::iter::once(2).chain((1..256).map(|i| (i * 37 % 500 + 5) as u32)).collect();
     let mut ring = vec![0f32; ids.len() * vocab];
-    engine.logits(&ids, &mut ring, &mut never).unwrap();
+    engine.logits(&engine.slot, &ids, &mut ring, &mut never).unwrap();
 
     let mut full = vec![0f32; ids.len() * vocab];
     let mut cache = KvCache::new(&vec![256; c.num_hidden_layers], c.kv_dim(), 256);
@@ -164,7 +164,7 @@ fn planned_weight_bytes_are_the_loaded_ones() {
         let m = Model::load(&dir, &opts).unwrap();
         let c = m.config();
         assert_eq!(m.transformer.weight_bytes(), schema::weight_bytes(c, weights), "{weights:?}");
-        assert_eq!(crate::runtime::memory_plan(&dir, &opts).unwrap(), m.memory(), "{weights:?}");
+        assert_eq!(crate::runtime::memory_plan(&dir, &opts, 1).unwrap(), m.memory(), "{weights:?}");
     }
 }
 
@@ -193,7 +193,7 @@ fn saved_state_continues_in_a_fresh_model_and_bad_files_are_refused() {
     let a = load(&opts);
     run(&a, &ids[..20]); // the session holds something else first
     let path = tmp.join("prefix.state");
-    assert_eq!(a.save_state(&path, Some(&ids), &mut never).unwrap(), 150);
+    assert_eq!(a.save_state(&a.slot, &path, Some(&ids), &mut never).unwrap(), 150);
     // 7 layers (1 global: every position; 6 sliding: the window of 8), K and V of 64 floats.
     let c = a.config().clone();
     let rows: usize = KvCache::live_rows(&c, 150).iter().sum();
@@ -202,22 +202,22 @@ fn saved_state_continues_in_a_fresh_model_and_bad_files_are_refused() {
     assert_eq!(bytes, 48 + 4 * 7 + 8 + 4 * 150 + rows * 2 * c.kv_dim() * 4 + 8);
 
     let b = load(&opts);
-    assert_eq!(b.load_state(&path, &mut never).unwrap(), 150);
+    assert_eq!(b.load_state(&b.slot, &path, &mut never).unwrap(), 150);
     let warm = run(&b, &prompt);
     assert_eq!(warm.reused_tokens, 150);
     assert_eq!(warm.token_ids, cold.token_ids);
     // Saving what the model holds (no prompt) after a generation, and again: the same file.
     let again = tmp.join("again.state");
     let b2 = load(&opts);
-    b2.load_state(&path, &mut never).unwrap();
-    b2.save_state(&again, None, &mut never).unwrap();
+    b2.load_state(&b2.slot, &path, &mut never).unwrap();
+    b2.save_state(&b2.slot, &again, None, &mut never).unwrap();
     assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&path).unwrap());
 
     let good = std::fs::read(&path).unwrap();
     let refused = |model: &Model, bytes: &[u8], why: &str| {
         let p = tmp.join("bad.state");
         std::fs::write(&p, bytes).unwrap();
-        match model.load_state(&p, &mut never) {
+        match model.load_state(&model.slot, &p, &mut never) {
             Err(e @ Error::Format { .. }) => assert!(e.to_string().contains(why), "{why}: {e}"),
             other => panic!("{why}: {:?}", other.map(|_| ())),
         }
@@ -241,11 +241,17 @@ fn saved_state_continues_in_a_fresh_model_and_bad_files_are_refused() {
     refused(&other, &good, "another model");
     refused(&load(&LoadOptions { weights: WeightType::Q8_0, ..opts.clone() }), &good, "another model");
     refused(&load(&LoadOptions { max_inference_len: Some(100), ..opts.clone() }), &good, "max_inference_len");
-    assert!(matches!(b.load_state(&tmp.join("missing.state"), &mut never), Err(Error::NotFound(_))));
+    assert!(matches!(b.load_state(&b.slot, &tmp.join("missing.state"), &mut never), Err(Error::NotFound(_))));
     // A model with nothing to save says so.
-    assert!(matches!(load(&opts).save_state(&again, None, &mut never), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        {
+            let m = load(&opts);
+            m.save_state(&m.slot, &again, None, &mut never)
+        },
+        Err(Error::InvalidArgument(_))
+    ));
     // The damaged attempts left nothing reused behind: the intact file still works.
-    b.load_state(&path, &mut never).unwrap();
+    b.load_state(&b.slot, &path, &mut never).unwrap();
     assert_eq!(run(&b, &prompt).token_ids, cold.token_ids);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
