@@ -38,6 +38,8 @@ def test_cpu_features_name_the_kernel_in_use():
     if f.arch == "aarch64":
         assert "neon" in f.features
         simd = ["neon-dotprod", "neon"] if "dotprod" in f.features else ["neon"]
+        if "i8mm" in f.features:
+            simd.insert(0, "neon-i8mm")
         assert f.kernels == (*simd, "scalar")
     if f.arch == "x86_64" and {"avx2", "fma", "f16c"} <= set(f.features):
         assert "avx2" in f.kernels
