@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import gemma_rs
@@ -99,6 +102,47 @@ def test_a_state_of_another_model_or_type_or_a_longer_one_is_refused(fixtures_di
         tiny(fixtures_dir).save_state(tmp_path / "b.state", b"abc")
 
 
+def save_reference_state(fixtures_dir: Path, path: str | os.PathLike[str]) -> None:
+    """The state of IDS in tiny-gqa (f32): what scripts/test-aarch64 writes on the x86_64 host
+    (``python tests/test_state.py FIXTURES PATH``) for the aarch64 test below."""
+    tiny(fixtures_dir).save_state(path, IDS)
+
+
+def kv_of(path: Path) -> tuple[bytes, np.ndarray]:
+    """(header, the payload's keys and values as floats) of a state file (docs/STATE_FORMAT.md)."""
+    b = path.read_bytes()
+    layers, _dim, n = struct.unpack_from("<III", b, 24)
+    header = 48 + 4 * layers + 8
+    return b[:header], np.frombuffer(b[header + 4 * n : -8], dtype="<f4")
+
+
+def test_a_state_written_on_another_host_continues_within_rounding(fixtures_dir, tmp_path):
+    """Under qemu (scripts/test-aarch64), GEMMA_RS_FOREIGN_STATE is a file written on the
+    x86_64 host: its fingerprint is this host's, its keys and values are this host's within
+    float rounding, and the continuation from it is this host's. Natively, a child process
+    writes the file."""
+    foreign = os.environ.get("GEMMA_RS_FOREIGN_STATE")
+    if foreign is None:
+        foreign = tmp_path / "foreign.state"
+        code = (
+            "import sys, json, gemma_rs\n"
+            "m = gemma_rs.load(sys.argv[1], max_inference_len=256, weights='f32')\n"
+            "m.save_state(sys.argv[2], json.loads(sys.argv[3]))\n"
+        )
+        real_model.run_python(code, fixtures_dir / "tiny" / "tiny-gqa", foreign, json.dumps(IDS))
+    local = tmp_path / "local.state"
+    save_reference_state(fixtures_dir, local)
+    (h_foreign, kv_foreign), (h_local, kv_local) = kv_of(Path(foreign)), kv_of(local)
+    assert h_foreign == h_local  # the same fingerprint, layout and length
+    np.testing.assert_allclose(kv_foreign, kv_local, rtol=1e-4, atol=1e-4)
+    prompt = IDS + [7, 8, 9]
+    m = tiny(fixtures_dir)
+    assert m.load_state(foreign) == 150
+    warm = m.complete(prompt, 6)
+    assert warm.reused_tokens == 150
+    assert warm.token_ids == tiny(fixtures_dir).complete(prompt, 6).token_ids
+
+
 def tools25() -> list[dict]:
     return json.loads((Path(__file__).parent / "data" / "tools25.json").read_text())
 
@@ -141,3 +185,7 @@ def test_the_tool_declarations_state_in_a_fresh_process(packed_q8_0, tmp_path):
     n, reused, tokens = json.loads(out)
     assert n == len(prefix) and reused == len(prefix)
     assert tokens == cold.completion.token_ids
+
+
+if __name__ == "__main__":
+    save_reference_state(Path(sys.argv[1]), sys.argv[2])
