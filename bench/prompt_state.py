@@ -1,0 +1,135 @@
+"""Time to the first token of a FunctionGemma chat turn with 25 tool declarations, in fresh
+processes: cold (the whole prompt prefilled) against the declarations' state restored.
+
+    python bench/prompt_state.py [--model PATH] [--threads 2] [--repeat 3] [--new-tokens 16]
+
+The tools are tests/data/tools25.json (a home/office assistant); the chat is a developer turn
+declaring them and one user request, rendered by ``Model.chat_prompt`` (2,927 + 18 tokens with
+Gemma 3's tokenizer). Once, the declarations' turn is saved with ``Model.save_state``; then each
+round starts two child processes, alternating:
+
+- cold: ``load``, then ``chat``; time to first token = ``Completion.prefill_seconds``;
+- restored: ``load``, ``load_state``, then ``chat``; time to first token = ``load_state``'s
+  time + ``prefill_seconds`` (only the user's turn is prefilled).
+
+Both print their greedy tokens, which must be equal. ``load`` itself is the same for both and
+reported apart. The model defaults to bench/compare_llama_cpp.py's: the Q8_0 GGUF packed once
+into ``$GEMMA_RS_CACHE`` from the PyPI Q4_K_M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / "tests" / "data" / "tools25.json"
+SYSTEM = {
+    "role": "developer",
+    "content": "You are a model that can do function calling with the following functions",
+}
+CHAT = [SYSTEM, {"role": "user", "content": "Turn off the lights in the kitchen, please."}]
+
+CHILD = r"""
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+import gemma_rs
+model, threads, state, tools, chat, new = sys.argv[1:7]
+t0 = time.perf_counter()
+m = gemma_rs.load(model, max_inference_len=4096, threads=int(threads))
+t1 = time.perf_counter()
+restored = 0.0
+if state != "-":
+    m.load_state(state)
+    restored = time.perf_counter() - t1
+r = m.chat(json.loads(chat), json.load(open(tools)), max_new_tokens=int(new))
+c = r.completion
+print(json.dumps({"load": t1 - t0, "load_state": restored, "prefill": c.prefill_seconds,
+                  "reused": c.reused_tokens, "prompt": c.prompt_tokens, "tokens": c.token_ids}))
+"""
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def child(model: str, threads: int, state: str, new: int) -> dict:
+    args = [model, str(threads), state, str(TOOLS), json.dumps(CHAT), str(new)]
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="model path (default: the packed Q8_0 file of the cache)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    args = ap.parse_args()
+
+    import gemma_rs
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from compare_llama_cpp import q8_0_gguf_path
+
+    model = args.model or str(q8_0_gguf_path())
+    with tempfile.TemporaryDirectory() as tmp:
+        state = os.path.join(tmp, "tools.state")
+        m = gemma_rs.load(model, max_inference_len=4096, threads=args.threads)
+        tools = json.loads(TOOLS.read_text())
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prefix = m.chat_prompt([SYSTEM], tools, add_generation_prompt=False)
+        t = time.perf_counter()
+        m.save_state(state, prefix)
+        saved = time.perf_counter() - t
+        size = os.path.getsize(state)
+        del m
+        cold, warm = [], []
+        for _ in range(args.repeat):
+            cold.append(child(model, args.threads, "-", args.new_tokens))
+            warm.append(child(model, args.threads, state, args.new_tokens))
+
+    med = lambda rows, f: statistics.median(f(r) for r in rows)  # noqa: E731
+    ttft_cold = med(cold, lambda r: r["prefill"])
+    ttft_warm = med(warm, lambda r: r["load_state"] + r["prefill"])
+    same = all(r["tokens"] == cold[0]["tokens"] for r in cold + warm)
+    print(f"command: python bench/prompt_state.py --threads {args.threads} --repeat {args.repeat}")
+    print(f"cpu: {cpu_model()} ({os.cpu_count()} CPUs), {args.threads} threads; model {model}")
+    print(
+        f"prompt: {cold[0]['prompt']} tokens, of which the declarations' turn {len(prefix)}; "
+        f"state file {size / 1e6:.1f} MB, saved in {saved:.2f} s (prefill included)"
+    )
+    print(f"load (both): {med(cold + warm, lambda r: r['load']):.2f} s")
+    print(f"cold:     time to first token {ttft_cold:.3f} s (prefill of the whole prompt)")
+    print(
+        f"restored: time to first token {ttft_warm:.3f} s "
+        f"(load_state {med(warm, lambda r: r['load_state']):.3f} s + prefill "
+        f"{med(warm, lambda r: r['prefill']):.3f} s of {cold[0]['prompt'] - warm[0]['reused']} "
+        f"tokens)"
+    )
+    print(f"ratio: {ttft_cold / ttft_warm:.1f}x; greedy tokens identical: {same}")
+    if not same:
+        sys.exit("the restored runs gave other tokens than the cold ones")
+
+
+if __name__ == "__main__":
+    main()
