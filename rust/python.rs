@@ -705,6 +705,18 @@ impl Model {
         })
     }
 
+    /// How many leading tokens of `ids` the session holds (their KV rows computed).
+    fn held_prefix(&self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let ids = ids_from(ids)?;
+        compute(py, || Ok(self.slot.lock().tokens.iter().zip(&ids).take_while(|(a, b)| a == b).count()))
+    }
+
+    /// The model's fingerprint (what state files carry), as 16 hex digits.
+    #[getter]
+    fn fingerprint(&self) -> String {
+        format!("{:016x}", self.engine.fingerprint)
+    }
+
     /// A new session over the same weights: its own KV cache and scratch, empty.
     fn session(&self, py: Python<'_>) -> PyResult<Model> {
         let engine = Arc::clone(&self.engine);

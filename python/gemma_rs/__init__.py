@@ -124,9 +124,37 @@ def _sampling(sampling: Sampling | None, **options: Any) -> Sampling:
 class Model:
     """A loaded Gemma 3 model. Create it with :func:`load`."""
 
-    def __init__(self, inner: _gemma_rs.Model) -> None:
+    def __init__(self, inner: _gemma_rs.Model, prompt_cache: Any = None) -> None:
         self._inner = inner
         self._config: dict | None = None
+        self._prompt_cache = prompt_cache
+        self._turn_id: int | None = -1
+
+    def _through_cache(self, prompt: Prompt) -> Prompt:
+        """With a prompt cache: the prompt's ids, the model brought to the longest cached
+        prefix of them, and the prefixes worth keeping saved (see :mod:`gemma_rs.prompt_cache`).
+        A prompt that the call will refuse is passed through as given."""
+        cache = self._prompt_cache
+        if cache is None:
+            return prompt
+        vocab = self.vocab_size
+        if isinstance(prompt, str):
+            if not prompt or not self.has_tokenizer:
+                return prompt
+            ids = self.tokenize(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and 0 <= t < vocab for t in prompt
+        ):
+            ids = list(prompt)
+        else:
+            return prompt
+        if not 0 < len(ids) <= self.max_inference_len:
+            return prompt
+        if self._turn_id == -1:
+            turn = self.tokenize("<start_of_turn>", add_bos=False) if self.has_tokenizer else []
+            self._turn_id = turn[0] if len(turn) == 1 else None
+        cache.prepare(self, ids, self._turn_id)
+        return ids
 
     def __repr__(self) -> str:
         c = self.config
@@ -162,7 +190,7 @@ class Model:
         """
         s = _sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
-        return self._inner.complete(prompt, max_new_tokens, s, stop, False)
+        return self._inner.complete(self._through_cache(prompt), max_new_tokens, s, stop, False)
 
     def generate(
         self,
@@ -181,6 +209,7 @@ class Model:
         """The text of :meth:`complete` (same arguments); needs the tokenizer."""
         s = _sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+        prompt = self._through_cache(prompt)
         return self._inner.complete(prompt, max_new_tokens, s, stop, True).text
 
     def stream(
@@ -201,7 +230,7 @@ class Model:
         ``completion`` is the :class:`Completion` that :meth:`complete` would have returned."""
         s = _sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
-        return self._inner.stream(prompt, max_new_tokens, s, stop)
+        return self._inner.stream(self._through_cache(prompt), max_new_tokens, s, stop)
 
     def chat(
         self,
@@ -411,7 +440,7 @@ class Model:
         and saved state are its own. Sessions may be used from different Python threads at once
         (the GIL is released while they compute; their kernel jobs take turns on the model's
         threads); calls on one session or model from several threads wait for each other."""
-        return Session(self._inner.session())
+        return Session(self._inner.session(), self._prompt_cache)
 
 
 class Session(Model):
@@ -430,6 +459,8 @@ def load(
     threads: int | None = None,
     memory_limit: int | None = None,
     progress: bool | Callable[[int, int], object] | None = None,
+    prompt_cache: str | os.PathLike[str] | None = None,
+    prompt_cache_bytes: int = 1 << 30,
 ) -> Model:
     """Loads a Gemma 3 model: a Hugging Face directory or a GGUF file.
 
@@ -457,9 +488,20 @@ def load(
     (an exception it raises stops loading). When the application uses :mod:`logging`, the
     ``gemma_rs`` logger gets the load (INFO) and its progress (DEBUG, every 10%).
 
+    ``prompt_cache``: a directory (created if missing) where the state of prompt prefixes worth
+    keeping — a chat's first turn (system and tool declarations), long prompts — is saved and
+    restored by later calls and later processes, so that they do not prefill them again; the
+    least recently used entries go first beyond ``prompt_cache_bytes`` (default 1 GiB).
+    Processes may share the directory. See :mod:`gemma_rs.prompt_cache`.
+
     Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for bad arguments,
     ``MemoryError`` above ``memory_limit`` and :class:`GemmaError` for a malformed model.
     """
+    cache = None
+    if prompt_cache is not None:
+        from .prompt_cache import PromptCache
+
+        cache = PromptCache(prompt_cache, prompt_cache_bytes)  # checked before loading
     what = f"loading {os.fspath(path)}"
     report = _Progress(what, progress if progress is not None else False)
     start = time.perf_counter()
@@ -469,7 +511,9 @@ def load(
         )
     finally:
         report.close()
-    model = Model(inner)
+    if cache is not None:
+        cache.fingerprint = inner.fingerprint
+    model = Model(inner, cache)
     log = _logger()
     if log is not None:
         mem = model.memory
