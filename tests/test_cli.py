@@ -362,3 +362,27 @@ def test_load_progress_and_logging_for_library_users(real_model_gguf, caplog):
 
     with pytest.raises(RuntimeError, match="enough"):
         gemma_rs.load(real_model_gguf, 64, progress=stop)
+
+
+def test_pack_writes_the_first_turn_state_and_chat_restores_it(real_model_gguf, tmp_path):
+    """`pack --tools --system` writes the state of the chat's first turn beside the model;
+    `chat --state` restores it, and its reply is the one without it."""
+    tools = Path(__file__).parent / "data" / "tools25.json"
+    dst = tmp_path / "model.gguf"
+    system = "You are a home assistant."
+    r = run("pack", str(real_model_gguf), str(dst), "--tools", str(tools), "--system", system)
+    assert r.returncode == 0, r.stderr
+    state = tmp_path / "model.state"
+    n = int(re.search(r"the state of the (\d+)-token system", r.stderr)[1])
+    assert state.is_file() and 2_800 < n < 3_000
+    args = ["chat", str(dst), "--tools", str(tools), "--system", system, "--max-new-tokens", "8"]
+    cold = run(*args, stdin="Lights off in the kitchen\n")
+    warm = run(*args, "--state", str(state), stdin="Lights off in the kitchen\n")
+    assert cold.returncode == warm.returncode == 0, warm.stderr
+    assert f"restored {n} tokens from {state}" in warm.stderr
+    assert warm.stdout == cold.stdout
+    # The packed file's state is not the state of the GGUF it was packed from.
+    bad = run("chat", str(real_model_gguf), "--state", str(state), stdin="hi\n")
+    assert bad.returncode == 1 and "saved from another model" in bad.stderr
+    usage = run("pack", str(real_model_gguf), str(tmp_path / "x.gguf"), "--state", "s")
+    assert usage.returncode == 2 and "--state needs --tools or --system" in usage.stderr

@@ -71,7 +71,12 @@ def run(lang: str, code: str, cwd: Path, env: dict[str, str], timeout: float = 1
 @pytest.fixture(scope="module")
 def tidy():
     """Files the README's commands write into the checkout are removed afterwards."""
-    made = [ROOT / "gemma-3-270m-q8_0.gguf", ROOT / "demo-env", ROOT / "tools.state"]
+    made = [
+        ROOT / "gemma-3-270m-q8_0.gguf",
+        ROOT / "gemma-3-270m-q8_0.state",
+        ROOT / "demo-env",
+        ROOT / "tools.state",
+    ]
     existed = {p for p in made if p.exists()}
     yield
     for p in made:

