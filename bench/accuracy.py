@@ -3,7 +3,7 @@ reference file (fixtures/gemma-3-270m/reference-{f32,bf16}.json), whether the gr
 the largest error on the reference's top-10 logits, and the perplexity case's mean NLL.
 
     python bench/accuracy.py ~/.cache/gemma_rs/gemma-3-270m-f32 \\
-        tests/fixtures/gemma-3-270m/reference-f32.json --weights f32
+        tests/fixtures/gemma-3-270m/reference-f32.json --weights f32 [--kv-dtype f16]
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ def main() -> int:
     p.add_argument("model", type=Path)
     p.add_argument("reference", type=Path)
     p.add_argument("--weights", default="bf16")
+    p.add_argument("--kv-dtype", default="f32", choices=["f32", "f16"])
     a = p.parse_args()
     ref = json.loads(a.reference.read_text())
-    model = gemma_rs.load(a.model, weights=a.weights)
+    model = gemma_rs.load(a.model, weights=a.weights, kv_dtype=a.kv_dtype)
     print(f"{'case':<12} {'prompt':>6} {'greedy ids':>10} {'top-10 max |err|':>17}")
     for case in ref["generate"]:
         want = case["greedy_ids"]

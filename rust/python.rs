@@ -9,6 +9,7 @@ use crate::model::memory::Memory;
 use crate::model::schema::{all_tensors, WeightType};
 use crate::runtime::generate::{Completion, GenerateParams, Generation};
 use crate::runtime::sampler::SamplingParams;
+use crate::model::kv_cache::KvDtype;
 use crate::runtime::session::Slot;
 use crate::runtime::{Cancel, LoadOptions, Model as Engine};
 use pyo3::exceptions::{
@@ -194,7 +195,7 @@ fn check_load_options(
     weights: &str,
     threads: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    let opts = load_options(max_inference_len, weights, threads, None)?;
+    let opts = load_options(max_inference_len, weights, threads, None, "f32")?;
     Threads::count_for(opts.threads)?;
     Ok(())
 }
@@ -205,12 +206,14 @@ fn load_options(
     weights: &str,
     threads: Option<&Bound<'_, PyAny>>,
     memory_limit: Option<&Bound<'_, PyAny>>,
+    kv_dtype: &str,
 ) -> PyResult<LoadOptions> {
     Ok(LoadOptions {
         max_inference_len: positive_arg("max_inference_len", max_inference_len)?,
         weights: WeightType::parse(weights)?,
         threads: positive_arg("threads", threads)?,
         memory_limit: positive_arg("memory_limit", memory_limit)?,
+        kv_dtype: KvDtype::parse(kv_dtype)?,
     })
 }
 
@@ -276,7 +279,8 @@ impl Sampling {
 }
 
 #[pyfunction]
-#[pyo3(signature = (path, max_inference_len, weights, threads, memory_limit, progress=None))]
+#[pyo3(signature = (path, max_inference_len, weights, threads, memory_limit, kv_dtype="f32", progress=None))]
+#[allow(clippy::too_many_arguments)]
 fn load(
     py: Python<'_>,
     path: PathBuf,
@@ -284,9 +288,10 @@ fn load(
     weights: &str,
     threads: Option<&Bound<'_, PyAny>>,
     memory_limit: Option<&Bound<'_, PyAny>>,
+    kv_dtype: &str,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<Model> {
-    let opts = load_options(max_inference_len, weights, threads, memory_limit)?;
+    let opts = load_options(max_inference_len, weights, threads, memory_limit, kv_dtype)?;
     let mut raised: Option<PyErr> = None;
     // Each slab of weights: on the main thread Ctrl-C is looked for (loading holds no lock of a
     // model's, so taking the GIL here is safe), and the caller's callback, if any, is told.
@@ -317,7 +322,7 @@ fn memory_dict<'py>(py: Python<'py>, m: &Memory) -> PyResult<Bound<'py, PyDict>>
 
 /// The bytes a model would hold once loaded (`Model.memory`), without loading its weights.
 #[pyfunction]
-#[pyo3(signature = (path, max_inference_len, weights, threads, sessions))]
+#[pyo3(signature = (path, max_inference_len, weights, threads, sessions, kv_dtype="f32"))]
 fn memory_plan<'py>(
     py: Python<'py>,
     path: PathBuf,
@@ -325,8 +330,9 @@ fn memory_plan<'py>(
     weights: &str,
     threads: Option<&Bound<'py, PyAny>>,
     sessions: &Bound<'py, PyAny>,
+    kv_dtype: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let opts = load_options(max_inference_len, weights, threads, None)?;
+    let opts = load_options(max_inference_len, weights, threads, None, kv_dtype)?;
     let sessions = count_arg("sessions", sessions)?;
     let plan = compute(py, || crate::runtime::memory_plan(&path, &opts, sessions))?;
     memory_dict(py, &plan)
@@ -709,6 +715,12 @@ impl Model {
     fn held_prefix(&self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<usize> {
         let ids = ids_from(ids)?;
         compute(py, || Ok(self.slot.lock().tokens.iter().zip(&ids).take_while(|(a, b)| a == b).count()))
+    }
+
+    /// "f32" or "f16": how its KV caches hold keys and values.
+    #[getter]
+    fn kv_dtype(&self) -> &'static str {
+        self.engine.kv_dtype.name()
     }
 
     /// The model's fingerprint (what state files carry), as 16 hex digits.

@@ -130,3 +130,32 @@ def test_memory_limit(packed_q8_0):
         gemma_rs.load(packed_q8_0, memory_limit=0)
     with pytest.raises(TypeError, match="memory_limit"):
         gemma_rs.load(packed_q8_0, memory_limit=1.5e9)
+
+
+def test_an_f16_cache_keeps_the_greedy_references_and_the_perplexity(real_model_f32_dir, ref):
+    """kv_dtype="f16" with the f32 weights: every greedy reference case (the 739-token one
+    across the rings included) gives transformers' tokens, the top-10 logits stay within 0.03
+    of the reference, the perplexity case's mean NLL within 1e-4; the cache takes half the
+    bytes, as memory_plan says."""
+    import numpy as np
+
+    model = gemma_rs.load(real_model_f32_dir, max_inference_len=1024, weights="f32", kv_dtype="f16")
+    assert model.kv_dtype == "f16"
+    for case in ref["generate"]:
+        want = case["greedy_ids"]
+        model.reset()
+        assert model.complete(case["prompt_ids"], len(want)).token_ids == want, case["name"]
+        start = len(case["prompt_ids"]) - 1
+        logits = model.logits(case["prompt_ids"] + want[:-1])[start:]
+        for i, step in enumerate(case["steps"]):
+            err = np.abs(logits[i][step["top_ids"]] - step["top_logits"]).max()
+            assert err < 0.03, (case["name"], i, err)
+    (ppl,) = ref["perplexity"]
+    nll = -float(model.logprobs(ppl["ids"]).astype(np.float64).mean())
+    assert abs(nll - ppl["mean_nll"]) < 1e-4, nll
+    f32_plan = gemma_rs.memory_plan(real_model_f32_dir, 1024, "f32")
+    f16_plan = gemma_rs.memory_plan(real_model_f32_dir, 1024, "f32", kv_dtype="f16")
+    assert model.memory == f16_plan
+    assert 2 * f16_plan["kv_cache"] - f32_plan["kv_cache"] == 15 * 639 * 4  # ring tags stay u32
+    with pytest.raises(ValueError, match="kv_dtype"):
+        gemma_rs.load(real_model_f32_dir, 64, weights="f32", kv_dtype="bf16")  # type: ignore[arg-type]

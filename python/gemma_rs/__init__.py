@@ -433,6 +433,11 @@ class Model:
         alive."""
         return self._inner.memory
 
+    @property
+    def kv_dtype(self) -> str:
+        """``"f32"`` or ``"f16"``: how the KV caches hold keys and values (``load``'s choice)."""
+        return self._inner.kv_dtype
+
     def session(self) -> Session:
         """A new session over the same weights (never a copy of them): an object with this
         class's generation, chat and state methods and its own KV cache and scratch (its cost:
@@ -461,6 +466,7 @@ def load(
     progress: bool | Callable[[int, int], object] | None = None,
     prompt_cache: str | os.PathLike[str] | None = None,
     prompt_cache_bytes: int = 1 << 30,
+    kv_dtype: Literal["f32", "f16"] = "f32",
 ) -> Model:
     """Loads a Gemma 3 model: a Hugging Face directory or a GGUF file.
 
@@ -488,6 +494,10 @@ def load(
     (an exception it raises stops loading). When the application uses :mod:`logging`, the
     ``gemma_rs`` logger gets the load (INFO) and its progress (DEBUG, every 10%).
 
+    ``kv_dtype``: ``"f32"`` (exact) or ``"f16"``: keys and values held as IEEE halves, which
+    halves the KV cache and its state files; the logits move by about a hundredth (README,
+    "Memory").
+
     ``prompt_cache``: a directory (created if missing) where the state of prompt prefixes worth
     keeping — a chat's first turn (system and tool declarations), long prompts — is saved and
     restored by later calls and later processes, so that they do not prefill them again; the
@@ -507,7 +517,13 @@ def load(
     start = time.perf_counter()
     try:
         inner = _gemma_rs.load(
-            os.fspath(path), max_inference_len, weights, threads, memory_limit, report.callback()
+            os.fspath(path),
+            max_inference_len,
+            weights,
+            threads,
+            memory_limit,
+            kv_dtype,
+            report.callback(),
         )
     finally:
         report.close()
@@ -583,6 +599,7 @@ def memory_plan(
     *,
     threads: int | None = None,
     sessions: int = 1,
+    kv_dtype: Literal["f32", "f16"] = "f32",
 ) -> dict[str, int]:
     """The bytes :func:`load` with these arguments would hold — ``weights``, ``kv_cache``,
     ``scratch`` and ``tokenizer``, equal to ``Model.memory`` after loading — computed from the
@@ -590,7 +607,9 @@ def memory_plan(
     built, a fraction of a second). ``sum(plan.values())`` is what ``memory_limit`` checks.
     ``sessions`` counts the model's own session and its :meth:`Model.session` objects alive:
     each adds a KV cache and a scratch, never weights."""
-    return _gemma_rs.memory_plan(os.fspath(path), max_inference_len, weights, threads, sessions)
+    return _gemma_rs.memory_plan(
+        os.fspath(path), max_inference_len, weights, threads, sessions, kv_dtype
+    )
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,8 @@ class Model:
     def held_prefix(self, ids: Sequence[int]) -> int: ...
     @property
     def fingerprint(self) -> str: ...
+    @property
+    def kv_dtype(self) -> str: ...
     def tokenize(self, text: str, add_bos: bool) -> list[int]: ...
     def detokenize(self, ids: Sequence[int], skip_special_tokens: bool) -> str: ...
     def logits(self, ids: Sequence[int]) -> tuple[bytearray, int, int]: ...
@@ -100,10 +102,16 @@ def load(
     weights: str,
     threads: int | None,
     memory_limit: int | None,
+    kv_dtype: str = "f32",
     progress: Callable[[int, int], object] | None = None,
 ) -> Model: ...
 def memory_plan(
-    path: str, max_inference_len: int | None, weights: str, threads: int | None, sessions: int
+    path: str,
+    max_inference_len: int | None,
+    weights: str,
+    threads: int | None,
+    sessions: int,
+    kv_dtype: str = "f32",
 ) -> dict[str, int]: ...
 def pack(
     src: str,

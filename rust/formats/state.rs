@@ -9,15 +9,24 @@
 
 use crate::error::{Error, Result};
 use crate::formats::digest::Digest;
-use crate::model::kv_cache::KvCache;
+use crate::model::kv_cache::{KvCache, KvDtype, Row};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: [u8; 8] = *b"GRSTATE\0";
 pub const VERSION: u32 = 1;
-/// `kv dtype` values.
-pub const KV_F32: u32 = 0;
+/// The header's `kv dtype` of each cache type.
+fn dtype_code(t: KvDtype) -> u32 {
+    match t {
+        KvDtype::F32 => 0,
+        KvDtype::F16 => 1,
+    }
+}
+
+fn dtype_of(code: u32) -> Option<KvDtype> {
+    [KvDtype::F32, KvDtype::F16].into_iter().find(|&t| dtype_code(t) == code)
+}
 /// Bytes of the header before the per-layer row counts.
 const FIXED: usize = 48;
 
@@ -39,7 +48,8 @@ impl Header {
     }
 
     fn payload_bytes(&self) -> u64 {
-        let row = 2 * self.kv_dim as u64 * 4;
+        let size = dtype_of(self.kv_dtype).map_or(4, KvDtype::bytes) as u64;
+        let row = 2 * self.kv_dim as u64 * size;
         4 * self.tokens as u64 + self.rows.iter().map(|&r| r as u64 * row).sum::<u64>()
     }
 
@@ -80,7 +90,8 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// `path` atomically; returns the file's bytes.
 pub fn save(path: &Path, fingerprint: u64, cache: &KvCache, tokens: &[u32], rows: &[usize]) -> Result<u64> {
     let n = tokens.len();
-    let header = Header { fingerprint, kv_dtype: KV_F32, kv_dim: cache.kv_dim(), tokens: n, rows: rows.to_vec() };
+    let kv_dtype = dtype_code(cache.dtype());
+    let header = Header { fingerprint, kv_dtype, kv_dim: cache.kv_dim(), tokens: n, rows: rows.to_vec() };
     for (l, &r) in rows.iter().enumerate() {
         if r > n || !cache.holds(l, n - r, n) {
             return Err(Error::Internal(format!("state: layer {l} does not hold the last {r} of {n} positions")));
@@ -103,8 +114,9 @@ pub fn save(path: &Path, fingerprint: u64, cache: &KvCache, tokens: &[u32], rows
         for (l, &r) in rows.iter().enumerate() {
             for pos in n - r..n {
                 row.clear();
-                for x in cache.keys(l, pos, pos)[0].iter().chain(cache.values(l, pos, pos)[0]) {
-                    row.extend_from_slice(&x.to_le_bytes());
+                match cache.row(l, pos) {
+                    Row::F32(k, v) => k.iter().chain(v).for_each(|x| row.extend_from_slice(&x.to_le_bytes())),
+                    Row::F16(k, v) => k.iter().chain(v).for_each(|x| row.extend_from_slice(&x.to_le_bytes())),
                 }
                 put(&mut w, &row)?;
             }
@@ -142,6 +154,7 @@ fn temporary_beside(path: &Path) -> PathBuf {
 /// What the loading model expects of a file.
 pub struct Expect<'a> {
     pub fingerprint: u64,
+    pub kv_dtype: KvDtype,
     pub kv_dim: usize,
     pub max_tokens: usize,
     pub vocab: usize,
@@ -194,8 +207,12 @@ pub fn read_header(path: &Path, f: &mut impl Read, file_len: u64, want: &Expect)
             header.fingerprint, want.fingerprint
         )));
     }
-    if header.kv_dtype != KV_F32 {
-        return Err(bad(format!("the state's KV cache type ({}) is not this model's (f32)", header.kv_dtype)));
+    if header.kv_dtype != dtype_code(want.kv_dtype) {
+        let theirs = dtype_of(header.kv_dtype).map_or_else(|| format!("code {}", header.kv_dtype), |t| t.name().into());
+        return Err(bad(format!(
+            "the state's KV cache holds {theirs}, this model's {} (load it with kv_dtype=\"{theirs}\")",
+            want.kv_dtype.name()
+        )));
     }
     if header.tokens > want.max_tokens {
         return Err(bad(format!(
@@ -248,17 +265,29 @@ pub fn load(path: &Path, cache: &mut KvCache, want: &Expect) -> Result<Vec<u32>>
     r.read_exact(&mut ids).map_err(io)?;
     d.update(&ids);
     let ids: Vec<u32> = ids.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4"))).collect();
-    let mut row = vec![0u8; 2 * h.kv_dim * 4];
+    let size = want.kv_dtype.bytes();
+    let mut row = vec![0u8; 2 * h.kv_dim * size];
     let (mut k, mut v) = (vec![0f32; h.kv_dim], vec![0f32; h.kv_dim]);
+    let (mut kh, mut vh) = (vec![0u16; h.kv_dim], vec![0u16; h.kv_dim]);
     for (l, &rows) in h.rows.iter().enumerate() {
         for pos in h.tokens - rows..h.tokens {
             r.read_exact(&mut row).map_err(io)?;
             d.update(&row);
-            let (kb, vb) = row.split_at(h.kv_dim * 4);
-            for (x, b) in k.iter_mut().zip(kb.chunks_exact(4)).chain(v.iter_mut().zip(vb.chunks_exact(4))) {
-                *x = f32::from_le_bytes(b.try_into().expect("4"));
+            let (kb, vb) = row.split_at(h.kv_dim * size);
+            match want.kv_dtype {
+                KvDtype::F32 => {
+                    for (x, b) in k.iter_mut().zip(kb.chunks_exact(4)).chain(v.iter_mut().zip(vb.chunks_exact(4))) {
+                        *x = f32::from_le_bytes(b.try_into().expect("4"));
+                    }
+                    cache.store_row(l, pos, Row::F32(&k, &v));
+                }
+                KvDtype::F16 => {
+                    for (x, b) in kh.iter_mut().zip(kb.chunks_exact(2)).chain(vh.iter_mut().zip(vb.chunks_exact(2))) {
+                        *x = u16::from_le_bytes(b.try_into().expect("2"));
+                    }
+                    cache.store_row(l, pos, Row::F16(&kh, &vh));
+                }
             }
-            cache.store(l, pos, &k, &v);
         }
     }
     let mut tail = [0u8; 8];

@@ -9,7 +9,7 @@ use crate::kernels::ops::{self, Activations, Values};
 use crate::kernels::quant::gemm::QuantizedActs;
 use crate::kernels::threads::{split_rows, Threads};
 use crate::model::config::{Config, LayerType};
-use crate::model::kv_cache::KvCache;
+use crate::model::kv_cache::{KvCache, KvDtype};
 use crate::model::schema::{Layer, LoadWeight, Outer, TensorName, WeightRef, WeightType};
 
 /// Tokens per forward chunk: prefill runs as matrix × matrix on this many tokens at a time, so
@@ -214,7 +214,8 @@ impl Transformer {
     /// attention ignores `attn_logit_softcapping` (the tiny-mqa-softcap fixture sets it to 50 and
     /// its reference logits are those of uncapped scores).
     fn attention(&self, s: &mut Scratch, cache: &KvCache, layer: usize, n: usize, start: usize, threads: &Threads) {
-        if n >= 2 * TOKEN_TILE * threads.count() {
+        // An f16 cache is widened a block at a time, which the tiled path does.
+        if n >= 2 * TOKEN_TILE * threads.count() || cache.dtype() == KvDtype::F16 {
             return self.attention_tiled(s, cache, layer, n, start, threads);
         }
         let c = &self.config;
@@ -251,12 +252,14 @@ impl Transformer {
                 let kv_off = (head0 / group) * hd;
                 let qh = &q[t * q_dim + head0 * hd..t * q_dim + (head0 + per_item) * hd];
                 let scores = &mut scores_buf[..per_item * len];
-                let keys = cache.keys(layer, first, pos);
+                let mut unused = Vec::new(); // an f32 cache: its own rows, no copy
+                let keys = cache.keys(layer, first, pos, &mut unused);
                 ops::attention_scores(scores, qh, keys, kv_dim, kv_off, self.attn_scale);
                 for row in scores.chunks_exact_mut(len) {
                     ops::softmax(row);
                 }
-                let values = cache.values(layer, first, pos);
+                let mut unused = Vec::new();
+                let values = cache.values(layer, first, pos, &mut unused);
                 ops::attention_values(out, scores, values, kv_dim, kv_off);
             }
         });
@@ -300,6 +303,8 @@ impl Transformer {
         let scale = self.attn_scale;
         let parts = by_token.into_iter().zip(outs).zip(scores).collect();
         threads.run(parts, |_, ((tokens, out), buf)| {
+            // A block of an f16 cache, widened (unused with f32).
+            let mut widened = Vec::new();
             let t_start = tokens.start;
             for t0 in tokens.step_by(TOKEN_TILE) {
                 let t1 = (t0 + TOKEN_TILE).min(t_start + out.len() / q_dim);
@@ -314,11 +319,13 @@ impl Transformer {
                 for g in 0..kv_heads {
                     let kv_off = g * hd;
                     for b in blocks() {
+                        let block = cache.keys(layer, *b.start(), *b.end(), &mut widened);
                         for t in t0..t1 {
                             let Some((a, z)) = part(t, &b) else { continue };
                             let rows = &mut buf[(t - t0) * group * capacity + (a - first(t))..];
                             let qh = &q[t * q_dim + g * group * hd..t * q_dim + (g + 1) * group * hd];
-                            let keys = Values { rows: cache.keys(layer, a, z), stride: kv_dim, offset: kv_off };
+                            let kr = sub_rows(block, a - b.start(), z + 1 - b.start(), kv_dim);
+                            let keys = Values { rows: kr, stride: kv_dim, offset: kv_off };
                             ops::attention_scores_into(rows, capacity, group, qh, keys, scale);
                         }
                     }
@@ -329,11 +336,13 @@ impl Transformer {
                         }
                     }
                     for b in blocks() {
+                        let block = cache.values(layer, *b.start(), *b.end(), &mut widened);
                         for t in t0..t1 {
                             let Some((a, z)) = part(t, &b) else { continue };
                             let o = &mut out[(t - t_start) * q_dim + g * group * hd..][..group * hd];
                             let p = &buf[(t - t0) * group * capacity + (a - first(t))..];
-                            let values = Values { rows: cache.values(layer, a, z), stride: kv_dim, offset: kv_off };
+                            let vr = sub_rows(block, a - b.start(), z + 1 - b.start(), kv_dim);
+                            let values = Values { rows: vr, stride: kv_dim, offset: kv_off };
                             ops::attention_values_into(o, group, p, capacity, values, a > first(t));
                         }
                     }
@@ -366,6 +375,14 @@ impl Transformer {
             ops::softcap(&mut out[..n * m], cap);
         }
     }
+}
+
+/// Rows `i..j` (of `stride` floats) of two segments read as one sequence, as two segments.
+fn sub_rows(r: [&[f32]; 2], i: usize, j: usize, stride: usize) -> [&[f32]; 2] {
+    let n0 = r[0].len() / stride;
+    let first = &r[0][i.min(n0) * stride..j.min(n0) * stride];
+    let second = &r[1][(i.max(n0) - n0) * stride..(j.max(n0) - n0) * stride];
+    [first, second]
 }
 
 /// Calls `f(t, row)` for each row `t` of `m (n, width)`, the rows split across threads.

@@ -3,7 +3,16 @@
 
 use crate::model::config::Config;
 use crate::model::forward::Scratch;
-use crate::model::kv_cache::KvCache;
+use crate::model::kv_cache::{KvCache, KvDtype};
+
+/// What sizes a session: its cap on a sequence, the threads (a scores buffer each) and the
+/// cache's type.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionPlan {
+    pub max_len: usize,
+    pub threads: usize,
+    pub kv_dtype: KvDtype,
+}
 
 /// Bytes held by each part of a loaded model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,19 +25,13 @@ pub struct Memory {
 
 impl Memory {
     /// A model of config `c` whose weights take `weights` bytes and its tokenizer `tokenizer`,
-    /// with `sessions` KV caches and scratches for sequences of `max_len` tokens on `threads`
-    /// threads (the model's own session and each `session()`).
-    pub fn new(
-        c: &Config,
-        weights: usize,
-        tokenizer: usize,
-        max_len: usize,
-        threads: usize,
-        sessions: usize,
-    ) -> Memory {
+    /// with `sessions` sessions of `plan` (the model's own and each `session()`): a KV cache
+    /// and a scratch each.
+    pub fn new(c: &Config, weights: usize, tokenizer: usize, plan: &SessionPlan, sessions: usize) -> Memory {
+        let SessionPlan { max_len, threads, kv_dtype } = *plan;
         Memory {
             weights,
-            kv_cache: sessions * KvCache::bytes_for_model(c, max_len),
+            kv_cache: sessions * KvCache::bytes_for_model(c, max_len, kv_dtype),
             scratch: sessions * Scratch::bytes_for(c, max_len, threads),
             tokenizer,
         }

@@ -9,8 +9,8 @@ use crate::kernels::ops::{self, LogSumExp};
 use crate::kernels::threads::Threads;
 use crate::model::config::Config;
 use crate::model::forward::{Transformer, CHUNK};
-use crate::model::kv_cache::KvCache;
-use crate::model::memory::Memory;
+use crate::model::kv_cache::{KvCache, KvDtype};
+use crate::model::memory::{Memory, SessionPlan};
 use crate::model::schema::{self, all_tensors, WeightType};
 use crate::runtime::session::{Session, Slot};
 use crate::runtime::{Cancel, Progress};
@@ -29,23 +29,30 @@ pub struct LoadOptions {
     pub threads: Option<usize>,
     /// Refuse to load when the memory plan's total exceeds this many bytes.
     pub memory_limit: Option<usize>,
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { max_inference_len: None, weights: WeightType::Q8_0, threads: None, memory_limit: None }
+        LoadOptions {
+            max_inference_len: None,
+            weights: WeightType::Q8_0,
+            threads: None,
+            memory_limit: None,
+            kv_dtype: KvDtype::F32,
+        }
     }
 }
 
 /// What a model of `ck` holds with these settings and `sessions` sessions (the weights are not
 /// read).
-fn plan(ck: &Checkpoint, max_len: usize, weights: WeightType, threads: usize, sessions: usize) -> Result<Memory> {
+fn plan(ck: &Checkpoint, weights: WeightType, sp: &SessionPlan, sessions: usize) -> Result<Memory> {
     let c = &ck.config;
     for name in all_tensors(c) {
         checked(&ck.source, &name, &name.shape(c))?;
     }
     let tokenizer = ck.tokenizer.as_ref().map_or(0, Tokenizer::memory_bytes);
-    Ok(Memory::new(c, schema::weight_bytes(c, weights), tokenizer, max_len, threads, sessions))
+    Ok(Memory::new(c, schema::weight_bytes(c, weights), tokenizer, sp, sessions))
 }
 
 /// The memory a model at `path` would hold when loaded with `opts` and used through `sessions`
@@ -58,7 +65,8 @@ pub fn memory_plan(path: &Path, opts: &LoadOptions, sessions: usize) -> Result<M
     if sessions == 0 {
         return Err(Error::InvalidArgument("sessions must be at least 1 (the model's own)".into()));
     }
-    plan(&ck, max_len, opts.weights, Threads::count_for(opts.threads)?, sessions)
+    let sp = SessionPlan { max_len, threads: Threads::count_for(opts.threads)?, kv_dtype: opts.kv_dtype };
+    plan(&ck, opts.weights, &sp, sessions)
 }
 
 /// What Python's `Model` wraps: the transformer, its tokenizer and one session.
@@ -76,6 +84,8 @@ pub struct Model {
     /// Tells this model, as loaded, from any other (`Checkpoint::fingerprint`): state files
     /// carry it.
     pub fingerprint: u64,
+    /// The type of every session's KV cache.
+    pub kv_dtype: KvDtype,
     /// The session of calls made on the model itself.
     pub slot: Arc<Slot>,
     /// Slots alive: this one and every `new_slot()` not dropped.
@@ -95,8 +105,9 @@ impl Model {
         let max_inference_len = resolve_max_inference_len(&ck.config, opts.max_inference_len)
             .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
         let n_threads = Threads::count_for(opts.threads)?;
+        let sp = SessionPlan { max_len: max_inference_len, threads: n_threads, kv_dtype: opts.kv_dtype };
         if let Some(limit) = opts.memory_limit {
-            let plan = plan(&ck, max_inference_len, opts.weights, n_threads, 1)?;
+            let plan = plan(&ck, opts.weights, &sp, 1)?;
             if plan.total() > limit {
                 let hint = if opts.weights == WeightType::Q8_0 { "" } else { " or use weights=\"q8_0\"" };
                 return Err(Error::MemoryLimit(format!(
@@ -119,7 +130,7 @@ impl Model {
         let mut from = SourceLoader::new(&source, &config, opts.weights, &threads, progress)?;
         let transformer = Transformer::load(config, &mut from, opts.weights)?;
         let live_slots = Arc::new(AtomicUsize::new(0));
-        let session = Session::new(&transformer.config, max_inference_len, threads.count());
+        let session = Session::new(&transformer.config, max_inference_len, threads.count(), opts.kv_dtype);
         let slot = Arc::new(Slot::new(session, live_slots.clone()));
         Ok(Model {
             transformer,
@@ -130,6 +141,7 @@ impl Model {
             chat_template,
             path: path.to_path_buf(),
             fingerprint,
+            kv_dtype: opts.kv_dtype,
             slot,
             live_slots,
         })
@@ -143,12 +155,13 @@ impl Model {
         let tokenizer = self.tokenizer.as_ref().map_or(0, Tokenizer::memory_bytes);
         let (c, weights) = (&self.transformer.config, self.transformer.weight_bytes());
         let sessions = self.live_slots.load(Ordering::Relaxed);
-        Memory::new(c, weights, tokenizer, self.max_inference_len, self.threads.count(), sessions)
+        let sp = SessionPlan { max_len: self.max_inference_len, threads: self.threads.count(), kv_dtype: self.kv_dtype };
+        Memory::new(c, weights, tokenizer, &sp, sessions)
     }
 
     /// A new session over the same weights: its own KV cache and scratch, empty.
     pub fn new_slot(&self) -> Slot {
-        let session = Session::new(self.config(), self.max_inference_len, self.threads.count());
+        let session = Session::new(self.config(), self.max_inference_len, self.threads.count(), self.kv_dtype);
         Slot::new(session, self.live_slots.clone())
     }
 
@@ -202,6 +215,7 @@ impl Model {
         let live = |n| KvCache::live_rows(c, n);
         let want = state::Expect {
             fingerprint: self.fingerprint,
+            kv_dtype: self.kv_dtype,
             kv_dim: c.kv_dim(),
             max_tokens: self.max_inference_len,
             vocab: c.vocab_size,

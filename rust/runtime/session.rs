@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::kernels::threads::Threads;
 use crate::model::config::Config;
 use crate::model::forward::{Scratch, Transformer, CHUNK};
-use crate::model::kv_cache::KvCache;
+use crate::model::kv_cache::{KvCache, KvDtype};
 use crate::runtime::Cancel;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -19,11 +19,11 @@ pub struct Session {
 }
 
 impl Session {
-    /// An empty session of a model of config `c`: its KV cache and scratch for sequences of at
-    /// most `max_len` tokens on `threads` threads.
-    pub fn new(c: &Config, max_len: usize, threads: usize) -> Session {
+    /// An empty session of a model of config `c`: its KV cache (of `kv_dtype`) and scratch for
+    /// sequences of at most `max_len` tokens on `threads` threads.
+    pub fn new(c: &Config, max_len: usize, threads: usize, kv_dtype: KvDtype) -> Session {
         Session {
-            cache: KvCache::for_model(c, max_len),
+            cache: KvCache::for_model(c, max_len, kv_dtype),
             scratch: Scratch::new(c, max_len, threads),
             tokens: Vec::new(),
         }

@@ -2,7 +2,7 @@
 //! tests/fixtures), of generation's limits and seeds, and of the sliding rings under prefix reuse.
 
 use crate::model::forward::Scratch;
-use crate::model::kv_cache::KvCache;
+use crate::model::kv_cache::{KvCache, KvDtype};
 use crate::model::schema::WeightType;
 use crate::runtime::generate::{FinishReason, GenerateParams, Generation};
 use crate::runtime::sampler::SamplingParams;
@@ -30,16 +30,24 @@ fn tiny_checkpoints_match_transformers_in_one_pass_and_token_by_token() {
     for name in ["tiny-gqa", "tiny-mqa-softcap"] {
         let dir = fixtures().join("tiny").join(name);
         let (ids, want) = reference(&dir);
-        // bf16 and Q8_0 round the weights (Q8_0 the activations too): close, not exact.
-        for (weights, tol) in [(WeightType::F32, 1e-3), (WeightType::Bf16, 0.25), (WeightType::Q8_0, 1.0)] {
+        // bf16 and Q8_0 round the weights (Q8_0 the activations too), an f16 cache the keys and
+        // values: close, not exact.
+        let cases = [
+            (WeightType::F32, KvDtype::F32, 1e-3),
+            (WeightType::F32, KvDtype::F16, 0.05),
+            (WeightType::Bf16, KvDtype::F32, 0.25),
+            (WeightType::Q8_0, KvDtype::F32, 1.0),
+            (WeightType::Q8_0, KvDtype::F16, 1.0),
+        ];
+        for (weights, kv_dtype, tol) in cases {
             for threads in [1, 2] {
-                let opts = LoadOptions { weights, threads: Some(threads), ..Default::default() };
+                let opts = LoadOptions { weights, kv_dtype, threads: Some(threads), ..Default::default() };
                 let engine = Model::load(&dir, &opts).unwrap();
                 let vocab = engine.config().vocab_size;
                 let mut full = vec![0f32; ids.len() * vocab];
                 engine.logits(&engine.slot, &ids, &mut full, &mut never).unwrap();
                 let err = max_abs_diff(&full, &want);
-                assert!(err < tol, "{name} {weights:?}: one pass off by {err}");
+                assert!(err < tol, "{name} {weights:?} {kv_dtype:?}: one pass off by {err}");
 
                 // One token at a time through the KV cache: each call reuses all but the new token.
                 let mut s = engine.session();
@@ -61,7 +69,7 @@ fn tiny_checkpoints_match_transformers_in_one_pass_and_token_by_token() {
                     assert_eq!(reused.unwrap(), i);
                 }
                 // Same bits as the batched pass: a token's arithmetic does not depend on its batch.
-                assert_eq!(stepped, full, "{name} {weights:?}: token-by-token differs from one pass");
+                assert_eq!(stepped, full, "{name} {weights:?} {kv_dtype:?}: token-by-token differs from one pass");
             }
         }
     }
@@ -72,7 +80,7 @@ fn generation_stops_at_the_cap_and_is_reproducible() {
     let dir = fixtures().join("tiny").join("tiny-gqa");
     let (ids, _) = reference(&dir);
     let opts =
-        LoadOptions { max_inference_len: Some(12), weights: WeightType::F32, threads: Some(1), memory_limit: None };
+        LoadOptions { max_inference_len: Some(12), weights: WeightType::F32, threads: Some(1), memory_limit: None, kv_dtype: KvDtype::F32 };
     let engine = Arc::new(Model::load(&dir, &opts).unwrap());
     assert!(Generation::new(engine.clone(), ids[..13].to_vec(), GenerateParams::default()).is_err());
     let params = GenerateParams { max_new_tokens: 100, ..Default::default() };
@@ -103,7 +111,7 @@ fn generation_stops_at_the_cap_and_is_reproducible() {
 fn sliding_rings_give_the_bits_of_a_full_cache() {
     let dir = fixtures().join("tiny").join("tiny-gqa");
     let opts =
-        LoadOptions { max_inference_len: Some(256), weights: WeightType::F32, threads: Some(2), memory_limit: None };
+        LoadOptions { max_inference_len: Some(256), weights: WeightType::F32, threads: Some(2), memory_limit: None, kv_dtype: KvDtype::F32 };
     let engine = Arc::new(Model::load(&dir, &opts).unwrap());
     let (m, c, threads) = (&engine.transformer, engine.config().clone(), &engine.threads);
     assert!(KvCache::capacities(&c, 256).contains(&135));
@@ -113,7 +121,7 @@ fn sliding_rings_give_the_bits_of_a_full_cache() {
     engine.logits(&engine.slot, &ids, &mut ring, &mut never).unwrap();
 
     let mut full = vec![0f32; ids.len() * vocab];
-    let mut cache = KvCache::new(&vec![256; c.num_hidden_layers], c.kv_dim(), 256);
+    let mut cache = KvCache::new(&vec![256; c.num_hidden_layers], c.kv_dim(), 256, KvDtype::F32);
     let mut s = Scratch::new(&c, 256, threads.count());
     for (t, &tok) in ids.iter().enumerate() {
         m.forward(&mut s, &mut cache, &[tok], t, threads);
@@ -179,7 +187,7 @@ fn saved_state_continues_in_a_fresh_model_and_bad_files_are_refused() {
     let tmp = std::env::temp_dir().join(format!("gemma_rs-state-test-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let opts =
-        LoadOptions { max_inference_len: Some(256), weights: WeightType::F32, threads: Some(2), memory_limit: None };
+        LoadOptions { max_inference_len: Some(256), weights: WeightType::F32, threads: Some(2), memory_limit: None, kv_dtype: KvDtype::F32 };
     let ids: Vec<u32> = std::iter::once(2).chain((1..150).map(|i| (i * 37 % 500 + 5) as u32)).collect();
     let mut prompt = ids.clone();
     prompt.extend_from_slice(&[7, 8, 9]);
@@ -253,5 +261,46 @@ fn saved_state_continues_in_a_fresh_model_and_bad_files_are_refused() {
     // The damaged attempts left nothing reused behind: the intact file still works.
     b.load_state(&b.slot, &path, &mut never).unwrap();
     assert_eq!(run(&b, &prompt).token_ids, cold.token_ids);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// An f16 cache's state holds halves (half the bytes of the f32 one) and continues exactly;
+/// a model whose cache is of the other type refuses it, naming the type.
+#[test]
+fn an_f16_state_round_trips_and_an_f32_model_refuses_it() {
+    let dir = fixtures().join("tiny").join("tiny-gqa");
+    let tmp = std::env::temp_dir().join(format!("gemma_rs-f16-state-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let opts = |kv_dtype| LoadOptions {
+        max_inference_len: Some(256),
+        weights: WeightType::F32,
+        threads: Some(2),
+        memory_limit: None,
+        kv_dtype,
+    };
+    let ids: Vec<u32> = std::iter::once(2).chain((1..100).map(|i| (i * 41 % 500 + 5) as u32)).collect();
+    let mut prompt = ids.clone();
+    prompt.extend_from_slice(&[7, 8]);
+    let run = |engine: &Arc<Model>| {
+        let params = GenerateParams { max_new_tokens: 6, ..Default::default() };
+        Generation::new(engine.clone(), prompt.clone(), params).unwrap().run(&mut never).unwrap()
+    };
+    let load = |t| Arc::new(Model::load(&dir, &opts(t)).unwrap());
+    let (path16, path32) = (tmp.join("f16.state"), tmp.join("f32.state"));
+    let a = load(KvDtype::F16);
+    a.save_state(&a.slot, &path16, Some(&ids), &mut never).unwrap();
+    let b = load(KvDtype::F32);
+    b.save_state(&b.slot, &path32, Some(&ids), &mut never).unwrap();
+    let (n16, n32) = (std::fs::metadata(&path16).unwrap().len(), std::fs::metadata(&path32).unwrap().len());
+    let header = 48 + 4 * 7 + 8 + 4 * 100 + 8;
+    assert_eq!(2 * (n16 - header), n32 - header);
+
+    let cold = run(&load(KvDtype::F16));
+    let warm = load(KvDtype::F16);
+    warm.load_state(&warm.slot, &path16, &mut never).unwrap();
+    let got = run(&warm);
+    assert_eq!((got.reused_tokens, &got.token_ids), (100, &cold.token_ids));
+    let err = b.load_state(&b.slot, &path16, &mut never).unwrap_err().to_string();
+    assert!(err.contains("holds f16, this model's f32 (load it with kv_dtype=\"f16\")"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
