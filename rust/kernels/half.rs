@@ -74,18 +74,19 @@ pub fn f32_to_f16(x: f32) -> u16 {
 /// aarch64 (both exact, like the scalar conversion: every path gives the same bits).
 pub fn f16_to_f32_slice(src: &[u16], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len(), "f16_to_f32_slice: lengths");
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if crate::kernels::cpu::features().f16c {
+    let done = if crate::kernels::cpu::features().f16c {
         // SAFETY: F16C is present; the loads and stores stay within the slices (whole groups of
         // 8 below `len`).
-        unsafe { done = f16c_to_f32(src, dst) };
-    }
+        unsafe { f16c_to_f32(src, dst) }
+    } else {
+        0
+    };
+    // SAFETY: NEON is part of aarch64; whole groups of 4 below `len`.
     #[cfg(target_arch = "aarch64")]
-    {
-        // SAFETY: NEON is part of aarch64; whole groups of 4 below `len`.
-        unsafe { done = neon_to_f32(src, dst) };
-    }
+    let done = unsafe { neon_to_f32(src, dst) };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let done = 0;
     for (d, &h) in dst[done..].iter_mut().zip(&src[done..]) {
         *d = f16_to_f32(h);
     }

@@ -325,6 +325,7 @@ pub fn attention_scores_into(out: &mut [f32], out_stride: usize, h: usize, q: &[
         let (seg, j) = if j < split { (keys[0], j) } else { (keys[1], j - split) };
         &seg[j * stride + offset..j * stride + offset + hd]
     };
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))] // only x86 has a 4 × 4 kernel
     let mut j = 0;
     #[cfg(target_arch = "x86_64")]
     if h.is_multiple_of(4) && avx2::has_avx512() {
