@@ -37,6 +37,21 @@ The CPU time that other processes (and VM steal) take during the timed rounds is
 a warning above 0.1 CPU: with as many threads as cores, any competing process slows both engines
 and llama.cpp's (OpenMP, spin-waiting) threads far more, so such numbers mean little.
 
+The 25-tool prompt (unless --no-long-prompt): the chat turn of bench/prompt_state.py, the 25
+tool declarations of tests/data/tools25.json and one user request rendered by gemma_rs's
+``Model.chat_prompt`` (2,945 tokens), prefilled from an empty cache by each engine in every
+round (gemma_rs after ``reset()``), timed as the 512-token prompt is.
+
+GMAC/s: the multiply-adds of the prompt's matrix products per second of prefill — per token and
+layer q, k, v, o, gate, up and down (from the model's config: 100 M per token for Gemma 3 270M),
+plus the lm_head for the last token; attention's q·k and p·v products are left out, so both
+engines are credited alike. The nominal int8 peak is cores × multiply-adds per cycle × clock:
+per core 128 for AVX-512 VNNI (two 512-bit ``vpdpbusd`` a cycle, as on Intel's server cores
+since Ice Lake; AMD Zen 4 issues one 512-bit op as two halves), 64 for AVX-VNNI (two 256-bit),
+32 for AVX2 (``vpmaddubsw`` + ``vpmaddwd`` for 32 products) — ``--macs-per-cycle`` overrides it —
+and the clock from /proc/cpuinfo's ``cpu MHz`` (a VM reports the nominal clock; turbo runs
+faster) or ``--clock-ghz``.
+
 --memory additionally runs each engine in fresh child processes (load with a 64-token context,
 generate 32 tokens) and reports the median load time and the child's peak RSS (VmHWM), next to
 children that only import the Python packages (gemma_rs; numpy and llama_cpp).
@@ -167,6 +182,53 @@ def prompt_ids(model: gemma_rs.Model, n: int, salt: int) -> list[int]:
     return ids[:n]
 
 
+def tools_prompt_ids(model_path: Path) -> list[int]:
+    """The 25-tool chat turn of bench/prompt_state.py, as gemma_rs renders it."""
+    import json
+    import warnings
+
+    from prompt_state import CHAT, TOOLS  # bench/, this script's directory
+
+    m = gemma_rs.load(model_path, 64, threads=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return m.chat_prompt(CHAT, json.loads(TOOLS.read_text()))
+
+
+def prompt_macs(config: dict, n: int) -> int:
+    """Multiply-adds of the matrix products of an n-token prompt: every layer's q, k, v, o,
+    gate, up and down for each token, and the lm_head for the last one."""
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    q = config["num_attention_heads"] * config["head_dim"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    layer = h * (q + 2 * kv) + q * h + 3 * h * inter
+    return n * config["num_hidden_layers"] * layer + config["vocab_size"] * h
+
+
+def nominal_peak(
+    kernel: str, threads: int, clock_ghz: float | None, macs_per_cycle: int | None
+) -> tuple[float, str]:
+    """(GMAC/s, how it was computed) of the threads' cores at their nominal int8 rate."""
+    per_cycle = macs_per_cycle or {"avx512vnni": 128, "avxvnni": 64, "avx2": 32}.get(kernel)
+    if clock_ghz is None:
+        try:
+            mhz = [
+                float(line.split(":")[1])
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("cpu MHz")
+            ]
+            clock_ghz = max(mhz) / 1000 if mhz else None
+        except OSError:
+            clock_ghz = None
+    if not per_cycle or not clock_ghz:
+        return 0.0, f"unknown for {kernel} (give --macs-per-cycle and --clock-ghz)"
+    peak = threads * per_cycle * clock_ghz
+    return peak, (
+        f"{threads} cores x {per_cycle} MACs/cycle ({kernel}) x {clock_ghz:.2f} GHz "
+        f"= {peak:.0f} GMAC/s"
+    )
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -262,6 +324,18 @@ def main() -> int:
     p.add_argument(
         "--memory", action="store_true", help="peak RSS of each engine in a child process"
     )
+    p.add_argument(
+        "--no-long-prompt",
+        action="store_true",
+        help="skip the 25-tool prompt (2,945 tokens) prefill",
+    )
+    p.add_argument("--clock-ghz", type=float, default=None, help="default: /proc/cpuinfo")
+    p.add_argument(
+        "--macs-per-cycle",
+        type=int,
+        default=None,
+        help="int8 multiply-adds per cycle and core (default: from gemma_rs's kernel)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -281,6 +355,12 @@ def main() -> int:
         f"llama-cpp-python {llama_cpp.__version__} (Q8_0 {a.gguf}) flash_attn={a.llama_flash_attn}"
     )
     print(f"llama.cpp system info: {info}")
+    f = gemma_rs.cpu_features()
+    print(
+        f"kernels: gemma_rs {f.kernel} (of {', '.join(f.kernels)}; CPU features "
+        f"{', '.join(f.features)}); llama.cpp: its ggml-cpu build for the flags above (Q8_0 "
+        "with REPACK and LLAMAFILE when listed)"
+    )
     if "AMX" in info:
         raise SystemExit(
             "this llama.cpp uses AMX, whose kernels crash on Gemma 3 270M Q8_0: rebuild "
@@ -291,7 +371,8 @@ def main() -> int:
     else:
         print(f"weights: NOT the same file (gemma_rs {a.weights} of {a.model} vs {a.gguf})")
 
-    ctx = max(a.prefill_tokens + 1, a.decode_prompt_tokens + a.new_tokens)
+    long_ids = [] if a.no_long_prompt else tools_prompt_ids(a.model)
+    ctx = max(a.prefill_tokens + 1, a.decode_prompt_tokens + a.new_tokens, len(long_ids) + 1)
     ours = Ours(a.model, ctx, a.weights, a.threads)
     llama = Llama(a.gguf, ctx, a.threads, a.llama_flash_attn)
     engines = (ours, llama)
@@ -302,6 +383,7 @@ def main() -> int:
 
     prefill: dict[str, list[float]] = {e.name: [] for e in engines}
     decode: dict[str, list[float]] = {e.name: [] for e in engines}
+    long_seconds: dict[str, list[float]] = {e.name: [] for e in engines}
     counts: list[int] = []
     agree: list[int] = []
     other_cpu = wall = 0.0  # CPU seconds other processes used during the timed rounds
@@ -315,10 +397,16 @@ def main() -> int:
             seconds = e.prefill(pre_ids)
             toks, dec_seconds = e.decode(dec_ids, a.new_tokens)
             outs[e.name] = toks
+            if long_ids:
+                if e is ours:
+                    ours.model.reset()
+                long = e.prefill(long_ids)
             if timed:
                 prefill[e.name].append(len(pre_ids) / seconds)
                 if len(toks) > 1:
                     decode[e.name].append((len(toks) - 1) / dec_seconds)
+                if long_ids:
+                    long_seconds[e.name].append(long)
         if timed:
             machine1, self1 = cpu_seconds()
             other_cpu += max(0.0, (machine1 - machine0) - (self1 - self0))
@@ -337,6 +425,28 @@ def main() -> int:
     ratio_p = statistics.median(prefill[ours.name]) / statistics.median(prefill[llama.name])
     ratio_d = statistics.median(decode[ours.name]) / statistics.median(decode[llama.name])
     print(f"{'ratio gemma_rs/llama':<22} {ratio_p:>{w}.2f} {ratio_d:>{w}.2f}")
+    if long_ids:
+        print(f"\nthe 25-tool prompt ({len(long_ids)} tokens), prefill from an empty cache:")
+        for e in engines:
+            sec = statistics.median(long_seconds[e.name])
+            lo, hi = min(long_seconds[e.name]), max(long_seconds[e.name])
+            tps = len(long_ids) / sec
+            print(f"  {e.name:<10} {sec:6.2f} s ({lo:.2f}-{hi:.2f}), {tps:6.0f} tok/s")
+        ratio_l = statistics.median(long_seconds[llama.name]) / statistics.median(
+            long_seconds[ours.name]
+        )
+        print(f"  ratio gemma_rs/llama {ratio_l:.2f}")
+    macs = prompt_macs(ours.model.config, a.prefill_tokens)
+    peak, how = nominal_peak(f.kernel, a.threads, a.clock_ghz, a.macs_per_cycle)
+    print(
+        f"\nprefill multiply-adds ({macs / a.prefill_tokens / 1e6:.1f} M per token: the layers' "
+        f"products, the lm_head once; attention left out), {a.prefill_tokens}-token prompt:"
+    )
+    for e in engines:
+        gmacs = statistics.median(prefill[e.name]) / a.prefill_tokens * macs / 1e9
+        share = f", {100 * gmacs / peak:.0f}% of the nominal int8 peak" if peak else ""
+        print(f"  {e.name:<10} {gmacs:6.1f} GMAC/s{share}")
+    print(f"  nominal int8 peak: {how}")
     print(
         f"\ngemma_rs new tokens per decode run: {counts} (llama.cpp: always {a.new_tokens}); "
         f"greedy tokens identical to llama.cpp's before the first difference: {agree}"
