@@ -5,11 +5,11 @@ use crate::error::Error;
 use crate::kernels::quant::gemm::Gemm;
 use crate::kernels::quant::{self, BlockQ8_0, QK8_0};
 use crate::kernels::threads::Threads;
+use crate::model::kv_cache::KvDtype;
 use crate::model::memory::Memory;
 use crate::model::schema::{all_tensors, WeightType};
 use crate::runtime::generate::{Completion, GenerateParams, Generation};
 use crate::runtime::sampler::SamplingParams;
-use crate::model::kv_cache::KvDtype;
 use crate::runtime::session::Slot;
 use crate::runtime::{Cancel, LoadOptions, Model as Engine};
 use pyo3::exceptions::{

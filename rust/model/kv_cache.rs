@@ -123,14 +123,7 @@ impl KvCache {
             KvDtype::F32 => Rows::F32 { k: vec![0.0; len], v: vec![0.0; len] },
             KvDtype::F16 => Rows::F16 { k: vec![0; len], v: vec![0; len] },
         };
-        KvCache {
-            rows,
-            capacities: capacities.to_vec(),
-            starts,
-            kv_dim,
-            positions,
-            tags,
-        }
+        KvCache { rows, capacities: capacities.to_vec(), starts, kv_dim, positions, tags }
     }
 
     /// Bytes of K and V together (and of the rings' slot tags) for layers of these capacities.
@@ -286,25 +279,25 @@ mod tests {
     fn a_ring_keeps_the_last_positions_and_splits_a_wrapped_range() {
         // Layer 0 holds 3 positions, layer 1 all 8.
         for dtype in [KvDtype::F32, KvDtype::F16] {
-        let mut c = KvCache::new(&[3, 8], 1, 8, dtype);
-        let b = &mut Vec::new();
-        assert_eq!(c.bytes(), 2 * 11 * dtype.bytes() + 3 * 4);
-        assert!(!c.holds(0, 0, 1) && c.holds(1, 0, 8));
-        for pos in 0..8 {
-            for layer in 0..2 {
-                c.store(layer, pos, &[pos as f32], &[-(pos as f32)]);
+            let mut c = KvCache::new(&[3, 8], 1, 8, dtype);
+            let b = &mut Vec::new();
+            assert_eq!(c.bytes(), 2 * 11 * dtype.bytes() + 3 * 4);
+            assert!(!c.holds(0, 0, 1) && c.holds(1, 0, 8));
+            for pos in 0..8 {
+                for layer in 0..2 {
+                    c.store(layer, pos, &[pos as f32], &[-(pos as f32)]);
+                }
             }
-        }
-        // Positions 5, 6, 7 sit in slots 2, 0, 1.
-        // (f16 gives them back as one slice, the ring's two joined.)
-        assert_eq!(c.keys(0, 5, 7, b).concat(), [5.0, 6.0, 7.0]);
-        assert_eq!(c.values(0, 6, 7, b).concat(), [-6.0, -7.0]);
-        assert_eq!(c.keys(1, 0, 7, b)[0], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
-        // The ring knows what it lost: positions 5..8 are there, 4 is not; rewriting 3 gives
-        // its slot back to 3 (and takes it from 6).
-        assert!(c.holds(0, 5, 8) && !c.holds(0, 4, 8));
-        c.store(0, 3, &[3.0], &[-3.0]);
-        assert!(c.holds(0, 3, 4) && !c.holds(0, 6, 7) && c.holds(0, 7, 8));
+            // Positions 5, 6, 7 sit in slots 2, 0, 1.
+            // (f16 gives them back as one slice, the ring's two joined.)
+            assert_eq!(c.keys(0, 5, 7, b).concat(), [5.0, 6.0, 7.0]);
+            assert_eq!(c.values(0, 6, 7, b).concat(), [-6.0, -7.0]);
+            assert_eq!(c.keys(1, 0, 7, b)[0], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+            // The ring knows what it lost: positions 5..8 are there, 4 is not; rewriting 3 gives
+            // its slot back to 3 (and takes it from 6).
+            assert!(c.holds(0, 5, 8) && !c.holds(0, 4, 8));
+            c.store(0, 3, &[3.0], &[-3.0]);
+            assert!(c.holds(0, 3, 4) && !c.holds(0, 6, 7) && c.holds(0, 7, 8));
         }
     }
 

@@ -155,7 +155,8 @@ impl Model {
         let tokenizer = self.tokenizer.as_ref().map_or(0, Tokenizer::memory_bytes);
         let (c, weights) = (&self.transformer.config, self.transformer.weight_bytes());
         let sessions = self.live_slots.load(Ordering::Relaxed);
-        let sp = SessionPlan { max_len: self.max_inference_len, threads: self.threads.count(), kv_dtype: self.kv_dtype };
+        let sp =
+            SessionPlan { max_len: self.max_inference_len, threads: self.threads.count(), kv_dtype: self.kv_dtype };
         Memory::new(c, weights, tokenizer, &sp, sessions)
     }
 
