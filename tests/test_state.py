@@ -143,6 +143,21 @@ def test_a_state_written_on_another_host_continues_within_rounding(fixtures_dir,
     assert warm.token_ids == tiny(fixtures_dir).complete(prompt, 6).token_ids
 
 
+def test_a_fine_tune_with_the_same_shapes_is_another_model(fixtures_dir, tiny_copy, tmp_path):
+    """As FunctionGemma and Gemma 3 270M: every shape equal, every weight a little different
+    (here each scaled by 1.001): the fingerprint tells them apart."""
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path / "s.state"
+    tiny(fixtures_dir).save_state(path, IDS)
+    weights = load_file(tiny_copy / "model.safetensors")
+    tuned = {k: v * np.float32(1.001) for k, v in weights.items()}
+    save_file(tuned, tiny_copy / "model.safetensors")
+    model = gemma_rs.load(tiny_copy, max_inference_len=256, weights="f32")
+    with pytest.raises(gemma_rs.GemmaError, match="saved from another model"):
+        model.load_state(path)
+
+
 def tools25() -> list[dict]:
     return json.loads((Path(__file__).parent / "data" / "tools25.json").read_text())
 
