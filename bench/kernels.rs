@@ -42,7 +42,7 @@ fn measure(name: &str, threads: &Threads) {
         for (m, &(rows, cols)) in mats.iter().zip(&layer) {
             let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.37).sin()).collect();
             let mut buf = QuantizedActs::with_capacity(n * cols);
-            let a = Activations::quantized(&x, n, cols, &mut buf, threads);
+            let a = Activations::quantized(&x, n, cols, threads, &mut buf);
             let mut out = vec![0f32; n * rows];
             seconds += time(reps, || matmul(&mut out, &a, m, 0..rows, threads));
             macs += n * rows * cols;
@@ -53,7 +53,7 @@ fn measure(name: &str, threads: &Threads) {
     let m = q8_0(rows, cols);
     let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
     let mut buf = QuantizedActs::with_capacity(cols);
-    let a = Activations::quantized(&x, 1, cols, &mut buf, threads);
+    let a = Activations::quantized(&x, 1, cols, threads, &mut buf);
     let mut out = vec![0f32; rows];
     let s = time(11, || matmul(&mut out, &a, &m, 0..rows, threads));
     line += &format!("  {:>9.2} ms {:>6.1} GB/s", s * 1e3, m.bytes() as f64 / s / 1e9);

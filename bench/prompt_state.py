@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -67,16 +66,6 @@ print(json.dumps({"load": t1 - t0, "load_state": restored, "prefill": c.prefill_
 """
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def child(model: str, threads: int, state: str, new: int, cache: str = "-") -> dict:
     args = [model, str(threads), state, cache, str(TOOLS), json.dumps(CHAT), str(new)]
     out = subprocess.run(
@@ -96,7 +85,7 @@ def main() -> None:
     import gemma_rs
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from compare_llama_cpp import q8_0_gguf_path
+    from compare_llama_cpp import cpu_model, q8_0_gguf_path
 
     model = args.model or str(q8_0_gguf_path())
     with tempfile.TemporaryDirectory() as tmp:

@@ -361,7 +361,7 @@ impl Transformer {
         threads: &Threads,
     ) -> Activations<'a> {
         match self.weights {
-            WeightType::Q8_0 => Activations::quantized(x, n, cols, buf, threads),
+            WeightType::Q8_0 => Activations::quantized(x, n, cols, threads, buf),
             WeightType::F32 | WeightType::Bf16 => Activations::f32(x, n, cols),
         }
     }

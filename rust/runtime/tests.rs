@@ -20,6 +20,11 @@ fn reference(dir: &Path) -> (Vec<u32>, Vec<f32>) {
     (ids, logits.to_f32(dir).unwrap())
 }
 
+/// Options of a tiny model: its cap, weight type and threads, an f32 cache.
+fn tiny_opts(max_inference_len: usize, weights: WeightType, threads: usize) -> LoadOptions {
+    LoadOptions { max_inference_len: Some(max_inference_len), weights, threads: Some(threads), ..Default::default() }
+}
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -79,13 +84,7 @@ fn tiny_checkpoints_match_transformers_in_one_pass_and_token_by_token() {
 fn generation_stops_at_the_cap_and_is_reproducible() {
     let dir = fixtures().join("tiny").join("tiny-gqa");
     let (ids, _) = reference(&dir);
-    let opts = LoadOptions {
-        max_inference_len: Some(12),
-        weights: WeightType::F32,
-        threads: Some(1),
-        memory_limit: None,
-        kv_dtype: KvDtype::F32,
-    };
+    let opts = tiny_opts(12, WeightType::F32, 1);
     let engine = Arc::new(Model::load(&dir, &opts).unwrap());
     assert!(Generation::new(engine.clone(), ids[..13].to_vec(), GenerateParams::default()).is_err());
     let params = GenerateParams { max_new_tokens: 100, ..Default::default() };
@@ -115,13 +114,7 @@ fn generation_stops_at_the_cap_and_is_reproducible() {
 #[test]
 fn sliding_rings_give_the_bits_of_a_full_cache() {
     let dir = fixtures().join("tiny").join("tiny-gqa");
-    let opts = LoadOptions {
-        max_inference_len: Some(256),
-        weights: WeightType::F32,
-        threads: Some(2),
-        memory_limit: None,
-        kv_dtype: KvDtype::F32,
-    };
+    let opts = tiny_opts(256, WeightType::F32, 2);
     let engine = Arc::new(Model::load(&dir, &opts).unwrap());
     let (m, c, threads) = (&engine.transformer, engine.config().clone(), &engine.threads);
     assert!(KvCache::capacities(&c, 256).contains(&135));
@@ -196,13 +189,7 @@ fn saved_state_continues_in_a_fresh_model_and_bad_files_are_refused() {
     let dir = fixtures().join("tiny").join("tiny-gqa");
     let tmp = std::env::temp_dir().join(format!("gemma_rs-state-test-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    let opts = LoadOptions {
-        max_inference_len: Some(256),
-        weights: WeightType::F32,
-        threads: Some(2),
-        memory_limit: None,
-        kv_dtype: KvDtype::F32,
-    };
+    let opts = tiny_opts(256, WeightType::F32, 2);
     let ids: Vec<u32> = std::iter::once(2).chain((1..150).map(|i| (i * 37 % 500 + 5) as u32)).collect();
     let mut prompt = ids.clone();
     prompt.extend_from_slice(&[7, 8, 9]);
@@ -286,13 +273,7 @@ fn an_f16_state_round_trips_and_an_f32_model_refuses_it() {
     let dir = fixtures().join("tiny").join("tiny-gqa");
     let tmp = std::env::temp_dir().join(format!("gemma_rs-f16-state-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    let opts = |kv_dtype| LoadOptions {
-        max_inference_len: Some(256),
-        weights: WeightType::F32,
-        threads: Some(2),
-        memory_limit: None,
-        kv_dtype,
-    };
+    let opts = |kv_dtype| LoadOptions { kv_dtype, ..tiny_opts(256, WeightType::F32, 2) };
     let ids: Vec<u32> = std::iter::once(2).chain((1..100).map(|i| (i * 41 % 500 + 5) as u32)).collect();
     let mut prompt = ids.clone();
     prompt.extend_from_slice(&[7, 8]);

@@ -145,13 +145,14 @@ impl<'a> Activations<'a> {
         Activations { x, n, cols, q: None }
     }
 
-    /// Rows for any weights: quantized into `buf` when `cols` is a whole number of blocks.
+    /// Rows for any weights: quantized (on `threads`) into `buf` when `cols` is a whole number
+    /// of blocks.
     pub fn quantized(
         x: &'a [f32],
         n: usize,
         cols: usize,
-        buf: &'a mut QuantizedActs,
         threads: &Threads,
+        buf: &'a mut QuantizedActs,
     ) -> Activations<'a> {
         let mut a = Activations::f32(x, n, cols);
         if cols.is_multiple_of(QK8_0) {
@@ -859,7 +860,7 @@ mod tests {
             for threads in [1, 3] {
                 let threads = Threads::new(threads);
                 let mut buf = QuantizedActs::new();
-                let xa = Activations::quantized(&x, n, cols, &mut buf, &threads);
+                let xa = Activations::quantized(&x, n, cols, &threads, &mut buf);
                 let mut all = vec![0f32; n * rows];
                 matmul(&mut all, &xa, &m, 0..rows, &threads);
                 // Two 8-bit roundings: relative error about 1% of the row's |w|·|x|.
@@ -875,7 +876,7 @@ mod tests {
                 }
                 let mut one_buf = QuantizedActs::new();
                 for t in [0, n / 2, n - 1] {
-                    let xt = Activations::quantized(&x[t * cols..(t + 1) * cols], 1, cols, &mut one_buf, &threads);
+                    let xt = Activations::quantized(&x[t * cols..(t + 1) * cols], 1, cols, &threads, &mut one_buf);
                     let mut one = vec![0f32; rows];
                     matmul(&mut one, &xt, &m, 0..rows, &threads);
                     assert_eq!(one, all[t * rows..(t + 1) * rows], "token {t} of {n}");
