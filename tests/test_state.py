@@ -100,6 +100,20 @@ def test_a_state_of_another_model_or_type_or_a_longer_one_is_refused(fixtures_di
         short.save_state(tmp_path / "long.state", IDS)
     with pytest.raises(TypeError, match="bytes"):
         tiny(fixtures_dir).save_state(tmp_path / "b.state", b"abc")
+    with pytest.raises(ValueError, match="is a directory"):
+        tiny(fixtures_dir).save_state(tmp_path, IDS)
+    # A file refused by its header leaves what the model held: its prefix is still reused.
+    m = tiny(fixtures_dir)
+    m.complete(IDS, 1)
+    with pytest.raises(gemma_rs.GemmaError, match="is a directory"):
+        m.load_state(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        m.load_state(tmp_path / "missing.state")
+    other = tmp_path / "other.state"
+    tiny(fixtures_dir, "tiny-mqa-softcap").save_state(other, IDS)
+    with pytest.raises(gemma_rs.GemmaError, match="saved from another model"):
+        m.load_state(other)
+    assert m.complete(IDS + [7], 1).reused_tokens == len(IDS)
 
 
 def save_reference_state(fixtures_dir: Path, path: str | os.PathLike[str]) -> None:

@@ -363,9 +363,10 @@ class Model:
         """Restores a file written by :meth:`save_state` and returns its token count; the next
         call whose prompt starts with those tokens reuses them (``Completion.reused_tokens``;
         the last prompt token is always recomputed). A file that is empty, truncated, damaged,
-        of another model (or of this one loaded with other ``weights``) or longer than
-        ``max_inference_len`` raises :class:`GemmaError` saying which, and leaves the model
-        holding nothing."""
+        of another model (or of this one loaded with other ``weights`` or ``kv_dtype``) or
+        longer than ``max_inference_len`` raises :class:`GemmaError` saying which; one refused
+        by its header leaves the model as it was, one damaged in its data leaves it holding
+        nothing."""
         return self._inner.load_state(os.fspath(path))
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:

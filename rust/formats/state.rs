@@ -89,6 +89,9 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// Writes the state of `tokens` held by `cache` (`rows[l]` last positions of layer `l`) to
 /// `path` atomically; returns the file's bytes.
 pub fn save(path: &Path, fingerprint: u64, cache: &KvCache, tokens: &[u32], rows: &[usize]) -> Result<u64> {
+    if path.is_dir() {
+        return Err(Error::InvalidArgument(format!("{} is a directory: give a file name", path.display())));
+    }
     let n = tokens.len();
     let kv_dtype = dtype_code(cache.dtype());
     let header = Header { fingerprint, kv_dtype, kv_dim: cache.kv_dim(), tokens: n, rows: rows.to_vec() };
@@ -252,13 +255,19 @@ fn read_up_to(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(got)
 }
 
-/// Reads the state file `path` into `cache` and returns its token ids. On an error the cache's
-/// rows may have been partly overwritten: the caller must then treat it as holding nothing.
-pub fn load(path: &Path, cache: &mut KvCache, want: &Expect) -> Result<Vec<u32>> {
+/// Reads the state file `path` into `cache` and returns its token ids. Once its header has
+/// been checked, `overwriting()` is called before the first row is stored: from then on an
+/// error leaves the cache's rows partly overwritten, and the caller must treat it as holding
+/// nothing.
+pub fn load(path: &Path, cache: &mut KvCache, want: &Expect, overwriting: impl FnOnce()) -> Result<Vec<u32>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::format(path, "is a directory, not a state file"));
+    }
     let mut r = BufReader::with_capacity(1 << 20, file);
-    let h = read_header(path, &mut r, len, want)?;
+    let h = read_header(path, &mut r, meta.len(), want)?;
+    overwriting();
     let io = |e| Error::io(path, e);
     let mut d = Digest::default();
     let mut ids = vec![0u8; 4 * h.tokens];

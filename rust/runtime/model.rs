@@ -208,10 +208,10 @@ impl Model {
     /// Restores the state file `path` (written by `save_state` from this model, on any host):
     /// the session then holds its tokens, and the next call whose prompt starts with them reuses
     /// them. Returns the token count. A file that is not such a state, or not this model's, is
-    /// an error and leaves the session empty.
+    /// an error: one refused by its header (missing, foreign, another model, too long) leaves
+    /// the session as it was, one damaged further on leaves it empty.
     pub fn load_state(&self, slot: &Slot, path: &Path, cancel: Cancel<'_>) -> Result<usize> {
         let mut s = slot.lock_or_cancel(cancel)?;
-        s.tokens.clear();
         let c = self.config();
         let live = |n| KvCache::live_rows(c, n);
         let want = state::Expect {
@@ -222,9 +222,11 @@ impl Model {
             vocab: c.vocab_size,
             rows: &live,
         };
-        let ids = state::load(path, &mut s.cache, &want)?;
-        s.tokens = ids;
-        Ok(s.tokens.len())
+        let Session { cache, tokens, .. } = &mut *s;
+        // A file refused by its header leaves the session as it was; one refused later, empty.
+        let ids = state::load(path, cache, &want, || tokens.clear())?;
+        *tokens = ids;
+        Ok(tokens.len())
     }
 
     /// Checks that `ids` is a non-empty sequence of vocabulary ids that fits the cache.
