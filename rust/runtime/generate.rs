@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::ops;
+use crate::runtime::constraint::{Constraint, Grammar};
 use crate::runtime::model::Model;
 use crate::runtime::sampler::{Sampler, SamplingParams};
 use crate::runtime::session::{Session, Slot};
@@ -17,7 +18,8 @@ use std::time::Instant;
 pub enum FinishReason {
     /// An end-of-sequence token.
     Eos,
-    /// A stop string.
+    /// A stop string, or the end of a constraint's language (nothing but an end-of-sequence id
+    /// could follow).
     Stop,
     /// `max_new_tokens` or `max_inference_len`.
     Length,
@@ -40,6 +42,8 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// The caller wants text (not only ids): a model without a tokenizer is then an error.
     pub text: bool,
+    /// What the output must match (JSON Schema or Lark grammar), if anything.
+    pub grammar: Option<Grammar>,
 }
 
 /// The result of a finished generation.
@@ -53,6 +57,8 @@ pub struct Completion {
     pub reused_tokens: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    /// Time spent in the constraint (masks and advancing it), part of the two above.
+    pub constraint_seconds: f64,
 }
 
 /// One prompt's decode loop. `run` holds the session for the whole generation; each `step`
@@ -63,6 +69,7 @@ pub struct Generation {
     slot: Arc<Slot>,
     params: GenerateParams,
     sampler: Sampler,
+    constraint: Option<Constraint>,
     decoder: Option<StreamDecoder>,
     prompt_len: usize,
     /// Prompt then generated ids.
@@ -76,6 +83,7 @@ pub struct Generation {
     reused_tokens: usize,
     prefill_seconds: f64,
     decode_seconds: f64,
+    constraint_seconds: f64,
 }
 
 impl Generation {
@@ -99,13 +107,18 @@ impl Generation {
         }
         let decoder = match model.tokenizer {
             Some(_) => Some(StreamDecoder::new(false)),
-            None if params.stop.is_empty() && !params.text => None,
+            None if params.stop.is_empty() && !params.text && params.grammar.is_none() => None,
             None => return Err(Error::NoTokenizer),
+        };
+        let constraint = match &params.grammar {
+            Some(g) => Some(Constraint::new(&*model.vocabulary()?, g)?),
+            None => None,
         };
         Ok(Generation {
             model,
             slot,
             sampler,
+            constraint,
             decoder,
             prompt_len: prompt.len(),
             seq: prompt,
@@ -116,6 +129,7 @@ impl Generation {
             reused_tokens: 0,
             prefill_seconds: 0.0,
             decode_seconds: 0.0,
+            constraint_seconds: 0.0,
             params,
         })
     }
@@ -165,6 +179,11 @@ impl Generation {
         if ops::first_non_finite(logits).is_some() {
             return Err(model.non_finite(self.seq.len() - 1));
         }
+        if let Some(c) = &mut self.constraint {
+            let t = Instant::now();
+            c.mask(logits)?;
+            self.constraint_seconds += t.elapsed().as_secs_f64();
+        }
         let tok = self.sampler.sample(logits, &self.seq);
         if self.generated().is_empty() {
             self.reused_tokens = reused;
@@ -180,6 +199,18 @@ impl Generation {
         self.seq.push(tok);
         if let (Some(d), Some(t)) = (&mut self.decoder, &model.tokenizer) {
             d.push_into(t, tok, &mut self.text);
+        }
+        if let Some(c) = &mut self.constraint {
+            let t = Instant::now();
+            c.consume(tok)?;
+            self.constraint_seconds += t.elapsed().as_secs_f64();
+            if c.is_finished() {
+                if let Some(d) = &mut self.decoder {
+                    d.flush_into(&mut self.text);
+                }
+                self.finish = Some(FinishReason::Stop);
+                return Ok(self.flush());
+            }
         }
         Ok(Some(self.release()))
     }
@@ -223,6 +254,7 @@ impl Generation {
             reused_tokens: self.reused_tokens,
             prefill_seconds: self.prefill_seconds,
             decode_seconds: self.decode_seconds,
+            constraint_seconds: self.constraint_seconds,
         })
     }
 }

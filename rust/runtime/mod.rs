@@ -1,7 +1,9 @@
 //! A loaded model at work: [`Model`] (the transformer, its tokenizer and a session: a KV cache
 //! with scratch, behind a lock), prefill with prefix reuse ([`session`]), the generation loop with
-//! stop strings ([`generate`]) and the sampler.
+//! stop strings ([`generate`]), the sampler and the constraint that masks its choices
+//! ([`constraint`]).
 
+pub mod constraint;
 pub mod generate;
 pub mod model;
 pub mod sampler;

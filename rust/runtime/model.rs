@@ -12,12 +12,13 @@ use crate::model::forward::{Transformer, CHUNK};
 use crate::model::kv_cache::{KvCache, KvDtype};
 use crate::model::memory::{Memory, SessionPlan};
 use crate::model::schema::{self, all_tensors, WeightType};
+use crate::runtime::constraint::Vocabulary;
 use crate::runtime::session::{Session, Slot};
 use crate::runtime::{Cancel, Progress};
 use crate::text::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The default cap on a sequence when the caller gives none (and the model allows it).
 pub const DEFAULT_MAX_INFERENCE_LEN: usize = 4096;
@@ -90,6 +91,8 @@ pub struct Model {
     pub slot: Arc<Slot>,
     /// Slots alive: this one and every `new_slot()` not dropped.
     live_slots: Arc<AtomicUsize>,
+    /// The constraint engine's view of the tokenizer, built by the first constrained call.
+    vocabulary: Mutex<Option<Arc<Vocabulary>>>,
 }
 
 impl Model {
@@ -144,7 +147,19 @@ impl Model {
             kv_dtype: opts.kv_dtype,
             slot,
             live_slots,
+            vocabulary: Mutex::new(None),
         })
+    }
+
+    /// The constraint engine's vocabulary (built on first use, then shared by every call).
+    pub fn vocabulary(&self) -> Result<Arc<Vocabulary>> {
+        let mut v = self.vocabulary.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = &*v {
+            return Ok(Arc::clone(v));
+        }
+        let built = Arc::new(Vocabulary::new(self.tokenizer()?, &self.eos_token_ids)?);
+        *v = Some(Arc::clone(&built));
+        Ok(built)
     }
 
     pub fn config(&self) -> &Config {

@@ -1,6 +1,7 @@
 //! Choosing the next token from logits: greedy, or sampling with temperature, top-k, top-p,
 //! min-p and a repetition penalty, in the order transformers applies them (repetition penalty,
-//! temperature, top-k, top-p, min-p). Seeded runs are reproducible.
+//! temperature, top-k, top-p, min-p). Seeded runs are reproducible. A logit of -inf (a token a
+//! constraint forbids) is never chosen.
 
 use crate::error::{Error, Result};
 use crate::kernels::ops;
@@ -135,7 +136,10 @@ impl Sampler {
         }
         let c = &mut self.candidates;
         c.clear();
-        c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
+        // A constraint's -inf marks tokens that may not be chosen at all: never candidates.
+        c.extend(
+            logits.iter().enumerate().filter(|(_, &l)| l > f32::NEG_INFINITY).map(|(i, &l)| (i as u32, l * inv_t)),
+        );
         let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < c.len() {
             // Keep every token at least as likely as the k-th (ties included, as transformers).

@@ -315,6 +315,24 @@ impl Tokenizer {
         self.vocab.get(id)
     }
 
+    /// The bytes `id` adds to a decoded text (HF's decoder chain for one token: `Replace`
+    /// steps; a byte-fallback token is its one byte, which may be part of a UTF-8 character),
+    /// special tokens included; `None` for an id without a token. The token trie of
+    /// constrained decoding is built from these.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let token = self.vocab.get(id)?;
+        let token = self.decoder.replaces.iter().fold(Cow::Borrowed(token), |s, r| r.apply(s));
+        match byte_token(&token).filter(|_| self.decoder.byte_fallback) {
+            Some(byte) => Some(vec![byte]),
+            None => Some(token.into_owned().into_bytes()),
+        }
+    }
+
+    /// Whether `id` is a byte-fallback token (`<0xXX>`, decoded as that one byte).
+    pub fn is_byte_token(&self, id: u32) -> bool {
+        self.decoder.byte_fallback && self.vocab.get(id).is_some_and(|t| byte_token(t).is_some())
+    }
+
     /// The id `encode(_, true)` puts first: the post-processor's special token, else `<bos>`.
     pub fn bos_id(&self) -> Option<u32> {
         self.bos_id
