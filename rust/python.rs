@@ -8,6 +8,7 @@ use crate::kernels::threads::Threads;
 use crate::model::kv_cache::KvDtype;
 use crate::model::memory::Memory;
 use crate::model::schema::{all_tensors, WeightType};
+use crate::runtime::constraint::Grammar;
 use crate::runtime::generate::{Completion, GenerateParams, Generation};
 use crate::runtime::sampler::SamplingParams;
 use crate::runtime::session::Slot;
@@ -542,6 +543,16 @@ fn prompt_arg(prompt: &Bound<'_, PyAny>) -> PyResult<Prompt> {
     })
 }
 
+/// The constraint of a call: `json_schema` (JSON text) or `grammar` (Lark text), not both.
+fn grammar_arg(json_schema: Option<String>, grammar: Option<String>) -> PyResult<Option<Grammar>> {
+    match (json_schema, grammar) {
+        (Some(_), Some(_)) => Err(value_error("pass json_schema or grammar, not both".into())),
+        (Some(schema), None) => Ok(Some(Grammar::JsonSchema(schema))),
+        (None, Some(lark)) => Ok(Some(Grammar::Lark(lark))),
+        (None, None) => Ok(None),
+    }
+}
+
 /// A prompt and the generation options, checked.
 fn request(
     prompt: &Bound<'_, PyAny>,
@@ -549,6 +560,7 @@ fn request(
     sampling: &Sampling,
     stop: Option<&Bound<'_, PyAny>>,
     text: bool,
+    grammar: Option<Grammar>,
 ) -> PyResult<(Prompt, GenerateParams)> {
     let prompt = prompt_arg(prompt)?;
     let stop: Vec<String> = match stop.filter(|s| !s.is_none()) {
@@ -561,7 +573,7 @@ fn request(
         },
     };
     let max_new_tokens = count_arg("max_new_tokens", max_new_tokens)?;
-    Ok((prompt, GenerateParams { max_new_tokens, sampling: sampling.params(), stop, text }))
+    Ok((prompt, GenerateParams { max_new_tokens, sampling: sampling.params(), stop, text, grammar }))
 }
 
 /// The result of `Model.complete`: the generated text and ids, why generation stopped, and how
@@ -573,8 +585,8 @@ struct PyCompletion {
     text: String,
     /// The new token ids (without the end-of-sequence id that ended them).
     token_ids: Vec<u32>,
-    /// "eos" (an end-of-sequence id), "stop" (a stop string) or "length" (`max_new_tokens` or
-    /// `max_inference_len`).
+    /// "eos" (an end-of-sequence id), "stop" (a stop string, or the end of a constraint's
+    /// document) or "length" (`max_new_tokens` or `max_inference_len`).
     finish_reason: &'static str,
     prompt_tokens: usize,
     /// Prompt tokens served from the KV cache of the previous call (a shared prefix).
@@ -583,6 +595,8 @@ struct PyCompletion {
     prefill_seconds: f64,
     /// Time of the forward passes after the first new token.
     decode_seconds: f64,
+    /// Time spent computing a constraint's token masks (part of the two above); 0 without one.
+    constraint_seconds: f64,
 }
 
 impl From<Completion> for PyCompletion {
@@ -595,6 +609,7 @@ impl From<Completion> for PyCompletion {
             reused_tokens: c.reused_tokens,
             prefill_seconds: c.prefill_seconds,
             decode_seconds: c.decode_seconds,
+            constraint_seconds: c.constraint_seconds,
         }
     }
 }
@@ -638,7 +653,8 @@ fn f32_bytearray<'py>(
 
 #[pymethods]
 impl Model {
-    #[pyo3(signature = (prompt, max_new_tokens, sampling, stop, text))]
+    #[pyo3(signature = (prompt, max_new_tokens, sampling, stop, text, json_schema=None, grammar=None))]
+    #[allow(clippy::too_many_arguments)]
     fn complete(
         &self,
         py: Python<'_>,
@@ -647,14 +663,18 @@ impl Model {
         sampling: &Sampling,
         stop: Option<&Bound<'_, PyAny>>,
         text: bool,
+        json_schema: Option<String>,
+        grammar: Option<String>,
     ) -> PyResult<PyCompletion> {
-        let (prompt, params) = request(prompt, max_new_tokens, sampling, stop, text)?;
+        let grammar = grammar_arg(json_schema, grammar)?;
+        let (prompt, params) = request(prompt, max_new_tokens, sampling, stop, text, grammar)?;
         let (engine, slot) = (Arc::clone(&self.engine), Arc::clone(&self.slot));
         let completion = compute_cancellable(py, move |cancel| prompt.start(engine, slot, params)?.run(cancel))?;
         Ok(completion.into())
     }
 
-    #[pyo3(signature = (prompt, max_new_tokens, sampling, stop))]
+    #[pyo3(signature = (prompt, max_new_tokens, sampling, stop, json_schema=None, grammar=None))]
+    #[allow(clippy::too_many_arguments)]
     fn stream(
         &self,
         py: Python<'_>,
@@ -662,8 +682,11 @@ impl Model {
         max_new_tokens: &Bound<'_, PyAny>,
         sampling: &Sampling,
         stop: Option<&Bound<'_, PyAny>>,
+        json_schema: Option<String>,
+        grammar: Option<String>,
     ) -> PyResult<Stream> {
-        let (prompt, params) = request(prompt, max_new_tokens, sampling, stop, true)?;
+        let grammar = grammar_arg(json_schema, grammar)?;
+        let (prompt, params) = request(prompt, max_new_tokens, sampling, stop, true, grammar)?;
         let (engine, slot) = (Arc::clone(&self.engine), Arc::clone(&self.slot));
         let generation = compute(py, move || prompt.start(engine, slot, params))?;
         Ok(Stream { generation: Mutex::new(generation) })

@@ -52,12 +52,13 @@ class Completion:
     reused_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    constraint_seconds: float
 
 @final
 class Model:
     # fmt: off
-    def complete(self, prompt: _Prompt, max_new_tokens: int, sampling: Sampling, stop: _Stop, text: bool) -> Completion: ...  # noqa: E501
-    def stream(self, prompt: _Prompt, max_new_tokens: int, sampling: Sampling, stop: _Stop) -> Stream: ...  # noqa: E501
+    def complete(self, prompt: _Prompt, max_new_tokens: int, sampling: Sampling, stop: _Stop, text: bool, json_schema: str | None = None, grammar: str | None = None) -> Completion: ...  # noqa: E501
+    def stream(self, prompt: _Prompt, max_new_tokens: int, sampling: Sampling, stop: _Stop, json_schema: str | None = None, grammar: str | None = None) -> Stream: ...  # noqa: E501
     # fmt: on
     def reset(self) -> None: ...
     def save_state(self, path: str, prompt: _Prompt | None = None) -> int: ...
