@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # numpy is imported only where an array is returned
     import numpy as np
 
     from .chat import function_schema, render_chat
-    from .tools import ParsedOutput, ToolCall, parse_tool_calls
+    from .tools import ParsedOutput, ToolCall, ToolChoice, parse_tool_calls
 
 # Modules imported only where they are used (json, logging, pathlib, numpy): on a board every
 # megabyte of the interpreter's own counts, and these are several.
@@ -78,7 +78,20 @@ def __getattr__(name: str) -> Any:
 
 Prompt = Union[str, Sequence[int]]
 Stop = Union[str, Sequence[str], None]
-FinishReason = Literal["eos", "stop", "length"]
+JsonSchema = Union[Mapping[str, Any], bool, str, None]
+ChatFinishReason = Literal["eos", "stop", "length", "tool_calls"]
+
+
+def _schema_text(schema: JsonSchema) -> str | None:
+    """A ``json_schema`` argument as JSON text (Rust parses and checks it)."""
+    if schema is None or isinstance(schema, str):
+        return schema
+    if not isinstance(schema, (Mapping, bool)):
+        kind = type(schema).__name__
+        raise TypeError(f"json_schema must be a dict, a bool or JSON text, not {kind}")
+    import json
+
+    return json.dumps(schema)
 
 
 @dataclass(frozen=True)
@@ -89,10 +102,11 @@ class ChatResult:
     """What is left for the user: the output without its function-call blocks."""
     tool_calls: list[ToolCall]
     """The function calls the model wrote, arguments as typed Python values."""
-    finish_reason: FinishReason
-    """``"stop"`` at a chat stop written as text (``<end_of_turn>``, ``<start_function_response>``)
-    or a caller's stop, ``"eos"`` at an end-of-sequence id (a GGUF's end-of-turn id is one), or
-    ``"length"``."""
+    finish_reason: ChatFinishReason
+    """``"tool_calls"`` when the reply made calls (and did not run out of tokens); else ``"stop"``
+    at a chat stop written as text (``<end_of_turn>``, ``<start_function_response>``), a caller's
+    stop or the end of a ``json_schema`` document, ``"eos"`` at an end-of-sequence id (a GGUF's
+    end-of-turn id is one), or ``"length"``."""
     raw: str
     """The generated text as the model wrote it (cut before the stop sequence)."""
     completion: Completion
@@ -129,6 +143,7 @@ class Model:
         self._config: dict | None = None
         self._prompt_cache = prompt_cache
         self._turn_id: int | None = -1
+        self._specials: frozenset[str] | None = None
 
     def _through_cache(self, prompt: Prompt) -> Prompt:
         """With a prompt cache: the prompt's ids, the model brought to the longest cached
@@ -176,6 +191,8 @@ class Model:
         seed: int | None = None,
         stop: Stop = None,
         sampling: Sampling | None = None,
+        json_schema: JsonSchema = None,
+        grammar: str | None = None,
     ) -> Completion:
         """Generates a continuation of ``prompt`` and reports how it went.
 
@@ -187,10 +204,22 @@ class Model:
         ``max_inference_len`` is a ``ValueError``. Without a tokenizer, ``prompt`` must be ids
         and ``text`` is empty. ``sampling`` gives the sampling options as one
         :class:`Sampling` instead of keyword arguments.
+
+        ``json_schema`` (a dict, or its JSON text) constrains the output to one JSON document valid
+        for it; ``grammar`` to the language of a Lark grammar (llguidance's dialect: ``start`` is
+        the top rule, ``<name>`` a special token, ``%json {...}`` a nested schema). At each step
+        only tokens that keep the output inside the language can be chosen (masked before
+        temperature, top-k and top-p); the generation ends (``finish_reason`` ``"stop"``) when
+        the document is complete, or at an end-of-sequence id once it may end. A malformed or
+        unsupported schema or grammar, or one that matches no text, is a ``ValueError`` before
+        anything is generated. An unbounded language can still run into ``max_new_tokens``
+        (``"length"``): bound strings and arrays (``maxLength``, ``maxItems``) where it matters.
         """
         s = _sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
-        return self._inner.complete(self._through_cache(prompt), max_new_tokens, s, stop, False)
+        prompt = self._through_cache(prompt)
+        schema = _schema_text(json_schema)
+        return self._inner.complete(prompt, max_new_tokens, s, stop, False, schema, grammar)
 
     def generate(
         self,
@@ -205,12 +234,15 @@ class Model:
         seed: int | None = None,
         stop: Stop = None,
         sampling: Sampling | None = None,
+        json_schema: JsonSchema = None,
+        grammar: str | None = None,
     ) -> str:
         """The text of :meth:`complete` (same arguments); needs the tokenizer."""
         s = _sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
         prompt = self._through_cache(prompt)
-        return self._inner.complete(prompt, max_new_tokens, s, stop, True).text
+        schema = _schema_text(json_schema)
+        return self._inner.complete(prompt, max_new_tokens, s, stop, True, schema, grammar).text
 
     def stream(
         self,
@@ -225,18 +257,25 @@ class Model:
         seed: int | None = None,
         stop: Stop = None,
         sampling: Sampling | None = None,
+        json_schema: JsonSchema = None,
+        grammar: str | None = None,
     ) -> Stream:
         """Like :meth:`generate`, as an iterator of text pieces; after it is exhausted, its
         ``completion`` is the :class:`Completion` that :meth:`complete` would have returned."""
         s = _sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
-        return self._inner.stream(self._through_cache(prompt), max_new_tokens, s, stop)
+        prompt = self._through_cache(prompt)
+        schema = _schema_text(json_schema)
+        return self._inner.stream(prompt, max_new_tokens, s, stop, schema, grammar)
 
     def chat(
         self,
         messages: Sequence[Mapping[str, Any]],
         tools: Sequence[Any] | None = None,
         *,
+        tool_choice: ToolChoice = "auto",
+        parallel_tool_calls: bool = True,
+        json_schema: JsonSchema = None,
         add_generation_prompt: bool = True,
         stop: Stop = None,
         max_new_tokens: int = 256,
@@ -254,16 +293,41 @@ class Model:
 
         The prompt is the model's own chat template when its files have one
         (:attr:`chat_template`, rendered as transformers' ``apply_chat_template`` would), else
-        :func:`render_chat` (FunctionGemma's format). Generation stops at ``<end_of_turn>``, at
-        ``<start_function_response>`` (the application runs the calls and sends the results
-        back as ``{"role": "tool", ...}`` messages), at end-of-sequence, or at ``stop``.
-        ``max_new_tokens`` and the sampling options are :meth:`complete`'s. A tokenizer without
-        FunctionGemma's control tokens (base Gemma 3) still gets the tool prompt, with a warning.
+        :func:`render_chat` (FunctionGemma's format). ``max_new_tokens`` and the sampling options
+        are :meth:`complete`'s. A tokenizer without FunctionGemma's control tokens (base
+        Gemma 3) still gets the tool prompt, with a warning.
+
+        With ``tools``, the reply is constrained (:func:`gemma_rs.tools.tool_grammar`) so that
+        every call is valid: FunctionGemma's call syntax, a declared tool, arguments that satisfy
+        its ``parameters`` schema. ``tool_choice``: ``"auto"`` (text, calls or both),
+        ``"required"`` (one or more calls), ``"none"`` (text; no call can start), or a tool's
+        name (or ``{"type": "function", "function": {"name": ...}}``: one call of that tool).
+        ``parallel_tool_calls=False`` allows one call. The turn ends after its calls
+        (``finish_reason`` ``"tool_calls"``: the application runs them and sends the results
+        back as ``{"role": "tool", ...}`` messages). A schema that cannot be enforced or an
+        undeclared name is a ``ValueError`` before generation.
+
+        Without tools, ``json_schema`` constrains the reply to one JSON document valid for it
+        (see :meth:`complete`). Unconstrained, generation stops at ``<end_of_turn>`` or
+        ``<start_function_response>`` written as text, at end-of-sequence, or at ``stop``.
         """
         from . import tools as _tools
 
         s = _sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+        if not isinstance(parallel_tool_calls, bool):
+            raise TypeError("parallel_tool_calls must be a bool")
+        grammar = None
+        if tools:
+            from .chat import normalize_tools
+
+            if json_schema is not None:
+                raise ValueError("json_schema constrains a reply without tools: pass one of them")
+            grammar = _tools.tool_grammar(
+                normalize_tools(tools), tool_choice, parallel_tool_calls, self._special_controls()
+            )
+        elif tool_choice != "auto" and tool_choice != "none":
+            raise ValueError(f"tool_choice {tool_choice!r} needs tools")
 
         if tools:
             one_token = lambda t: len(self.tokenize(t, add_bos=False)) == 1  # noqa: E731
@@ -278,20 +342,39 @@ class Model:
                     stacklevel=2,
                 )
         ids = self.chat_prompt(messages, tools, add_generation_prompt=add_generation_prompt)
-        stops = [_tools.RESPONSE_START, "<end_of_turn>"]
+        # A constrained reply never contains these texts (and a stop could cut a call).
+        stops = [] if grammar is not None else [_tools.RESPONSE_START, "<end_of_turn>"]
         if isinstance(stop, str):
             stops.append(stop)
         elif stop is not None:
             stops.extend(stop)
-        c = self.complete(ids, max_new_tokens, stop=stops, sampling=s)
+        c = self.complete(
+            ids, max_new_tokens, stop=stops, sampling=s, json_schema=json_schema, grammar=grammar
+        )
         parsed = _tools.parse_tool_calls(c.text)
+        finish: ChatFinishReason = c.finish_reason
+        if parsed.tool_calls and finish != "length":
+            finish = "tool_calls"
         return ChatResult(
             text=parsed.text,
             tool_calls=parsed.tool_calls,
-            finish_reason=c.finish_reason,
+            finish_reason=finish,
             raw=c.text,
             completion=c,
         )
+
+    def _special_controls(self) -> frozenset[str]:
+        """FunctionGemma's control tokens that this tokenizer has as single special tokens."""
+        from .tools import CONTROL_TOKENS
+
+        if self._specials is None:
+            found = set()
+            for t in CONTROL_TOKENS:
+                ids = self.tokenize(t, add_bos=False)
+                if len(ids) == 1 and self.detokenize(ids, skip_special_tokens=True) == "":
+                    found.add(t)
+            self._specials = frozenset(found)
+        return self._specials
 
     def chat_prompt(
         self,

@@ -23,10 +23,11 @@ commas, colons, quotes and newlines), numbers, ``true``/``false``, ``null``, obj
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 __all__ = [
     "CALL_END",
@@ -41,6 +42,7 @@ __all__ = [
     "format_response",
     "format_value",
     "parse_tool_calls",
+    "tool_grammar",
 ]
 
 CALL_START = "<start_function_call>"
@@ -339,3 +341,319 @@ def format_response(name: str, response: Any) -> str:
         else "{" + _VALUE_KEY + ":" + format_value(response) + "}"
     )
     return f"{RESPONSE_START}{_RESPONSE_PREFIX}{name}{body}{RESPONSE_END}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The language of valid calls, for constrained decoding
+
+#: Caps that keep every constrained call finite when its schema sets no bound: a string argument
+#: without ``maxLength`` ends within this many tokens, an array without ``maxItems`` within this
+#: many items; a number without bounds has at most 16 digits before its point and 15 after.
+STRING_MAX_TOKENS = 24
+ARRAY_MAX_ITEMS = 6
+_INTEGER = r"/-?(0|[1-9][0-9]{0,15})/"
+_NUMBER = r"/-?(0|[1-9][0-9]{0,15})(\.[0-9]{1,15})?([eE][+-]?[0-9]{1,3})?/"
+#: The most calls one turn makes when parallel calls are allowed.
+MAX_PARALLEL_CALLS = 4
+#: Text that free text and string values never contain: the call syntax's control tokens (a
+#: string cannot end early or fake a call) and the chat's turn markers.
+_NOT_IN_TEXT = (*CONTROL_TOKENS, "<start_of_turn>", "<end_of_turn>")
+
+#: Schema keywords that describe and do not constrain (``format`` is an annotation in JSON Schema
+#: 2019-09 and later, as validators treat it by default).
+_ANNOTATIONS = frozenset(
+    "title description default examples $schema $comment $id deprecated readOnly writeOnly "
+    "format additionalProperties".split()
+)
+_KEYWORDS = {
+    "string": {"minLength", "maxLength"},
+    "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"},
+    "number": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"},
+    "boolean": set(),
+    "null": set(),
+    "array": {"items", "minItems", "maxItems"},
+    "object": {"properties", "required"},
+}
+_GENERAL = {"type", "enum", "const", "anyOf", "nullable"}
+ToolChoice = Union[str, Mapping[str, Any]]
+"""``"auto"``, ``"required"``, ``"none"``, a tool's name, or ``{"type": "function", "function":
+{"name": ...}}``."""
+
+
+class _GrammarBuilder:
+    """Lark rules (llguidance's dialect) for FunctionGemma calls whose arguments satisfy JSON
+    schemas. ``special`` holds the control tokens that are single special tokens of the
+    tokenizer: those are written ``<name>`` (the token), the others ``"<name>"`` (its text)."""
+
+    def __init__(self, special: frozenset[str]) -> None:
+        self.special = special
+        self.rules: list[str] = []
+        self.count = 0
+
+    def token(self, text: str) -> str:
+        return text if text in self.special else json.dumps(text)
+
+    def rule(self, body: str, attrs: str = "") -> str:
+        self.count += 1
+        name = f"r{self.count}"
+        self.rules.append(f"{name}{attrs}: {body}")
+        return name
+
+    def literal(self, value: Any, where: str) -> str:
+        """An exact value (``enum``/``const``), written as the call syntax writes it."""
+        try:
+            text = format_value(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: cannot be written in a call: {e}") from None
+        if isinstance(value, str):
+            esc = self.token(ESCAPE)
+            return f"{esc} {json.dumps(value)} {esc}"
+        if isinstance(value, (Mapping, list, tuple)) and ESCAPE in text:
+            raise ValueError(f"{where}: enum/const objects with strings are not supported")
+        return json.dumps(text)
+
+    def value(self, schema: Any, where: str) -> str:
+        """A rule (or inline expression) for values valid for ``schema``."""
+        if schema is True or schema == {}:
+            raise ValueError(f"{where}: a schema without a type cannot be constrained")
+        if not isinstance(schema, Mapping):
+            raise ValueError(f"{where}: a schema must be an object, got {schema!r}")
+        types = schema.get("type")
+        type_list = [types] if isinstance(types, str) else list(types or [])
+        allowed = set(_GENERAL) | _ANNOTATIONS
+        for t in type_list:
+            if t not in _KEYWORDS:
+                raise ValueError(f"{where}: unsupported type {t!r}")
+            allowed |= _KEYWORDS[t]
+        unknown = sorted(k for k in schema if k not in allowed)
+        if unknown:
+            raise ValueError(f"{where}: unsupported schema keyword(s) {unknown}")
+        if "const" in schema:
+            return self.literal(schema["const"], where)
+        if "enum" in schema:
+            values = schema["enum"]
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{where}: enum must be a non-empty list")
+            return "(" + " | ".join(self.literal(v, where) for v in values) + ")"
+        if "anyOf" in schema:
+            options = schema["anyOf"]
+            if not isinstance(options, list) or not options:
+                raise ValueError(f"{where}: anyOf must be a non-empty list")
+            return "(" + " | ".join(self.value(o, where) for o in options) + ")"
+        if not type_list:
+            raise ValueError(f"{where}: a schema needs a type, enum, const or anyOf")
+        if schema.get("nullable") is True and "null" not in type_list:
+            type_list.append("null")
+        return "(" + " | ".join(self.typed(t, schema, where) for t in type_list) + ")"
+
+    def typed(self, t: str, schema: Mapping[str, Any], where: str) -> str:
+        if t == "boolean":
+            return '("true" | "false")'
+        if t == "null":
+            return '"null"'
+        if t in ("integer", "number"):
+            numeric = {k: v for k, v in schema.items() if k in _KEYWORDS[t]}
+            if not numeric:
+                return _INTEGER if t == "integer" else _NUMBER
+            if t == "number" and "multipleOf" not in numeric:
+                numeric = _integer_bounds(numeric, where)
+                t = "integer"
+            # Bounds and multiples as llguidance's JSON compiler writes them (JSON's number
+            # syntax is the call syntax's). A token cap here would let a number end before its
+            # bounds are met (seen with llguidance 1.9), so there is none.
+            return self.rule("%json " + json.dumps({"type": t, **numeric}))
+        if t == "string":
+            return self.string(schema, where)
+        if t == "array":
+            return self.array(schema, where)
+        return self.object(schema, where)
+
+    def string(self, schema: Mapping[str, Any], where: str) -> str:
+        lo, hi = _count(schema, "minLength", 0, where), _count(schema, "maxLength", None, where)
+        if hi is not None and hi < lo:
+            raise ValueError(f"{where}: maxLength < minLength")
+        count = f"{{{lo},{'' if hi is None else hi}}}" if lo or hi is not None else "*"
+        if ESCAPE in self.special:
+            body = _excluding(_NOT_IN_TEXT)
+            if count != "*":
+                body = f"/(?s:.){count}/ & {body}"
+        else:
+            # The closing <escape> is text: a string holds no "<" at all, so that a model that
+            # starts to close it ("<escape", "<escape}") must finish the delimiter.
+            body = f"/[^<]{count}/"
+        attrs = "" if lo or hi is not None else f"[max_tokens={STRING_MAX_TOKENS}]"
+        self.count += 1
+        terminal = f"S{self.count}"
+        self.rules.append(f"{terminal}: {body}")
+        inner = self.rule(terminal, attrs) if attrs else terminal
+        esc = self.token(ESCAPE)
+        return self.rule(f"{esc} {inner} {esc}")
+
+    def array(self, schema: Mapping[str, Any], where: str) -> str:
+        lo = _count(schema, "minItems", 0, where)
+        hi = _count(schema, "maxItems", None, where)
+        hi = max(lo, ARRAY_MAX_ITEMS) if hi is None else hi
+        if hi < lo:
+            raise ValueError(f"{where}: maxItems < minItems")
+        if "items" not in schema:
+            raise ValueError(f"{where}: an array needs 'items'")
+        item = self.value(schema["items"], f"{where}[]")
+        if hi == 0:
+            return '"[" "]"'
+        more = f'("," {item}){{{max(lo - 1, 0)},{hi - 1}}}' if hi > 1 else ""
+        seq = f"{item} {more}"
+        return self.rule(f'"[" {seq} "]"' if lo else f'"[" ({seq})? "]"')
+
+    def object(self, schema: Mapping[str, Any], where: str) -> str:
+        props = schema.get("properties") or {}
+        if not isinstance(props, Mapping):
+            raise ValueError(f"{where}: properties must be an object")
+        required = schema.get("required") or []
+        missing = [k for k in required if k not in props]
+        if missing:
+            raise ValueError(f"{where}: required {missing} not among the properties")
+        items = [
+            (f"{json.dumps(_check_name(k, 'key') + ':')} {self.value(s, f'{where}.{k}')}",
+             k in required)
+            for k, s in props.items()
+        ]  # fmt: skip
+        # Keys in declared order; rest(i, first): the properties from i on, after none (first) or
+        # after at least one (each item then starts with a comma).
+        memo: dict[tuple[int, bool], str] = {}
+
+        def rest(i: int, first: bool) -> str:
+            if i == len(items):
+                return '""'
+            if (i, first) not in memo:
+                item, req = items[i]
+                sep = "" if first else '"," '
+                take = f"{sep}{item} {rest(i + 1, False)}"
+                body = take if req else f"{take} | {rest(i + 1, first)}"
+                memo[(i, first)] = self.rule(body)
+            return memo[(i, first)]
+
+        return self.rule(f'"{{" {rest(0, True)} "}}"')
+
+
+def _integer_bounds(bounds: Mapping[str, Any], where: str) -> dict[str, int]:
+    """A bounded number without ``multipleOf`` is written as an integer within its bounds:
+    llguidance's number ranges let the fraction run on without end (``1.1000…``)."""
+    out: dict[str, int] = {}
+    for key, v in bounds.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{where}: {key} must be a finite number, got {v!r}")
+    if "minimum" in bounds or "exclusiveMinimum" in bounds:
+        lo = [math.ceil(bounds["minimum"])] if "minimum" in bounds else []
+        lo += [math.floor(bounds["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in bounds else []
+        out["minimum"] = max(lo)
+    if "maximum" in bounds or "exclusiveMaximum" in bounds:
+        hi = [math.floor(bounds["maximum"])] if "maximum" in bounds else []
+        hi += [math.ceil(bounds["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in bounds else []
+        out["maximum"] = min(hi)
+    if out.get("minimum", 0) > out.get("maximum", out.get("minimum", 0)):
+        raise ValueError(f"{where}: no integer within the bounds (give multipleOf)")
+    return out
+
+
+def _count(schema: Mapping[str, Any], key: str, default: int | None, where: str) -> Any:
+    v = schema.get(key, default)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        raise ValueError(f"{where}: {key} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def _excluding(texts: Sequence[str], nonempty: bool = False) -> str:
+    """A regex (no negation or intersection: the engine's fast paths need plain regexes) of the
+    strings that contain none of ``texts``, each of which starts with ``<`` and has no other.
+
+    Such a string is ``[^<]*`` then pieces ``<X``, where ``X`` has no ``<`` and does not start
+    with any text's rest after its ``<``: with those rests in a trie, ``X`` ends inside it
+    (a proper prefix ``p``) or leaves it (``p``, a character no rest continues ``p`` with, then
+    anything but ``<``)."""
+    rests = [t[1:] for t in texts]
+    assert all(t.startswith("<") and "<" not in r for t, r in zip(texts, rests))
+    prefixes = sorted({r[:i] for r in rests for i in range(len(r))})
+    alternatives = []
+    for p in prefixes:
+        nexts = {r[len(p)] for r in rests if r.startswith(p) and len(r) > len(p)}
+        stop = "".join(sorted(nexts | {"<"}))
+        cls = "".join("\\" + c if c in "\\]^-[" else c for c in stop)
+        alternatives.append(f"{_regex(p)}([^{cls}][^<]*)?")
+    piece = "<(" + "|".join(alternatives) + ")"
+    if nonempty:
+        return f"/([^<]+({piece})*|({piece})+)/"
+    return f"/[^<]*({piece})*/"
+
+
+def _regex(text: str) -> str:
+    """``text`` as a literal inside a ``/regex/``."""
+    return "".join("\\" + c if c in "\\.^$|?*+()[]{}/" else c for c in text)
+
+
+def tool_choice_name(tool_choice: ToolChoice, names: Sequence[str]) -> str | None:
+    """The tool a ``tool_choice`` names (a name or OpenAI's ``{"type": "function", "function":
+    {"name": ...}}``), None for ``"auto"``, ``"required"``, ``"none"``; ValueError for a name
+    that is not declared."""
+    if isinstance(tool_choice, Mapping):
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, Mapping) else None
+        if not isinstance(name, str):
+            raise ValueError(f"tool_choice {tool_choice!r} names no function")
+    elif isinstance(tool_choice, str):
+        if tool_choice in ("auto", "required", "none"):
+            return None
+        name = tool_choice
+    else:
+        raise TypeError(
+            "tool_choice must be 'auto', 'required', 'none', a tool name or "
+            f"{{'type': 'function', 'function': {{'name': ...}}}}, not {type(tool_choice).__name__}"
+        )
+    if name not in names:
+        raise ValueError(f"tool_choice {name!r} is not a declared tool (declared: {list(names)})")
+    return name
+
+
+def tool_grammar(
+    tools: Sequence[Mapping[str, Any]],
+    tool_choice: ToolChoice = "auto",
+    parallel_tool_calls: bool = True,
+    special: frozenset[str] = frozenset(CONTROL_TOKENS),
+) -> str:
+    """A Lark grammar (llguidance's dialect) of a model turn with these tools: ``"auto"`` free
+    text and/or calls, ``"required"`` one or more calls, ``"none"`` text that never starts a call,
+    a tool's name one call of that tool. A call is FunctionGemma's syntax naming a declared tool,
+    with the keys of its ``parameters`` schema in declared order (the ``required`` ones always)
+    and values valid for their schemas; ``parallel_tool_calls=False`` allows one call (else up to
+    :data:`MAX_PARALLEL_CALLS`). The turn ends after its calls. Free text and string values never
+    contain a control token's or turn marker's text. Unbounded strings, arrays and numbers are
+    capped (:data:`STRING_MAX_TOKENS`, :data:`ARRAY_MAX_ITEMS`, 16 + 15 digits) so that every
+    call ends; a ``number`` with bounds and no ``multipleOf`` is written as an integer within
+    them. Where ``<escape>`` is text, not a special token (base Gemma 3), string values hold no
+    ``<``. ``tools`` are bare schemas (:func:`gemma_rs.chat.normalize_tools`);
+    ``special``: the control tokens this tokenizer has as single special tokens.
+
+    Raises ValueError for a schema it cannot enforce (naming the tool and the keyword) and for an
+    undeclared ``tool_choice`` name."""
+    names = [t["name"] for t in tools]
+    choice = tool_choice_name(tool_choice, names)
+    b = _GrammarBuilder(special)
+    b.rules.append(f"TEXT: {_excluding(_NOT_IN_TEXT, nonempty=True)}")
+    if tool_choice == "none":
+        return "\n".join(["start: TEXT?", *b.rules])
+    if not tools:
+        raise ValueError(f"tool_choice {tool_choice!r} needs tools")
+    alternatives = []
+    for t in tools:
+        if choice is not None and t["name"] != choice:
+            continue
+        params = t.get("parameters") or {"type": "object", "properties": {}}
+        where = f"tool {t['name']!r} parameters"
+        if not isinstance(params, Mapping) or params.get("type", "object") != "object":
+            raise ValueError(f"{where}: must be an object schema")
+        args = b.value({**params, "type": "object"}, where)
+        alternatives.append(f"{json.dumps(_CALL_PREFIX + _check_name(t['name'], 'name'))} {args}")
+    call = b.rule(f"{b.token(CALL_START)} ({' | '.join(alternatives)}) {b.token(CALL_END)}")
+    many = parallel_tool_calls and choice is None
+    calls = f"{call}{{1,{MAX_PARALLEL_CALLS}}}" if many else call
+    start = f"TEXT? ({calls})?" if tool_choice == "auto" else calls
+    return "\n".join([f"start: {start}", *b.rules])
