@@ -182,6 +182,20 @@ def test_chat_with_tools_prints_calls_as_json(packed_q8_0, tmp_path):
     r = run("chat", str(packed_q8_0), "--tools", str(bad), stdin="hi\n")
     assert r.returncode == 2 and "not valid JSON" in r.stderr
 
+    # --tool-choice required: every turn is a call of a declared tool, as JSON, nothing else.
+    args = ("chat", str(packed_q8_0), "--tools", str(f), "--max-new-tokens", "400")
+    r = run(*args, "--tool-choice", "required", stdin="Weather in Paris?\nAnd in Rome?\n")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    calls = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len(calls) >= 2 and all(c["name"] == "get_weather" for c in calls), r.stdout
+    assert all(isinstance(c["arguments"]["city"], str) for c in calls)
+    assert [line for line in lines if not line.startswith("{")] == ["", ""]  # no text
+    r = run("chat", str(packed_q8_0), "--tool-choice", "required", stdin="hi\n")
+    assert r.returncode == 2 and "needs --tools" in r.stderr, r.stderr
+    r = run(*args, "--tool-choice", "send_email", stdin="hi\n")
+    assert r.returncode == 2 and "'send_email' is not a declared tool" in r.stderr, r.stderr
+
 
 @pytest.mark.parametrize(
     "args",

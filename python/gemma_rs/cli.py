@@ -140,7 +140,17 @@ def _read_tools(path: str) -> list[Any]:
 
 def _chat(a: argparse.Namespace) -> int:
     tools = _read_tools(a.tools) if a.tools else None
-    options = _sampling(a)
+    if a.tool_choice not in ("auto", "none"):
+        from .chat import normalize_tools
+        from .tools import tool_choice_name
+
+        if not tools:
+            raise UsageError(f"--tool-choice {a.tool_choice} needs --tools")
+        try:
+            tool_choice_name(a.tool_choice, [t["name"] for t in normalize_tools(tools)])
+        except ValueError as e:
+            raise UsageError(f"--tool-choice: {e}") from None
+    options = {**_sampling(a), "tool_choice": a.tool_choice}
     model = _load(a, _model_path(a.model, "chat"))
     messages: list[dict[str, Any]] = []
     if a.system:
@@ -430,10 +440,18 @@ def parser() -> argparse.ArgumentParser:
         help="chat in the terminal (Ctrl-D leaves)",
         description="A chat with the model, one user turn per line of input, the history kept. "
         "With --tools, FunctionGemma's function calls are printed as JSON lines "
-        '{"name": ..., "arguments": ...}; this chat does not run them or answer them.',
+        '{"name": ..., "arguments": ...}; this chat does not run them or answer them. '
+        "Calls are constrained to the declared tools and their schemas (--tool-choice).",
     )
     c.add_argument("model", nargs="?", default=None, metavar="MODEL")
     c.add_argument("--tools", metavar="FILE.json", help="function declarations (a JSON list)")
+    c.add_argument(
+        "--tool-choice",
+        default="auto",
+        metavar="CHOICE",
+        help="with --tools: auto (text and/or calls), required (calls only), none (no call), "
+        "or a tool's name (one call of it)",
+    )
     c.add_argument("--system", metavar="TEXT", help="a system message first")
     _add_state_args(c)
     _add_sampling_args(c, 256)
