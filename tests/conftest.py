@@ -5,6 +5,7 @@ A missing fixture skips the test with the reason, except under ``CI=true``, wher
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -72,6 +73,36 @@ def packed_q8_0(real_model_bf16_dir: Path, tmp_path_factory: pytest.TempPathFact
 
     dst = tmp_path_factory.mktemp("packed") / "gemma-3-270m-q8_0.gguf"
     return gemma_rs.pack(real_model_bf16_dir, dst, progress=False)
+
+
+@pytest.fixture(scope="session")
+def functiongemma_dir(
+    fixtures_dir: Path,
+    tokenizer_json: Path,
+    real_model_bf16_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """The base model's weights with FunctionGemma's tokenizer (ids 46-52 renamed to its seven
+    control tokens, special as in FunctionGemma)."""
+    renames = json.loads((fixtures_dir / "functiongemma" / "special-tokens.json").read_text())
+    renames = {int(k): v for k, v in renames["tokens"].items()}
+    tok = json.loads(tokenizer_json.read_text())
+    vocab = tok["model"]["vocab"]
+    for token, i in list(vocab.items()):
+        if i in renames:
+            del vocab[token]
+            vocab[renames[i]] = i
+    for added in tok["added_tokens"]:
+        if added["id"] in renames:
+            added["content"] = renames[added["id"]]
+    assert sorted(a["id"] for a in tok["added_tokens"] if a["id"] in renames) == sorted(renames)
+
+    d = tmp_path_factory.mktemp("functiongemma")
+    for name in ("config.json", "generation_config.json"):
+        (d / name).write_bytes((real_model_bf16_dir / name).read_bytes())
+    (d / "model.safetensors").symlink_to((real_model_bf16_dir / "model.safetensors").resolve())
+    (d / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    return d
 
 
 @pytest.hookimpl(trylast=True)

@@ -52,34 +52,10 @@ def test_bare_tool_dicts_render_the_same(fixtures_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def functiongemma_model(
-    fixtures_dir: Path,
-    tokenizer_json: Path,
-    real_model_bf16_dir: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Any:
-    """The base model with FunctionGemma's tokenizer (ids 46-52 renamed)."""
+def functiongemma_model(functiongemma_dir: Path) -> Any:
     import gemma_rs
 
-    renames = json.loads((fixtures_dir / "functiongemma" / "special-tokens.json").read_text())
-    renames = {int(k): v for k, v in renames["tokens"].items()}
-    tok = json.loads(tokenizer_json.read_text())
-    vocab = tok["model"]["vocab"]
-    for token, i in list(vocab.items()):
-        if i in renames:
-            del vocab[token]
-            vocab[renames[i]] = i
-    for added in tok["added_tokens"]:
-        if added["id"] in renames:
-            added["content"] = renames[added["id"]]
-    assert sorted(a["id"] for a in tok["added_tokens"] if a["id"] in renames) == sorted(renames)
-
-    d = tmp_path_factory.mktemp("functiongemma")
-    for name in ("config.json", "generation_config.json"):
-        (d / name).write_bytes((real_model_bf16_dir / name).read_bytes())
-    (d / "model.safetensors").symlink_to((real_model_bf16_dir / "model.safetensors").resolve())
-    (d / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
-    return gemma_rs.load(d, max_inference_len=128)
+    return gemma_rs.load(functiongemma_dir, max_inference_len=128)
 
 
 def test_paris_weather_tokens(fixtures_dir: Path, functiongemma_model: Any) -> None:
