@@ -192,7 +192,7 @@ def test_chat_with_tools_prints_calls_as_json(packed_q8_0, tmp_path):
     assert all(isinstance(c["arguments"]["city"], str) for c in calls)
     assert [line for line in lines if not line.startswith("{")] == ["", ""]  # no text
     r = run("chat", str(packed_q8_0), "--tool-choice", "required", stdin="hi\n")
-    assert r.returncode == 2 and "needs --tools" in r.stderr, r.stderr
+    assert r.returncode == 2 and "needs tools" in r.stderr, r.stderr
     r = run(*args, "--tool-choice", "send_email", stdin="hi\n")
     assert r.returncode == 2 and "'send_email' is not a declared tool" in r.stderr, r.stderr
 

@@ -143,7 +143,7 @@ class Model:
         self._config: dict | None = None
         self._prompt_cache = prompt_cache
         self._turn_id: int | None = -1
-        self._specials: frozenset[str] | None = None
+        self._controls: tuple[frozenset[str], frozenset[str]] | None = None
 
     def _through_cache(self, prompt: Prompt) -> Prompt:
         """With a prompt cache: the prompt's ids, the model brought to the longest cached
@@ -318,7 +318,7 @@ class Model:
         if not isinstance(parallel_tool_calls, bool):
             raise TypeError("parallel_tool_calls must be a bool")
         grammar = None
-        if tools:
+        if tools or tool_choice not in ("auto", "none"):  # without tools, "required" is an error
             from .chat import normalize_tools
 
             if json_schema is not None:
@@ -326,12 +326,10 @@ class Model:
             grammar = _tools.tool_grammar(
                 normalize_tools(tools), tool_choice, parallel_tool_calls, self._special_controls()
             )
-        elif tool_choice != "auto" and tool_choice != "none":
-            raise ValueError(f"tool_choice {tool_choice!r} needs tools")
 
         if tools:
-            one_token = lambda t: len(self.tokenize(t, add_bos=False)) == 1  # noqa: E731
-            missing = [t for t in _tools.CONTROL_TOKENS if not one_token(t)]
+            single = self._control_tokens()[0]
+            missing = [t for t in _tools.CONTROL_TOKENS if t not in single]
             if missing:
                 import warnings
 
@@ -363,18 +361,21 @@ class Model:
             completion=c,
         )
 
-    def _special_controls(self) -> frozenset[str]:
-        """FunctionGemma's control tokens that this tokenizer has as single special tokens."""
+    def _control_tokens(self) -> tuple[frozenset[str], frozenset[str]]:
+        """FunctionGemma's control tokens that this tokenizer has as single tokens, and those of
+        them that are special tokens (found once per model)."""
         from .tools import CONTROL_TOKENS
 
-        if self._specials is None:
-            found = set()
-            for t in CONTROL_TOKENS:
-                ids = self.tokenize(t, add_bos=False)
-                if len(ids) == 1 and self.detokenize(ids, skip_special_tokens=True) == "":
-                    found.add(t)
-            self._specials = frozenset(found)
-        return self._specials
+        if self._controls is None:
+            ids = {t: self.tokenize(t, add_bos=False) for t in CONTROL_TOKENS}
+            single = frozenset(t for t, i in ids.items() if len(i) == 1)
+            special = frozenset(t for t in single if self.detokenize(ids[t], True) == "")
+            self._controls = (single, special)
+        return self._controls
+
+    def _special_controls(self) -> frozenset[str]:
+        """FunctionGemma's control tokens that this tokenizer has as single special tokens."""
+        return self._control_tokens()[1]
 
     def chat_prompt(
         self,

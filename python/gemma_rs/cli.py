@@ -140,16 +140,16 @@ def _read_tools(path: str) -> list[Any]:
 
 def _chat(a: argparse.Namespace) -> int:
     tools = _read_tools(a.tools) if a.tools else None
-    if a.tool_choice not in ("auto", "none"):
+    if tools or a.tool_choice not in ("auto", "none"):
+        # The grammar chat will use, built once now so that a bad choice or a schema it cannot
+        # enforce is a usage error before the model loads.
         from .chat import normalize_tools
-        from .tools import tool_choice_name
+        from .tools import tool_grammar
 
-        if not tools:
-            raise UsageError(f"--tool-choice {a.tool_choice} needs --tools")
         try:
-            tool_choice_name(a.tool_choice, [t["name"] for t in normalize_tools(tools)])
+            tool_grammar(normalize_tools(tools), a.tool_choice)
         except ValueError as e:
-            raise UsageError(f"--tool-choice: {e}") from None
+            raise UsageError(f"--tool-choice {a.tool_choice}: {e}") from None
     options = {**_sampling(a), "tool_choice": a.tool_choice}
     model = _load(a, _model_path(a.model, "chat"))
     messages: list[dict[str, Any]] = []

@@ -388,16 +388,20 @@ class _GrammarBuilder:
     def __init__(self, special: frozenset[str]) -> None:
         self.special = special
         self.rules: list[str] = []
+        self.names: dict[str, str] = {}  # a rule's body (and attributes) -> its name
         self.count = 0
 
     def token(self, text: str) -> str:
         return text if text in self.special else json.dumps(text)
 
-    def rule(self, body: str, attrs: str = "") -> str:
-        self.count += 1
-        name = f"r{self.count}"
-        self.rules.append(f"{name}{attrs}: {body}")
-        return name
+    def rule(self, body: str, attrs: str = "", terminal: bool = False) -> str:
+        """The name of a rule (a terminal: a regex) with this body, written once."""
+        key = f"{terminal}{attrs}: {body}"
+        if key not in self.names:
+            self.count += 1
+            self.names[key] = name = f"{'S' if terminal else 'r'}{self.count}"
+            self.rules.append(f"{name}{attrs}: {body}")
+        return self.names[key]
 
     def literal(self, value: Any, where: str) -> str:
         """An exact value (``enum``/``const``), written as the call syntax writes it."""
@@ -482,9 +486,7 @@ class _GrammarBuilder:
             # starts to close it ("<escape", "<escape}") must finish the delimiter.
             body = f"/[^<]{count}/"
         attrs = "" if lo or hi is not None else f"[max_tokens={STRING_MAX_TOKENS}]"
-        self.count += 1
-        terminal = f"S{self.count}"
-        self.rules.append(f"{terminal}: {body}")
+        terminal = self.rule(body, terminal=True)
         inner = self.rule(terminal, attrs) if attrs else terminal
         esc = self.token(ESCAPE)
         return self.rule(f"{esc} {inner} {esc}")
@@ -632,16 +634,17 @@ def tool_grammar(
     ``<``. ``tools`` are bare schemas (:func:`gemma_rs.chat.normalize_tools`);
     ``special``: the control tokens this tokenizer has as single special tokens.
 
-    Raises ValueError for a schema it cannot enforce (naming the tool and the keyword) and for an
-    undeclared ``tool_choice`` name."""
-    names = [t["name"] for t in tools]
-    choice = tool_choice_name(tool_choice, names)
-    b = _GrammarBuilder(special)
-    b.rules.append(f"TEXT: {_excluding(_NOT_IN_TEXT, nonempty=True)}")
+    Raises ValueError for a schema it cannot enforce (naming the tool and the keyword), for an
+    undeclared ``tool_choice`` name, and for a choice other than ``"none"`` without tools."""
+    text = f"TEXT: {_excluding(_NOT_IN_TEXT, nonempty=True)}"
     if tool_choice == "none":
-        return "\n".join(["start: TEXT?", *b.rules])
+        return f"start: TEXT?\n{text}"
     if not tools:
         raise ValueError(f"tool_choice {tool_choice!r} needs tools")
+    choice = tool_choice_name(tool_choice, [t["name"] for t in tools])
+    b = _GrammarBuilder(special)
+    if tool_choice == "auto":
+        b.rules.append(text)
     alternatives = []
     for t in tools:
         if choice is not None and t["name"] != choice:

@@ -106,6 +106,8 @@ fn trie_bytes(tok: &Tokenizer, id: u32) -> Vec<u8> {
 /// One generation's constraint: which tokens may come next, given those already consumed.
 pub struct Constraint {
     matcher: Matcher,
+    /// The first step's mask, computed by `new` to check the language is not empty.
+    first: Option<SimpleVob>,
 }
 
 impl Constraint {
@@ -117,13 +119,15 @@ impl Constraint {
                 let mut schema: serde_json::Value = serde_json::from_str(text)
                     .map_err(|e| Error::InvalidArgument(format!("json_schema is not valid JSON: {e}")))?;
                 if let Some(obj) = schema.as_object_mut() {
-                    let defaults = serde_json::json!({
-                        "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "
-                    });
                     let opts = obj.entry("x-guidance").or_insert_with(|| serde_json::json!({}));
-                    if let (Some(opts), Some(defaults)) = (opts.as_object_mut(), defaults.as_object()) {
+                    if let Some(opts) = opts.as_object_mut() {
+                        let defaults = [
+                            ("whitespace_flexible", false.into()),
+                            ("item_separator", ", ".into()),
+                            ("key_separator", ": ".into()),
+                        ];
                         for (k, v) in defaults {
-                            opts.entry(k.clone()).or_insert_with(|| v.clone());
+                            opts.entry(k).or_insert(v);
                         }
                     }
                 } else if !schema.is_boolean() {
@@ -146,13 +150,16 @@ impl Constraint {
         if first.is_zero() {
             return Err(Error::InvalidArgument(format!("{what} matches no text")));
         }
-        Ok(Constraint { matcher })
+        Ok(Constraint { matcher, first: Some(first) })
     }
 
     /// Sets the logits of the tokens that may not come next to -inf (ids beyond the vocabulary
     /// too). End-of-sequence ids stay allowed exactly when the output so far is complete.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
-        let mask = self.matcher.compute_mask().map_err(|e| Error::Internal(format!("constraint: {e}")))?;
+        let mask = match self.first.take() {
+            Some(first) => first,
+            None => self.matcher.compute_mask().map_err(|e| Error::Internal(format!("constraint: {e}")))?,
+        };
         if mask.is_zero() {
             return Err(Error::Internal("constraint: no token may follow".into()));
         }

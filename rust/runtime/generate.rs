@@ -80,6 +80,8 @@ pub struct Generation {
     sent: usize,
     finish: Option<FinishReason>,
     flushed: bool,
+    /// A stop string cut `text`: what the decoder still holds came after it.
+    cut: bool,
     reused_tokens: usize,
     prefill_seconds: f64,
     decode_seconds: f64,
@@ -126,6 +128,7 @@ impl Generation {
             sent: 0,
             finish: None,
             flushed: false,
+            cut: false,
             reused_tokens: 0,
             prefill_seconds: 0.0,
             decode_seconds: 0.0,
@@ -205,9 +208,6 @@ impl Generation {
             c.consume(tok)?;
             self.constraint_seconds += t.elapsed().as_secs_f64();
             if c.is_finished() {
-                if let Some(d) = &mut self.decoder {
-                    d.flush_into(&mut self.text);
-                }
                 self.finish = Some(FinishReason::Stop);
                 return Ok(self.flush());
             }
@@ -224,6 +224,7 @@ impl Generation {
         if let Some(at) = found {
             self.text.truncate(self.sent + at);
             self.finish = Some(FinishReason::Stop);
+            self.cut = true;
         }
         let held = if self.finish.is_some() { 0 } else { held_back(&self.text[self.sent..], stops) };
         let range = self.sent..self.text.len() - held;
@@ -237,7 +238,7 @@ impl Generation {
             return None;
         }
         self.flushed = true;
-        if let Some(d) = self.decoder.as_mut().filter(|_| self.finish != Some(FinishReason::Stop)) {
+        if let Some(d) = self.decoder.as_mut().filter(|_| !self.cut) {
             d.flush_into(&mut self.text);
         }
         Some(self.release())
