@@ -215,6 +215,7 @@ fn load_options(
         threads: positive_arg("threads", threads)?,
         memory_limit: positive_arg("memory_limit", memory_limit)?,
         kv_dtype: KvDtype::parse(kv_dtype)?,
+        verify: false,
     })
 }
 
@@ -280,7 +281,7 @@ impl Sampling {
 }
 
 #[pyfunction]
-#[pyo3(signature = (path, max_inference_len, weights, threads, memory_limit, kv_dtype="f32", progress=None))]
+#[pyo3(signature = (path, max_inference_len, weights, threads, memory_limit, kv_dtype="f32", progress=None, verify=false))]
 #[allow(clippy::too_many_arguments)]
 fn load(
     py: Python<'_>,
@@ -291,8 +292,9 @@ fn load(
     memory_limit: Option<&Bound<'_, PyAny>>,
     kv_dtype: &str,
     progress: Option<Py<PyAny>>,
+    verify: bool,
 ) -> PyResult<Model> {
-    let opts = load_options(max_inference_len, weights, threads, memory_limit, kv_dtype)?;
+    let opts = LoadOptions { verify, ..load_options(max_inference_len, weights, threads, memory_limit, kv_dtype)? };
     let mut raised: Option<PyErr> = None;
     // Each slab of weights: on the main thread Ctrl-C is looked for (loading holds no lock of a
     // model's, so taking the GIL here is safe), and the caller's callback, if any, is told.
@@ -365,6 +367,15 @@ fn pack(
     }
     let report = report?;
     Ok((report.bytes, report.tensors))
+}
+
+/// Checks the digests `pack` wrote into a GGUF file; returns `(tensors, bytes)` checked.
+#[pyfunction]
+#[pyo3(signature = (path, threads=None))]
+fn verify(py: Python<'_>, path: PathBuf, threads: Option<&Bound<'_, PyAny>>) -> PyResult<(usize, u64)> {
+    let threads = Threads::new(Threads::count_for(positive_arg("threads", threads)?)?);
+    let v = compute(py, || crate::formats::integrity::verify_path(&path, &threads))?;
+    Ok((v.tensors, v.bytes))
 }
 
 /// Renders a model's Jinja chat template with `context` (a JSON object: `messages`, `tools`,
@@ -860,6 +871,7 @@ fn _gemma_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(pack, m)?)?;
+    m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(memory_plan, m)?)?;
     m.add_function(wrap_pyfunction!(render_template, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_features, m)?)?;

@@ -12,11 +12,12 @@
 //! read, so a lying header is an error, never a giant allocation or an out-of-bounds read.
 
 use crate::error::{Error, Result};
+use crate::formats::digest::Digest;
 use crate::kernels::quant::ggml::{self, GgmlType};
 use memmap2::Mmap;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -503,6 +504,8 @@ pub struct Writer {
     n_kv: u64,
     keys: HashSet<String>,
     tensors: Vec<(String, Vec<usize>, GgmlType, usize)>,
+    /// The key of the digest array `write` appends (see `formats::integrity`), if asked for.
+    digests: Option<String>,
 }
 
 impl Default for Writer {
@@ -513,7 +516,15 @@ impl Default for Writer {
 
 impl Writer {
     pub fn new() -> Writer {
-        Writer { kv: Vec::new(), n_kv: 0, keys: HashSet::new(), tensors: Vec::new() }
+        Writer { kv: Vec::new(), n_kv: 0, keys: HashSet::new(), tensors: Vec::new(), digests: None }
+    }
+
+    /// Asks `write` to append, as the last metadata entry `key`, an array of U64 digests
+    /// ([`Digest`]): of the header (everything before the tensor data, this array's values read
+    /// as zeros), then of each tensor's bytes in order. Their values are written once the data
+    /// is, which is why `write` needs to seek.
+    pub fn digests(&mut self, key: &str) {
+        self.digests = Some(key.to_string());
     }
 
     fn key(&mut self, key: &str, ty: ValueType) {
@@ -579,11 +590,18 @@ impl Writer {
     }
 
     /// Writes the file to `out`; `data(i, sink)` must write exactly the bytes of tensor `i`.
-    pub fn write<W: Write>(
-        self,
+    pub fn write<W: Write + Seek>(
+        mut self,
         out: &mut W,
         mut data: impl FnMut(usize, &mut dyn Write) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
+        let start = out.stream_position()?;
+        let digest_values = self.digests.take().map(|key| {
+            self.array_head(&key, ValueType::U64, self.tensors.len() + 1);
+            let at = self.kv.len();
+            self.kv.resize(at + 8 * (self.tensors.len() + 1), 0);
+            at
+        });
         let align = DEFAULT_ALIGNMENT;
         let mut head = Vec::with_capacity(self.kv.len() + 64 * self.tensors.len() + 64);
         head.extend_from_slice(MAGIC);
@@ -602,13 +620,22 @@ impl Writer {
         }
         head.resize(head.len().next_multiple_of(align), 0);
         out.write_all(&head)?;
+        let mut digests = vec![Digest::of(&head)];
         for (i, (name, _, _, bytes)) in self.tensors.iter().enumerate() {
-            let mut sink = Counted { inner: &mut *out, n: 0 };
+            let mut sink = Counted { inner: &mut *out, n: 0, digest: Digest::default() };
             data(i, &mut sink)?;
             if sink.n != *bytes {
                 return Err(std::io::Error::other(format!("tensor {name}: wrote {} bytes, declared {bytes}", sink.n)));
             }
+            digests.push(sink.digest.finish());
             out.write_all(&[0u8; DEFAULT_ALIGNMENT][..bytes.next_multiple_of(align) - bytes])?;
+        }
+        if let Some(at) = digest_values {
+            // The values' place in the file: after magic, version and the two counts.
+            let end = out.stream_position()?;
+            out.seek(SeekFrom::Start(start + 24 + at as u64))?;
+            digests.iter().try_for_each(|d| out.write_all(&d.to_le_bytes()))?;
+            out.seek(SeekFrom::Start(end))?;
         }
         Ok(())
     }
@@ -619,16 +646,18 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// A writer that counts the bytes passed through.
+/// A writer that counts and digests the bytes passed through.
 struct Counted<'a, W: Write> {
     inner: &'a mut W,
     n: usize,
+    digest: Digest,
 }
 
 impl<W: Write> Write for Counted<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.n += n;
+        self.digest.update(&buf[..n]);
         Ok(n)
     }
 
@@ -649,7 +678,7 @@ mod tests {
         w.f32s("tokenizer.ggml.scores", &[0.0, -1.0, -2.0]);
         w.bool("flag", true);
         w.tensor("t", &[3, 2], GgmlType::F32);
-        let mut out = Vec::new();
+        let mut out = std::io::Cursor::new(Vec::new());
         w.write(&mut out, |_, s| {
             for i in 0..6 {
                 s.write_all(&(i as f32).to_le_bytes())?;
@@ -657,7 +686,7 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        out
+        out.into_inner()
     }
 
     fn parse_err(buf: &[u8]) -> String {
@@ -687,9 +716,9 @@ mod tests {
         let mut w = Writer::new();
         g.kvs.iter().for_each(|kv| w.copy(&g, kv));
         w.tensor("t", &[3, 2], GgmlType::F32);
-        let mut out = Vec::new();
+        let mut out = std::io::Cursor::new(Vec::new());
         w.write(&mut out, |_, s| s.write_all(g.bytes(&g.tensors[0]))).unwrap();
-        assert_eq!(out, buf);
+        assert_eq!(out.into_inner(), buf);
     }
 
     #[test]

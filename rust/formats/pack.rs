@@ -11,6 +11,7 @@ use crate::formats::checkpoint::{Checkpoint, Source};
 use crate::formats::convert::{check_q8_0_scales, checked, finite_f32, for_slabs, quantize_rows};
 use crate::formats::gemma3_gguf;
 use crate::formats::gguf::Writer;
+use crate::formats::integrity::DIGESTS_KEY;
 use crate::kernels::half::f32_to_bf16;
 use crate::kernels::quant::ggml::GgmlType;
 use crate::kernels::quant::{BlockQ8_0, QK8_0};
@@ -57,11 +58,13 @@ pub fn pack(
     progress: &mut dyn FnMut(u64, u64) -> Result<()>,
 ) -> Result<PackReport> {
     let ck = Checkpoint::open(src)?;
+    refuse_to_overwrite(&ck, dst)?;
     gemma3_gguf::check_expressible(&ck.config, &ck.path)?;
     let c = &ck.config;
     let plans = plan(c, weights);
     let mut w = Writer::new();
     metadata(&mut w, &ck, weights)?;
+    w.digests(DIGESTS_KEY);
     let mut total = 0u64;
     for p in &plans {
         let shape = p.name.shape(c);
@@ -103,6 +106,22 @@ pub fn pack(
     Ok(PackReport { path: dst.to_path_buf(), bytes, tensors: plans.len() })
 }
 
+/// `dst` must not be the file being read (writing it would destroy the source it reads from).
+fn refuse_to_overwrite(ck: &Checkpoint, dst: &Path) -> Result<()> {
+    let Ok(dst_real) = std::fs::canonicalize(dst) else { return Ok(()) }; // not there yet
+    let mut sources = vec![ck.path.clone()];
+    if let Source::Gguf(g) = &ck.source {
+        sources.push(g.path.clone());
+    }
+    if sources.iter().any(|s| std::fs::canonicalize(s).is_ok_and(|s| s == dst_real)) {
+        return Err(Error::InvalidArgument(format!(
+            "{}: the destination is the source; pack writes a new file, give it another name",
+            dst.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Deletes a file when dropped (a partial output), unless its path was taken out.
 struct RemoveOnDrop(Option<PathBuf>);
 
@@ -135,7 +154,7 @@ fn plan(c: &Config, weights: WeightType) -> Vec<Plan> {
 /// source's quantization); written from config.json and tokenizer.json otherwise, with the keys
 /// llama.cpp's gemma3 loader reads.
 fn metadata(w: &mut Writer, ck: &Checkpoint, weights: WeightType) -> Result<()> {
-    const OURS: [&str; 3] = ["general.file_type", "general.quantization_version", "general.alignment"];
+    const OURS: [&str; 4] = ["general.file_type", "general.quantization_version", "general.alignment", DIGESTS_KEY];
     if let Source::Gguf(g) = &ck.source {
         // `quantize.*` (e.g. the importance matrix used) describes the source's quantization.
         let copied = |key: &str| !OURS.contains(&key) && !key.starts_with("quantize.");

@@ -103,6 +103,14 @@ impl Generation {
         params: GenerateParams,
     ) -> Result<Generation> {
         model.check_sequence(&prompt, "the prompt")?;
+        if prompt.len() == model.max_inference_len && params.max_new_tokens > 0 {
+            return Err(Error::InvalidArgument(format!(
+                "the prompt is {} tokens, which fills max_inference_len ({}) and leaves no room to \
+                 generate: shorten it, or load the model with a larger max_inference_len",
+                prompt.len(),
+                model.max_inference_len
+            )));
+        }
         let sampler = Sampler::new(params.sampling.clone())?;
         if params.stop.iter().any(String::is_empty) {
             return Err(Error::InvalidArgument("stop strings must not be empty".into()));

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::formats::checkpoint::Checkpoint;
 use crate::formats::convert::{checked, SourceLoader};
-use crate::formats::state;
+use crate::formats::{integrity, state};
 use crate::kernels::ops::{self, LogSumExp};
 use crate::kernels::threads::Threads;
 use crate::model::config::Config;
@@ -31,6 +31,9 @@ pub struct LoadOptions {
     /// Refuse to load when the memory plan's total exceeds this many bytes.
     pub memory_limit: Option<usize>,
     pub kv_dtype: KvDtype,
+    /// Check the file's digests before loading (`formats::integrity`): an error for a damaged
+    /// file, or for one without digests.
+    pub verify: bool,
 }
 
 impl Default for LoadOptions {
@@ -41,6 +44,7 @@ impl Default for LoadOptions {
             threads: None,
             memory_limit: None,
             kv_dtype: KvDtype::F32,
+            verify: false,
         }
     }
 }
@@ -128,6 +132,9 @@ impl Model {
             }
         }
         let threads = Threads::new(n_threads);
+        if opts.verify {
+            integrity::verify(&ck, &threads)?;
+        }
         let fingerprint = ck.fingerprint(opts.weights)?;
         let Checkpoint { source, config, tokenizer, eos_token_ids, chat_template, .. } = ck;
         let mut from = SourceLoader::new(&source, &config, opts.weights, &threads, progress)?;

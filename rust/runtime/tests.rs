@@ -1,6 +1,7 @@
 //! Tests of a loaded model against transformers' logits (the tiny checkpoints of
 //! tests/fixtures), of generation's limits and seeds, and of the sliding rings under prefix reuse.
 
+use crate::kernels::threads::Threads;
 use crate::model::forward::Scratch;
 use crate::model::kv_cache::{KvCache, KvDtype};
 use crate::model::schema::WeightType;
@@ -87,6 +88,13 @@ fn generation_stops_at_the_cap_and_is_reproducible() {
     let opts = tiny_opts(12, WeightType::F32, 1);
     let engine = Arc::new(Model::load(&dir, &opts).unwrap());
     assert!(Generation::new(engine.clone(), ids[..13].to_vec(), GenerateParams::default()).is_err());
+    // A prompt that fills the cap leaves no room to generate: an error that says so, not an
+    // empty completion (with nothing to generate, it is fine).
+    let one = GenerateParams { max_new_tokens: 1, ..Default::default() };
+    let full = Generation::new(engine.clone(), ids[..12].to_vec(), one).err().unwrap();
+    assert!(full.to_string().contains("leaves no room to generate"), "{full}");
+    let none = Generation::new(engine.clone(), ids[..12].to_vec(), GenerateParams::default());
+    assert!(none.unwrap().run(&mut never).unwrap().token_ids.is_empty());
     let params = GenerateParams { max_new_tokens: 100, ..Default::default() };
     let mut g = Generation::new(engine.clone(), ids[..9].to_vec(), params.clone()).unwrap();
     let c = g.run(&mut never).unwrap();
@@ -305,4 +313,59 @@ fn an_f16_state_round_trips_and_an_f32_model_refuses_it() {
     let err = b.load_state(&b.slot, &path16, &mut never).unwrap_err().to_string();
     assert!(err.contains("holds f16, this model's f32 (load it with kv_dtype=\"f16\")"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// A packed file verifies; one flipped byte in any tensor (or in the header) is caught and the
+/// damaged tensor named; a verified load refuses it; a file without digests cannot be verified;
+/// pack refuses to write over its source.
+#[test]
+fn packed_files_verify_and_every_flipped_tensor_byte_is_caught() {
+    use crate::formats::gguf::Gguf;
+    use crate::formats::integrity::{verify_path, DIGESTS_KEY};
+    let src = fixtures().join("tiny").join("tiny-gqa");
+    let tmp = std::env::temp_dir().join(format!("gemma_rs_verify_{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let packed = tmp.join("packed.gguf");
+    let threads = Threads::new(2);
+    crate::formats::pack::pack(&src, &packed, WeightType::Q8_0, &threads, &mut |_, _| Ok(())).unwrap();
+    let good = verify_path(&packed, &threads).unwrap();
+    let g = Gguf::open(&packed).unwrap();
+    assert_eq!(good.tensors, g.tensors.len());
+    assert!(g.get(DIGESTS_KEY).is_some());
+    let bytes = std::fs::read(&packed).unwrap();
+    let opts = LoadOptions { verify: true, ..tiny_opts(16, WeightType::Q8_0, 1) };
+    Model::load(&packed, &opts).unwrap();
+
+    let damaged = tmp.join("damaged.gguf");
+    for (i, t) in g.tensors.iter().enumerate() {
+        let mut b = bytes.clone();
+        let at = t.data.start + (i * 7919) % t.data.len();
+        b[at] ^= 0x10;
+        std::fs::write(&damaged, &b).unwrap();
+        let e = verify_path(&damaged, &threads).unwrap_err().to_string();
+        assert!(e.contains(&format!("tensor {} is damaged", t.name)), "{e}");
+        if i == 0 {
+            let e = Model::load(&damaged, &opts).err().unwrap().to_string();
+            assert!(e.contains("is damaged"), "{e}");
+        }
+    }
+    // A byte of the header: a token's text in the metadata.
+    let mut b = bytes.clone();
+    let at = bytes.windows(10).position(|w| w == b"gemma3.con").unwrap() + 7;
+    b[at] = b'X';
+    std::fs::write(&damaged, &b).unwrap();
+    let e = verify_path(&damaged, &threads).unwrap_err().to_string();
+    assert!(e.contains("header"), "{e}");
+    // Files without digests: the source checkpoint (safetensors) and a GGUF of llama.cpp's.
+    let e = verify_path(&src, &threads).unwrap_err().to_string();
+    assert!(e.contains("no checksums"), "{e}");
+    let e = pack_over(&packed, &packed);
+    assert!(e.contains("the destination is the source"), "{e}");
+    assert_eq!(std::fs::read(&packed).unwrap(), bytes, "the source is untouched");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+fn pack_over(src: &Path, dst: &Path) -> String {
+    let threads = Threads::new(1);
+    crate::formats::pack::pack(src, dst, WeightType::Q8_0, &threads, &mut |_, _| Ok(())).unwrap_err().to_string()
 }
