@@ -50,6 +50,8 @@ __all__ = [
     "load",
     "memory_plan",
     "pack",
+    "verify",
+    "ChatStream",
     "ParsedOutput",
     "ToolCall",
     "function_schema",
@@ -80,6 +82,21 @@ Prompt = Union[str, Sequence[int]]
 Stop = Union[str, Sequence[str], None]
 JsonSchema = Union[Mapping[str, Any], bool, str, None]
 ChatFinishReason = Literal["eos", "stop", "length", "tool_calls"]
+
+
+PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+
+def _path(path: Any, method: str, what: str = "path") -> str:
+    """A path argument (``str``, ``bytes`` or ``os.PathLike``) as the ``str`` the extension
+    takes; any other type is a ``TypeError`` naming ``method``."""
+    try:
+        return os.fsdecode(path)
+    except TypeError:
+        kind = type(path).__name__
+        raise TypeError(
+            f"{method}: {what} must be a str, bytes or os.PathLike, not {kind}"
+        ) from None
 
 
 def _schema_text(schema: JsonSchema) -> str | None:
@@ -135,6 +152,91 @@ def _sampling(sampling: Sampling | None, **options: Any) -> Sampling:
     return sampling
 
 
+def _is_seq(x: Any) -> bool:
+    return isinstance(x, Sequence) or (hasattr(x, "__iter__") and hasattr(x, "__len__"))
+
+
+def _chat_result(c: Completion) -> ChatResult:
+    """A chat turn's :class:`ChatResult` from its completion."""
+    from .tools import parse_tool_calls
+
+    parsed = parse_tool_calls(c.text)
+    finish: ChatFinishReason = c.finish_reason
+    if parsed.tool_calls and finish != "length":
+        finish = "tool_calls"
+    return ChatResult(
+        text=parsed.text, tool_calls=parsed.tool_calls, finish_reason=finish, raw=c.text,
+        completion=c,
+    )  # fmt: skip
+
+
+class ChatStream:
+    """What :meth:`Model.chat_stream` returns: an iterator of the reply's text pieces as they
+    are generated, without function-call blocks (their text is held back from the first ``<``
+    that could begin one); :attr:`result` is the turn's :class:`ChatResult`."""
+
+    def __init__(self, stream: Stream) -> None:
+        from .tools import CALL_END, CALL_START
+
+        self._stream = stream
+        self._start, self._end = CALL_START, CALL_END
+        self._held = ""  # text that may begin a call block, or is inside one
+        self._in_call = False
+        self._result: ChatResult | None = None
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> str:
+        while self._result is None:
+            try:
+                piece = next(self._stream)
+            except StopIteration:
+                self._result = _chat_result(self._stream.completion)
+                tail, self._held = ("" if self._in_call else self._held), ""
+                if tail:
+                    return tail
+                break
+            out = self._visible(piece)
+            if out:
+                return out
+        raise StopIteration
+
+    def _visible(self, piece: str) -> str:
+        text, out = self._held + piece, []
+        while True:
+            if self._in_call:
+                j = text.find(self._end)
+                if j < 0:
+                    self._held = text[-(len(self._end) - 1) :]
+                    return "".join(out)
+                text, self._in_call = text[j + len(self._end) :], False
+                continue
+            i = text.find(self._start)
+            if i >= 0:
+                out.append(text[:i])
+                text, self._in_call = text[i + len(self._start) :], True
+                continue
+            # Hold back a tail that could be the beginning of a call block.
+            keep = next(
+                (k for k in range(min(len(text), len(self._start) - 1), 0, -1)
+                 if self._start.startswith(text[-k:])),
+                0,
+            )  # fmt: skip
+            self._held = text[len(text) - keep :]
+            out.append(text[: len(text) - keep])
+            return "".join(out)
+
+    @property
+    def result(self) -> ChatResult:
+        """The turn's :class:`ChatResult` (the rest of the reply is generated first if the
+        stream was not exhausted)."""
+        for _ in self:
+            pass
+        assert self._result is not None
+        return self._result
+
+
 class Model:
     """A loaded Gemma 3 model. Create it with :func:`load`."""
 
@@ -144,6 +246,7 @@ class Model:
         self._prompt_cache = prompt_cache
         self._turn_id: int | None = -1
         self._controls: tuple[frozenset[str], frozenset[str]] | None = None
+        self._chat_warned: set[str] = set()  # the warnings chat gave (once each)
 
     def _through_cache(self, prompt: Prompt) -> Prompt:
         """With a prompt cache: the prompt's ids, the model brought to the longest cached
@@ -291,11 +394,18 @@ class Model:
         bare ``{name, description, parameters}`` dicts or Python functions) as a prompt,
         generates until the turn ends, and parses the function calls out of the output.
 
+        ``messages`` is a non-empty list of ``{"role": ..., "content": ...}`` dicts (roles
+        ``system``, ``developer``, ``user``, ``assistant``, ``model``, ``tool``; an assistant
+        message may carry ``tool_calls`` instead of content): anything else is a ``TypeError`` or
+        ``ValueError`` naming the message, before any work.
+
         The prompt is the model's own chat template when its files have one
         (:attr:`chat_template`, rendered as transformers' ``apply_chat_template`` would), else
         :func:`render_chat` (FunctionGemma's format). ``max_new_tokens`` and the sampling options
-        are :meth:`complete`'s. A tokenizer without FunctionGemma's control tokens (base
-        Gemma 3) still gets the tool prompt, with a warning.
+        are :meth:`complete`'s. A model with neither a chat template nor FunctionGemma's control
+        tokens is a pretrained base model, which continues text instead of answering: the first
+        chat warns so (load an instruction-tuned or FunctionGemma checkpoint for chat). A
+        tokenizer without the control tokens still gets the tool prompt, with a warning.
 
         With ``tools``, the reply is constrained (:func:`gemma_rs.tools.tool_grammar`) so that
         every call is valid: FunctionGemma's call syntax, a declared tool, arguments that satisfy
@@ -310,35 +420,87 @@ class Model:
         Without tools, ``json_schema`` constrains the reply to one JSON document valid for it
         (see :meth:`complete`). Unconstrained, generation stops at ``<end_of_turn>`` or
         ``<start_function_response>`` written as text, at end-of-sequence, or at ``stop``.
+        A conversation that leaves no room to generate within ``max_inference_len`` is a
+        ``ValueError`` (drop its oldest turns: :func:`gemma_rs.chat.trim_history`).
         """
-        from . import tools as _tools
+        ids, options = self._chat_request(
+            "chat", messages, tools, tool_choice, parallel_tool_calls, json_schema,
+            add_generation_prompt, stop, sampling, temperature, top_k, top_p, min_p,
+            repetition_penalty, seed,
+        )  # fmt: skip
+        return _chat_result(self.complete(ids, max_new_tokens, **options))
 
+    def chat_stream(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Any] | None = None,
+        *,
+        tool_choice: ToolChoice = "auto",
+        parallel_tool_calls: bool = True,
+        json_schema: JsonSchema = None,
+        add_generation_prompt: bool = True,
+        stop: Stop = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        sampling: Sampling | None = None,
+    ) -> ChatStream:
+        """:meth:`chat` as it is generated: a :class:`ChatStream` that yields the reply's text
+        in pieces as the tokens come (function-call blocks left out), and whose ``result``, once
+        it is exhausted, is the :class:`ChatResult` that :meth:`chat` would have returned (same
+        arguments, same checks, made before the first piece)."""
+        ids, options = self._chat_request(
+            "chat_stream", messages, tools, tool_choice, parallel_tool_calls, json_schema,
+            add_generation_prompt, stop, sampling, temperature, top_k, top_p, min_p,
+            repetition_penalty, seed,
+        )  # fmt: skip
+        return ChatStream(self.stream(ids, max_new_tokens, **options))
+
+    def _chat_request(
+        self,
+        method: str,
+        messages: Any,
+        tools: Any,
+        tool_choice: Any,
+        parallel_tool_calls: Any,
+        json_schema: JsonSchema,
+        add_generation_prompt: bool,
+        stop: Stop,
+        sampling: Sampling | None,
+        *sampling_options: Any,
+    ) -> tuple[list[int], dict[str, Any]]:
+        """The prompt ids and :meth:`complete`'s options of a chat turn, every argument checked
+        first (errors name ``Model.<method>()``)."""
+        from . import tools as _tools
+        from .chat import check_messages, normalize_tools
+
+        where = f"{type(self).__name__}.{method}()"
+        temperature, top_k, top_p, min_p, repetition_penalty, seed = sampling_options
         s = _sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                       repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+        check_messages(messages, where)
+        if tools is not None and (isinstance(tools, (str, bytes, Mapping)) or not _is_seq(tools)):
+            raise TypeError(f"{where}: tools must be a list of tools, not {type(tools).__name__}")
+        try:
+            declared = normalize_tools(tools)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}: tools: {e}") from None
         if not isinstance(parallel_tool_calls, bool):
-            raise TypeError("parallel_tool_calls must be a bool")
+            raise TypeError(f"{where}: parallel_tool_calls must be a bool")
         grammar = None
         if tools or tool_choice not in ("auto", "none"):  # without tools, "required" is an error
-            from .chat import normalize_tools
-
             if json_schema is not None:
-                raise ValueError("json_schema constrains a reply without tools: pass one of them")
-            grammar = _tools.tool_grammar(
-                normalize_tools(tools), tool_choice, parallel_tool_calls, self._special_controls()
-            )
-
-        if tools:
-            single = self._control_tokens()[0]
-            missing = [t for t in _tools.CONTROL_TOKENS if t not in single]
-            if missing:
-                import warnings
-
-                warnings.warn(
-                    f"this tokenizer lacks FunctionGemma's control tokens {missing}: the tools "
-                    "are declared in ordinary tokens, and only a FunctionGemma checkpoint is "
-                    "trained to call them",
-                    stacklevel=2,
+                raise ValueError(
+                    f"{where}: json_schema constrains a reply without tools: pass one of them"
                 )
+            grammar = _tools.tool_grammar(
+                declared, tool_choice, parallel_tool_calls, self._special_controls()
+            )
+        self._warn_if_not_for_chat(bool(tools))
         ids = self.chat_prompt(messages, tools, add_generation_prompt=add_generation_prompt)
         # A constrained reply never contains these texts (and a stop could cut a call).
         stops = [] if grammar is not None else [_tools.RESPONSE_START, "<end_of_turn>"]
@@ -346,20 +508,39 @@ class Model:
             stops.append(stop)
         elif stop is not None:
             stops.extend(stop)
-        c = self.complete(
-            ids, max_new_tokens, stop=stops, sampling=s, json_schema=json_schema, grammar=grammar
+        options = dict(stop=stops, sampling=s, json_schema=json_schema, grammar=grammar)
+        return ids, options
+
+    def _warn_if_not_for_chat(self, with_tools: bool) -> None:
+        """Warns, once per model and kind, that the model is a base model (no chat template,
+        no FunctionGemma control tokens), or that tools meet a tokenizer without the control
+        tokens."""
+        from . import tools as _tools
+
+        single = self._control_tokens()[0]
+        missing = [t for t in _tools.CONTROL_TOKENS if t not in single]
+        lacks = (
+            f"this tokenizer lacks FunctionGemma's control tokens {missing}: the tools are "
+            "declared in ordinary tokens, and only a FunctionGemma checkpoint is trained to "
+            "call them"
         )
-        parsed = _tools.parse_tool_calls(c.text)
-        finish: ChatFinishReason = c.finish_reason
-        if parsed.tool_calls and finish != "length":
-            finish = "tool_calls"
-        return ChatResult(
-            text=parsed.text,
-            tool_calls=parsed.tool_calls,
-            finish_reason=finish,
-            raw=c.text,
-            completion=c,
-        )
+        parts = []
+        if self.chat_template is None and len(missing) == len(_tools.CONTROL_TOKENS):
+            if "base" not in self._chat_warned:
+                parts.append(
+                    "this model has no chat template and none of FunctionGemma's control "
+                    "tokens: it is a pretrained base model, which continues the conversation's "
+                    "text instead of answering it. For chat, load an instruction-tuned "
+                    "checkpoint (gemma-3-270m-it) or FunctionGemma"
+                )
+                self._chat_warned.add("base")
+        if with_tools and missing and "tools" not in self._chat_warned:
+            parts.append(lacks)
+            self._chat_warned.add("tools")
+        if parts:
+            import warnings
+
+            warnings.warn("; ".join(parts), stacklevel=4)
 
     def _control_tokens(self) -> tuple[frozenset[str], frozenset[str]]:
         """FunctionGemma's control tokens that this tokenizer has as single tokens, and those of
@@ -441,7 +622,7 @@ class Model:
         renamed, so readers never see a partial file. x86_64 and aarch64 hosts read each other's
         files.
         """
-        return self._inner.save_state(os.fspath(path), prompt)
+        return self._inner.save_state(_path(path, f"{type(self).__name__}.save_state()"), prompt)
 
     def load_state(self, path: str | os.PathLike[str]) -> int:
         """Restores a file written by :meth:`save_state` and returns its token count; the next
@@ -451,7 +632,7 @@ class Model:
         longer than ``max_inference_len`` raises :class:`GemmaError` saying which; one refused
         by its header leaves the model as it was, one damaged in its data leaves it holding
         nothing."""
-        return self._inner.load_state(os.fspath(path))
+        return self._inner.load_state(_path(path, f"{type(self).__name__}.load_state()"))
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of ``text``, as transformers gives them. Special tokens written in the
@@ -552,6 +733,7 @@ def load(
     prompt_cache: str | os.PathLike[str] | None = None,
     prompt_cache_bytes: int = 1 << 30,
     kv_dtype: Literal["f32", "f16"] = "f32",
+    verify: bool = False,
 ) -> Model:
     """Loads a Gemma 3 model: a Hugging Face directory or a GGUF file.
 
@@ -589,6 +771,12 @@ def load(
     least recently used entries go first beyond ``prompt_cache_bytes`` (default 1 GiB).
     Processes may share the directory. See :mod:`gemma_rs.prompt_cache`.
 
+    ``verify=True`` first checks the digests that :func:`pack` writes into a GGUF (see
+    :func:`verify`; about 0.05 s for Gemma 3 270M here): a damaged file, or one without digests,
+    raises :class:`GemmaError` instead of loading.
+
+    ``path`` (and ``prompt_cache``) may be ``str``, ``bytes`` or ``os.PathLike``.
+
     Raises ``FileNotFoundError`` for a missing path, ``ValueError`` for bad arguments,
     ``MemoryError`` above ``memory_limit`` and :class:`GemmaError` for a malformed model.
     """
@@ -596,19 +784,24 @@ def load(
     if prompt_cache is not None:
         from .prompt_cache import PromptCache
 
-        cache = PromptCache(prompt_cache, prompt_cache_bytes)  # checked before loading
-    what = f"loading {os.fspath(path)}"
+        directory = _path(prompt_cache, "gemma_rs.load()", "prompt_cache")
+        cache = PromptCache(directory, prompt_cache_bytes)  # checked before loading
+    path = _path(path, "gemma_rs.load()")
+    if not isinstance(verify, bool):
+        raise TypeError(f"gemma_rs.load(): verify must be a bool, not {type(verify).__name__}")
+    what = f"loading {path}"
     report = _Progress(what, progress if progress is not None else False)
     start = time.perf_counter()
     try:
         inner = _gemma_rs.load(
-            os.fspath(path),
+            path,
             max_inference_len,
             weights,
             threads,
             memory_limit,
             kv_dtype,
             report.callback(),
+            verify,
         )
     finally:
         report.close()
@@ -621,7 +814,7 @@ def load(
         log.info(
             "loaded %s in %.2f s: %s weights %.1f MB, KV cache %.1f MB (max_inference_len %d), "
             "%d threads",
-            os.fspath(path),
+            path,
             time.perf_counter() - start,
             weights,
             mem["weights"] / 1e6,
@@ -693,8 +886,9 @@ def memory_plan(
     ``sessions`` counts the model's own session and its :meth:`Model.session` objects alive:
     each adds a KV cache and a scratch, never weights."""
     return _gemma_rs.memory_plan(
-        os.fspath(path), max_inference_len, weights, threads, sessions, kv_dtype
-    )
+        _path(path, "gemma_rs.memory_plan()"), max_inference_len, weights, threads, sessions,
+        kv_dtype,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -762,10 +956,11 @@ def inspect(path: str | os.PathLike[str]) -> ModelInfo:
     and end-of-sequence ids, read from its files without loading its weights."""
     import json
 
-    d = _gemma_rs.inspect(os.fspath(path))
+    path = _path(path, "gemma_rs.inspect()")
+    d = _gemma_rs.inspect(path)
     tensors = tuple(TensorInfo(n, t, tuple(shape), b) for n, t, shape, b in d["tensors"])
     return ModelInfo(
-        path=os.fspath(path),
+        path=path,
         format=d["format"],
         config=json.loads(d["config_json"]),
         tensors=tensors,
@@ -791,8 +986,9 @@ def pack(
     quantizes, so the packed file and its source, both loaded with ``weights="q8_0"``, give the
     same logits to the bit), norms as F32
     ``1 + w`` (GGUF's convention for Gemma), with llama.cpp's ``gemma3.*`` metadata, the
-    tokenizer and the chat template when the source has them. The file is written to
-    ``dst + ".partial"`` and renamed when complete.
+    tokenizer and the chat template when the source has them, and a digest of the header and of
+    every tensor (:func:`verify` checks them). The file is written to ``dst + ".partial"`` and
+    renamed when complete; ``dst`` may not be ``src`` (a ``ValueError``).
 
     ``progress``: ``None`` or ``True`` shows a progress line on stderr when it is a terminal,
     ``False`` never; a callable gets ``(done, total)`` source bytes instead. An exception it
@@ -803,21 +999,33 @@ def pack(
     """
     from pathlib import Path
 
+    src, dst = _path(src, "gemma_rs.pack()", "src"), _path(dst, "gemma_rs.pack()", "dst")
     log = _logger()
-    report = _Progress(f"packing {os.fspath(src)}", True if progress is None else progress)
+    report = _Progress(f"packing {src}", True if progress is None else progress)
     start = time.perf_counter()
     if log is not None:
-        log.info("packing %s into %s (%s)", os.fspath(src), os.fspath(dst), weights)
+        log.info("packing %s into %s (%s)", src, dst, weights)
     try:
-        nbytes, tensors = _gemma_rs.pack(
-            os.fspath(src), os.fspath(dst), weights, threads, report.callback()
-        )
+        nbytes, tensors = _gemma_rs.pack(src, dst, weights, threads, report.callback())
     finally:
         report.close()
     if log is not None:
         seconds = time.perf_counter() - start
         log.info("wrote %s: %d tensors, %.1f MB in %.1f s", dst, tensors, nbytes / 1e6, seconds)
     return Path(dst)
+
+
+def verify(path: PathArg, *, threads: int | None = None) -> int:
+    """Checks a GGUF file written by :func:`pack` (or ``gemma-rs pack``) against the digests it
+    holds: one of the header and one of each tensor's bytes (64-bit, not cryptographic; they
+    catch damage such as bits flipped on an SD card, not forgery). Returns the number of tensors
+    checked. A damaged file raises :class:`GemmaError` naming the header or the first damaged
+    tensor; a file without digests (not written by ``pack``: neither GGUF nor safetensors has
+    checksums of its own) raises :class:`GemmaError` too. Reads the file once, at memory speed
+    (0.05 s for the 292 MB Gemma 3 270M Q8_0 file here); ``load(path, verify=True)`` does the
+    same before loading."""
+    tensors, _ = _gemma_rs.verify(_path(path, "gemma_rs.verify()"), threads)
+    return tensors
 
 
 class _ProgressLine:

