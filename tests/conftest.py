@@ -13,10 +13,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 # real_model.py sits next to this file; make it importable under any pytest import mode.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import real_model
+import real_model  # noqa: E402
+
+# Property tests draw the same examples on every run, so that CI is reproducible and a failure
+# is one that a rerun shows again; GEMMA_RS_HYPOTHESIS=N (test_constrained.py) or
+# GEMMA_RS_HYPOTHESIS_FRESH=1 draw fresh ones. No example database: nothing is written into the
+# checkout.
+settings.register_profile("fixed", derandomize=True, database=None, print_blob=True)
+settings.register_profile("fresh", database=None, print_blob=True)
+fresh = "GEMMA_RS_HYPOTHESIS" in os.environ or "GEMMA_RS_HYPOTHESIS_FRESH" in os.environ
+settings.load_profile("fresh" if fresh else "fixed")
 
 
 def _require(provide: Callable[[], Path]) -> Path:

