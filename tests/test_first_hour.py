@@ -383,10 +383,12 @@ def test_chat_streams_stops_on_ctrl_c_and_leaves_on_a_second(packed_q8_0):
     # tokens take a minute or more here: the next prompt cannot have been printed yet).
     t.read_until("Tell me a long story", start=mark)  # the echo of the typed line
     echo_end = len(t.screen)
+    warning = t.read_until("or FunctionGemma\n", start=echo_end).index("or FunctionGemma\n")
+    reply_start = warning + len("or FunctionGemma\n")  # the base model's note, then the reply
     deadline = time.monotonic() + 60
-    while len(t.screen[echo_end:].strip()) < 200:  # the warning line, then the reply
+    while len(t.screen[reply_start:].strip()) < 20:
         assert time.monotonic() < deadline, t.screen
-        t.pump(0.2)
+        t.pump(0.1)
     assert "\n> " not in t.screen[echo_end:], "the reply ended before it was streamed"
     t.type("\x03")  # Ctrl-C: the reply stops, the prompt comes back
     t.read_until("[stopped]", start=echo_end, timeout=30)
@@ -395,8 +397,13 @@ def test_chat_streams_stops_on_ctrl_c_and_leaves_on_a_second(packed_q8_0):
     t.type("/help\n")
     t.read_until("/reset", start=after)
     t.read_until("> ", start=t.screen.index("/reset", after))
+    # A person types Ctrl-C well after the prompt appears; typed within the instant input()
+    # starts, CPython's readline can miss it (the signal arrives before its select() begins).
+    time.sleep(0.5)
     t.type("\x03")
     t.read_until("Ctrl-C again", start=after)
+    t.read_until("> ", start=t.screen.index("Ctrl-C again"))
+    time.sleep(0.5)
     t.type("\x03")
     assert t.wait() == 0
 
