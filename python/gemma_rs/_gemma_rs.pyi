@@ -11,6 +11,7 @@ __all__ = [
     "__version__",
     "load",
     "pack",
+    "verify",
     "memory_plan",
     "render_template",
     "cpu_features",
