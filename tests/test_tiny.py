@@ -78,8 +78,10 @@ def test_cap_and_default(tiny):
         small.complete(ids[:17])
     c = small.complete(ids[:13], max_new_tokens=10)
     assert c.finish_reason == "length" and len(c.token_ids) == 3
-    c = small.complete(ids[:16], max_new_tokens=10)
-    assert c.finish_reason == "length" and c.token_ids == []
+    # A prompt that fills the cap leaves no room: an error that says so, not 0 tokens.
+    with pytest.raises(ValueError, match=r"16 tokens, which fills max_inference_len \(16\)"):
+        small.complete(ids[:16], max_new_tokens=10)
+    assert small.complete(ids[:16], max_new_tokens=0).token_ids == []
     with pytest.raises(ValueError, match="max_position_embeddings"):
         gemma_rs.load(d, max_inference_len=257)
     for bad in (0, -1):
