@@ -231,6 +231,11 @@ fn header_len(name: &str, bytes: &[u8]) -> usize {
 }
 
 fn mutate_bytes(name: &str, bytes: &mut Vec<u8>, rng: &mut Rng) -> String {
+    if bytes.is_empty() {
+        // An earlier mutation truncated it to nothing: no byte to flip or overwrite.
+        bytes.push(rng.below(256) as u8);
+        return "one byte into an empty file".into();
+    }
     let head = header_len(name, bytes).max(1);
     // Mostly the header; sometimes anywhere (tensor data).
     let at = |rng: &mut Rng, len: usize| if rng.chance(5) { rng.below(len) } else { rng.below(head.min(len)) };
@@ -366,8 +371,13 @@ fn check(path: &Path, dir: &Path) -> Result<bool, String> {
     PEAK.store(base, Relaxed);
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let engine = Arc::new(Model::load(path, &opts)?);
-        let params = GenerateParams { max_new_tokens: 2, ..Default::default() };
-        Generation::new(engine, vec![2, 5, 6], params)?.run(&mut never).map(|_| ())
+        // A config may cap the context below the prompt's length: the prompt then leaves room
+        // for at least one token (a prompt that fills the cap is an argument error).
+        let cap = engine.max_inference_len;
+        let prompt = vec![2, 5, 6][..cap.saturating_sub(1).clamp(1, 3)].to_vec();
+        let max_new_tokens = if prompt.len() < cap { 2 } else { 0 };
+        let params = GenerateParams { max_new_tokens, ..Default::default() };
+        Generation::new(engine, prompt, params)?.run(&mut never).map(|_| ())
     }));
     let seconds = start.elapsed().as_secs_f64();
     let peak = PEAK.load(Relaxed).saturating_sub(base);
