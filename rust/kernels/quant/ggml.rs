@@ -187,14 +187,14 @@ pub fn dequantize(t: GgmlType, bytes: &[u8], out: &mut [f32]) {
         GgmlType::BF16 => {
             each_block(bytes, out, |b: &[u8; 2], y: &mut [f32; 1]| y[0] = bf16_to_f32(u16::from_le_bytes(*b)))
         }
-        GgmlType::Q4_0 => each_block(bytes, out, block_q4_0),
-        GgmlType::Q4_1 => each_block(bytes, out, block_q4_1),
-        GgmlType::Q5_0 => each_block(bytes, out, block_q5_0),
-        GgmlType::Q5_1 => each_block(bytes, out, block_q5_1),
         GgmlType::Q8_0 => each_block(bytes, out, block_q8_0),
-        GgmlType::Q4_K => each_block(bytes, out, block_q4_k),
-        GgmlType::Q5_K => each_block(bytes, out, block_q5_k),
-        GgmlType::Q6_K => each_block(bytes, out, block_q6_k),
+        GgmlType::Q4_0
+        | GgmlType::Q4_1
+        | GgmlType::Q5_0
+        | GgmlType::Q5_1
+        | GgmlType::Q4_K
+        | GgmlType::Q5_K
+        | GgmlType::Q6_K => dequantize_low_bit(t, t.low_bit().expect("a low-bit type"), bytes, out),
     }
 }
 
@@ -212,64 +212,6 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
 }
 
-// Legacy 32-value blocks. Value j of a block takes its low 4 bits from the low nibble of qs[j]
-// for j < 16 and from the high nibble of qs[j - 16] otherwise; Q5_* take bit 4 from bit j of qh
-// (a little-endian u32).
-
-/// layout: ggml-common.h `block_q4_0` {d: f16, qs[16]}; `y = (q - 8) * d`.
-#[inline(always)]
-fn block_q4_0(b: &[u8; 18], y: &mut [f32; 32]) {
-    let d = f16_at(b, 0);
-    let qs = &b[2..18];
-    for j in 0..16 {
-        y[j] = ((qs[j] & 0xF) as i32 - 8) as f32 * d;
-        y[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
-    }
-}
-
-/// layout: ggml-common.h `block_q4_1` {d: f16, m: f16, qs[16]}; `y = q * d + m`, two roundings.
-#[inline(always)]
-fn block_q4_1(b: &[u8; 20], y: &mut [f32; 32]) {
-    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-    let qs = &b[4..20];
-    for j in 0..16 {
-        y[j] = (qs[j] & 0xF) as f32 * d + m;
-        y[j + 16] = (qs[j] >> 4) as f32 * d + m;
-    }
-}
-
-/// The 5-bit values of a Q5_0/Q5_1 block, 0..=31, from qh (4 bytes) and qs (16 bytes).
-#[inline(always)]
-fn q5_values(qh: &[u8], qs: &[u8]) -> [u8; 32] {
-    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
-    let mut q = [0u8; 32];
-    for j in 0..16 {
-        q[j] = (qs[j] & 0xF) | (((qh >> j) & 1) << 4) as u8;
-        q[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4) as u8;
-    }
-    q
-}
-
-/// layout: ggml-common.h `block_q5_0` {d: f16, qh[4], qs[16]}; `y = (q - 16) * d`.
-#[inline(always)]
-fn block_q5_0(b: &[u8; 22], y: &mut [f32; 32]) {
-    let d = f16_at(b, 0);
-    let q = q5_values(&b[2..6], &b[6..22]);
-    for (y, &q) in y.iter_mut().zip(&q) {
-        *y = (q as i32 - 16) as f32 * d;
-    }
-}
-
-/// layout: ggml-common.h `block_q5_1` {d: f16, m: f16, qh[4], qs[16]}; `y = q * d + m`.
-#[inline(always)]
-fn block_q5_1(b: &[u8; 24], y: &mut [f32; 32]) {
-    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-    let q = q5_values(&b[4..8], &b[8..24]);
-    for (y, &q) in y.iter_mut().zip(&q) {
-        *y = q as f32 * d + m;
-    }
-}
-
 /// layout: ggml-common.h `block_q8_0` {d: f16, qs[32]: i8}; `y = q * d`.
 #[inline(always)]
 fn block_q8_0(b: &[u8; 34], y: &mut [f32; 32]) {
@@ -277,6 +219,109 @@ fn block_q8_0(b: &[u8; 34], y: &mut [f32; 32]) {
     for (y, &q) in y.iter_mut().zip(&b[2..34]) {
         *y = q as i8 as f32 * d;
     }
+}
+
+// The low-bit types as the native kernels take them: every 32 values of a block are a [`Sub`],
+// unsigned integers `q` (at most 6 bits) and one f32 scale per 16 values, plus for the types
+// with a min one f32 bias. Dequantization below is written on the same decoding, so the kernels'
+// packing and the exact reader share one home for each block layout.
+
+/// How a low-bit type turns a [`Sub`]'s integers into values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LowBit {
+    /// Bits of `q` above the low 4 (0 for Q4_*, 1 for Q5_*, 2 for Q6_K).
+    pub hi_bits: u8,
+    /// Subtracted from `q`: `value = ws · (q − offset)` (Q4_0: 8, Q5_0: 16, Q6_K: 32; else 0).
+    pub offset: i32,
+    /// `value = ws · q + wb` (Q4_1, Q5_1, Q4_K, Q5_K): the bias is the block's min.
+    pub min: bool,
+    /// The two halves of 16 values have their own scales (Q6_K); else `ws[0] == ws[1]`.
+    pub split: bool,
+    /// `ws` and `wb` are f16 values as stored (Q4_0, Q4_1, Q5_0, Q5_1); else f32 products
+    /// (a K-quant's `d · sc`, exact in f32).
+    pub f16: bool,
+}
+
+impl GgmlType {
+    /// The low-bit view of this type, None for F32, F16, BF16 and Q8_0.
+    pub fn low_bit(self) -> Option<LowBit> {
+        let l = |hi_bits, offset, min, split, f16| Some(LowBit { hi_bits, offset, min, split, f16 });
+        match self {
+            GgmlType::Q4_0 => l(0, 8, false, false, true),
+            GgmlType::Q4_1 => l(0, 0, true, false, true),
+            GgmlType::Q5_0 => l(1, 16, false, false, true),
+            GgmlType::Q5_1 => l(1, 0, true, false, true),
+            GgmlType::Q4_K => l(0, 0, true, false, false),
+            GgmlType::Q5_K => l(1, 0, true, false, false),
+            GgmlType::Q6_K => l(2, 32, false, true, false),
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 => None,
+        }
+    }
+}
+
+/// 32 values of a low-bit block: value `j` is `ws[j / 16] · (q[j] − offset)`, or
+/// `ws[j / 16] · q[j] + wb` for a type with a min (two roundings, as ggml and gguf-py).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Sub {
+    pub q: [u8; 32],
+    pub ws: [f32; 2],
+    pub wb: f32,
+}
+
+/// The sub-blocks of `bytes` (whole blocks of the low-bit type `t`), in value order, into `out`
+/// (`32` values each). Panics on a type without a low-bit view or on lengths that disagree.
+pub fn sub_blocks(t: GgmlType, bytes: &[u8], out: &mut [Sub]) {
+    let (bb, per) = (t.block_bytes(), t.block_values() / 32);
+    assert!(t.low_bit().is_some(), "sub_blocks: {} is not a low-bit type", t.name());
+    assert_eq!(
+        bytes.len() / bb * per,
+        out.len(),
+        "sub_blocks {t:?}: {} bytes for {} sub-blocks",
+        bytes.len(),
+        out.len()
+    );
+    assert!(bytes.len().is_multiple_of(bb), "sub_blocks {t:?}: {} bytes is not whole blocks", bytes.len());
+    for (b, s) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(per)) {
+        match t {
+            GgmlType::Q4_0 => s[0] = q4_sub(f16_at(b, 0), 0.0, &b[2..18]),
+            GgmlType::Q4_1 => s[0] = q4_sub(f16_at(b, 0), f16_at(b, 2), &b[4..20]),
+            GgmlType::Q5_0 => s[0] = q5_sub(f16_at(b, 0), 0.0, &b[2..6], &b[6..22]),
+            GgmlType::Q5_1 => s[0] = q5_sub(f16_at(b, 0), f16_at(b, 2), &b[4..8], &b[8..24]),
+            GgmlType::Q4_K => k_subs(b, None, s),
+            GgmlType::Q5_K => k_subs(&b[..16], Some((&b[16..48], &b[48..176])), s),
+            GgmlType::Q6_K => q6_k_subs(b, s),
+            _ => unreachable!(),
+        }
+    }
+}
+
+// Legacy 32-value blocks. Value j of a block takes its low 4 bits from the low nibble of qs[j]
+// for j < 16 and from the high nibble of qs[j - 16] otherwise; Q5_* take bit 4 from bit j of qh
+// (a little-endian u32).
+
+/// layout: ggml-common.h `block_q4_0` {d: f16, qs[16]} (`y = (q − 8) d`) and `block_q4_1`
+/// {d: f16, m: f16, qs[16]} (`y = q d + m`).
+#[inline(always)]
+fn q4_sub(d: f32, m: f32, qs: &[u8]) -> Sub {
+    let mut q = [0u8; 32];
+    for j in 0..16 {
+        q[j] = qs[j] & 0xF;
+        q[j + 16] = qs[j] >> 4;
+    }
+    Sub { q, ws: [d, d], wb: m }
+}
+
+/// layout: ggml-common.h `block_q5_0` {d: f16, qh[4], qs[16]} (`y = (q − 16) d`) and
+/// `block_q5_1` {d: f16, m: f16, qh[4], qs[16]} (`y = q d + m`).
+#[inline(always)]
+fn q5_sub(d: f32, m: f32, qh: &[u8], qs: &[u8]) -> Sub {
+    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    let mut q = [0u8; 32];
+    for j in 0..16 {
+        q[j] = (qs[j] & 0xF) | (((qh >> j) & 1) << 4) as u8;
+        q[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4) as u8;
+    }
+    Sub { q, ws: [d, d], wb: m }
 }
 
 // K-quants: 256-value super-blocks of 8 sub-blocks of 32 (Q4_K, Q5_K) or 16 of 16 (Q6_K).
@@ -297,41 +342,27 @@ fn scales_mins_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, m)
 }
 
-/// layout: ggml-common.h `block_q4_K` {d: f16, dmin: f16, scales[12], qs[128]}. Sub-block `s`
-/// has scale `d * sc[s]` and min `dmin * m[s]` (each rounded to f32) and `y = scale * q - min`;
-/// sub-blocks 2i and 2i+1 take the low and high nibbles of qs[32i..32i + 32].
+/// layout: ggml-common.h `block_q4_K` {d: f16, dmin: f16, scales[12], qs[128]} and `block_q5_K`
+/// {d, dmin, scales[12], qh[32], qs[128]} (`head` is the first 16 bytes; `q5` the qh and qs of
+/// a Q5_K). Sub-block `s` has scale `d · sc[s]` and min `dmin · m[s]` (each rounded to f32) and
+/// `y = scale · q − min`; sub-blocks 2i and 2i+1 take the low and high nibbles of
+/// qs[32i..32i + 32], and a Q5_K's fifth bit of value l of sub-block s is bit s of qh[l].
 #[inline(always)]
-fn block_q4_k(b: &[u8; 144], y: &mut [f32; QK_K]) {
-    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-    let (sc, m) = scales_mins_k4(&b[4..16]);
-    let qs = &b[16..144];
-    for (i, (q, y)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
-        let (d1, m1) = (d * sc[2 * i] as f32, dmin * m[2 * i] as f32);
-        let (d2, m2) = (d * sc[2 * i + 1] as f32, dmin * m[2 * i + 1] as f32);
-        let (lo, hi) = y.split_at_mut(32);
+fn k_subs(head: &[u8], q5: Option<(&[u8], &[u8])>, out: &mut [Sub]) {
+    let (d, dmin) = (f16_at(head, 0), f16_at(head, 2));
+    let (sc, m) = scales_mins_k4(&head[4..16]);
+    let qs = match q5 {
+        Some((_, qs)) => qs,
+        None => &head[16..144],
+    };
+    for (s, o) in out.iter_mut().enumerate() {
+        let (i, shift) = (s / 2, 4 * (s % 2));
+        let ws = d * sc[s] as f32;
+        o.ws = [ws, ws];
+        o.wb = -(dmin * m[s] as f32);
         for l in 0..32 {
-            lo[l] = d1 * (q[l] & 0xF) as f32 - m1;
-            hi[l] = d2 * (q[l] >> 4) as f32 - m2;
-        }
-    }
-}
-
-/// layout: ggml-common.h `block_q5_K` {d: f16, dmin: f16, scales[12], qh[32], qs[128]}: Q4_K
-/// with a fifth bit, bit `s` of qh[l] for value l of sub-block `s`.
-#[inline(always)]
-fn block_q5_k(b: &[u8; 176], y: &mut [f32; QK_K]) {
-    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-    let (sc, m) = scales_mins_k4(&b[4..16]);
-    let qh = &b[16..48];
-    let qs = &b[48..176];
-    for (i, (q, y)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
-        let (d1, m1) = (d * sc[2 * i] as f32, dmin * m[2 * i] as f32);
-        let (d2, m2) = (d * sc[2 * i + 1] as f32, dmin * m[2 * i + 1] as f32);
-        let (lo, hi) = y.split_at_mut(32);
-        for l in 0..32 {
-            let h = qh[l] >> (2 * i);
-            lo[l] = d1 * ((q[l] & 0xF) | ((h & 1) << 4)) as f32 - m1;
-            hi[l] = d2 * ((q[l] >> 4) | ((h & 2) << 3)) as f32 - m2;
+            let high = q5.map_or(0, |(qh, _)| ((qh[l] >> s) & 1) << 4);
+            o.q[l] = ((qs[32 * i + l] >> shift) & 0xF) | high;
         }
     }
 }
@@ -339,30 +370,34 @@ fn block_q5_k(b: &[u8; 176], y: &mut [f32; QK_K]) {
 /// layout: ggml-common.h `block_q6_K` {ql[128], qh[64], scales[16]: i8, d: f16}. Each half of
 /// 128 values uses 64 bytes of ql and 32 of qh: value 32k + l (k < 4, l < 32) has low bits from
 /// ql[l + 32 (k & 1)] (low nibble for k < 2, high for k >= 2) and high bits (qh[l] >> 2k) & 3,
-/// and `y = (d * scales[value / 16]) * (q - 32)`.
+/// and `y = (d · scales[value / 16]) · (q − 32)`, `d · scale` rounded to f32 as ggml does.
 #[inline(always)]
-fn block_q6_k(b: &[u8; 210], y: &mut [f32; QK_K]) {
+fn q6_k_subs(b: &[u8], out: &mut [Sub]) {
     let d = f16_at(b, 208);
     let scales = &b[192..208];
-    for h in 0..2 {
-        let ql = &b[64 * h..64 * h + 64];
-        let qh = &b[128 + 32 * h..128 + 32 * h + 32];
-        let y = &mut y[128 * h..128 * h + 128];
-        // The scales of this half, one per 16 values, rounded to f32 as ggml does (`d * sc`).
-        let mut ds = [0f32; 8];
-        for (ds, &s) in ds.iter_mut().zip(&scales[8 * h..8 * h + 8]) {
-            *ds = d * s as i8 as f32;
-        }
+    for (s, o) in out.iter_mut().enumerate() {
+        let (h, k) = (s / 4, s % 4);
+        let ql = &b[64 * h + 32 * (k & 1)..][..32];
+        let qh = &b[128 + 32 * h..][..32];
+        let sc = |i: usize| d * scales[8 * h + 2 * k + i] as i8 as f32;
+        o.ws = [sc(0), sc(1)];
+        o.wb = 0.0;
         for l in 0..32 {
-            let q = [
-                (ql[l] & 0xF) | ((qh[l] & 3) << 4),
-                (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
-                (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
-                (ql[l + 32] >> 4) | ((qh[l] >> 6) << 4),
-            ];
-            for (k, &q) in q.iter().enumerate() {
-                let i = 32 * k + l;
-                y[i] = ds[i / 16] * (q as i32 - 32) as f32;
+            o.q[l] = ((ql[l] >> (4 * (k / 2))) & 0xF) | (((qh[l] >> (2 * k)) & 3) << 4);
+        }
+    }
+}
+
+/// Dequantizes whole blocks of a low-bit type through [`sub_blocks`].
+fn dequantize_low_bit(t: GgmlType, l: LowBit, bytes: &[u8], out: &mut [f32]) {
+    let mut subs = [Sub::default(); 8];
+    let per = t.block_values() / 32;
+    for (b, y) in bytes.chunks_exact(t.block_bytes()).zip(out.chunks_exact_mut(t.block_values())) {
+        sub_blocks(t, b, &mut subs[..per]);
+        for (s, y) in subs[..per].iter().zip(y.chunks_exact_mut(32)) {
+            for (j, (y, &q)) in y.iter_mut().zip(&s.q).enumerate() {
+                let ws = s.ws[j / 16];
+                *y = if l.min { ws * q as f32 + s.wb } else { (q as i32 - l.offset) as f32 * ws };
             }
         }
     }

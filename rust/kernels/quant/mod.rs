@@ -11,7 +11,8 @@
 //! Kernels (in `gemm/`): AVX-512 VNNI, AVX-VNNI and AVX2 on x86_64; NEON i8mm, dotprod and plain
 //! NEON on aarch64; portable scalar code everywhere; one chosen at run time by CPU feature
 //! detection (`GEMMA_RS_KERNEL` names another for tests and benchmarks). `ggml` reads the other
-//! GGUF block types by widening them.
+//! GGUF block types: exactly widened to f32, or (Q4_0 .. Q6_K) as the sub-blocks that
+//! `gemm::lowbit` keeps in their bits and multiplies natively.
 
 use crate::kernels::half::{f16_to_f32, f32_to_f16};
 
