@@ -69,9 +69,11 @@
 //! ```
 //! (qemu 7.2 has no cortex-a55 or neoverse-n2 model; a76/n1 have dotprod, max has i8mm.)
 
+use super::ggml::LowBit;
 use super::{quantize_activations, BlockQ8_0, QK8_0};
 use crate::kernels::half::f16_to_f32;
 use crate::kernels::threads::{split_columns, split_rows, ColumnsMut, Threads};
+pub use lowbit::PackedLowBit;
 use std::ops::Range;
 use std::sync::OnceLock;
 
@@ -87,6 +89,7 @@ macro_rules! dispatch {
     };
 }
 
+pub mod lowbit;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 #[cfg(target_arch = "x86_64")]
@@ -139,6 +142,11 @@ pub(crate) struct TileArgs {
     pub acc: *mut f32,
     pub acc_stride: usize,
     pub load: bool,
+    /// Low-bit weights only: token 0's sums of each half block's values (2 per block, `2 ·
+    /// nb_stride` per token), and how the weights' integers become values.
+    #[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+    pub hsum: *const i32,
+    pub low_bit: LowBit,
 }
 
 /// The microkernel: `ntok` (1 ..= `Gemm::tokens`) tokens of a `TileArgs`.
@@ -452,6 +460,8 @@ pub struct QuantizedActs {
     d: Vec<f32>,
     qs: Vec<i8>,
     bsum: Vec<i32>,
+    /// `Σq` of each half block (16 values), for the low-bit kernels.
+    hsum: Vec<i32>,
 }
 
 impl QuantizedActs {
@@ -469,12 +479,13 @@ impl QuantizedActs {
             d: Vec::with_capacity(nb),
             qs: Vec::with_capacity(values),
             bsum: Vec::with_capacity(nb),
+            hsum: Vec::with_capacity(2 * nb),
         }
     }
 
     /// Bytes `with_capacity(values)` allocates.
     pub fn bytes_for(values: usize) -> usize {
-        values + values.div_ceil(QK8_0) * 8
+        values + values.div_ceil(QK8_0) * 16
     }
 
     pub fn n(&self) -> usize {
@@ -492,6 +503,7 @@ impl QuantizedActs {
         self.d.resize(n * nb, 0.0);
         self.qs.resize(n * cols, 0);
         self.bsum.resize(n * nb, 0);
+        self.hsum.resize(2 * n * nb, 0);
     }
 
     /// Quantizes `x` (`n` rows of `cols`) on this thread.
@@ -511,15 +523,20 @@ impl QuantizedActs {
             .zip(split_rows(&mut self.d, nb, &ranges))
             .zip(split_rows(&mut self.qs, cols, &ranges))
             .zip(split_rows(&mut self.bsum, nb, &ranges))
+            .zip(split_rows(&mut self.hsum, 2 * nb, &ranges))
             .collect();
-        threads.run(parts, |_, (((tokens, d), qs), bsum)| {
+        threads.run(parts, |_, ((((tokens, d), qs), bsum), hsum)| {
             for (i, t) in tokens.enumerate() {
+                let qs = &mut qs[i * cols..(i + 1) * cols];
                 quantize_token(
                     &x[t * cols..(t + 1) * cols],
                     &mut d[i * nb..(i + 1) * nb],
-                    &mut qs[i * cols..(i + 1) * cols],
+                    qs,
                     &mut bsum[i * nb..(i + 1) * nb],
                 );
+                for (h, q) in hsum[2 * i * nb..2 * (i + 1) * nb].iter_mut().zip(qs.chunks_exact(QK8_0 / 2)) {
+                    *h = q.iter().map(|&v| v as i32).sum();
+                }
             }
         });
     }
@@ -555,88 +572,155 @@ const L1_WEIGHT_BYTES: usize = 64 << 10;
 /// Activation bytes of a token chunk kept in L2 while the row groups pass over it.
 const L2_ACT_BYTES: usize = 1 << 20;
 
+/// Packed weights the GEMM driver runs: [`PackedQ8_0`] and [`PackedLowBit`].
+pub trait Packed: Sync {
+    /// The pointers and strides the driver walks (private to the kernels).
+    #[doc(hidden)]
+    fn operand(&self) -> Operand;
+
+    fn rows(&self) -> usize;
+
+    fn cols(&self) -> usize;
+
+    /// Rows per register tile: threads given ranges on multiples of this read disjoint weights
+    /// and run only full tiles, but the last.
+    fn tile_rows(&self) -> usize;
+}
+
+/// What the driver needs of packed weights: the kernel's tile, the groups' geometry and the two
+/// arrays, by K block.
+#[doc(hidden)]
+pub struct Operand {
+    tile: TileFn,
+    tokens: usize,
+    groups: usize,
+    group_rows: usize,
+    rows: usize,
+    cols: usize,
+    vals: *const u8,
+    /// Bytes of values of one group per K block.
+    block_bytes: usize,
+    scales: *const u16,
+    /// u16 of scales of one group per K block.
+    block_scales: usize,
+    low_bit: LowBit,
+}
+
+impl Packed for PackedQ8_0 {
+    fn operand(&self) -> Operand {
+        let (k, l) = (self.kernel, self.kernel.layout);
+        Operand {
+            tile: k.tile,
+            tokens: k.tokens,
+            groups: k.groups,
+            group_rows: l.rows,
+            rows: self.rows,
+            cols: self.cols,
+            vals: self.vals.as_ptr() as *const u8,
+            block_bytes: l.rows * QK8_0,
+            scales: self.scales.as_ptr(),
+            block_scales: l.rows,
+            low_bit: LowBit::default(),
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn tile_rows(&self) -> usize {
+        PackedQ8_0::tile_rows(self)
+    }
+}
+
 /// `out[t · stride + (r - rows.start)] = Σ_k w[r][k] · x[t][k]` for `r` in `rows`, `t < n`, on
 /// this thread (see `gemm_into` for the ranges). `out` holds
 /// `(n - 1) · stride + rows.len()` floats (`stride ≥ rows.len()`).
-pub fn gemm(out: &mut [f32], stride: usize, acts: &QuantizedActs, w: &PackedQ8_0, rows: Range<usize>) {
+pub fn gemm(out: &mut [f32], stride: usize, acts: &QuantizedActs, w: &impl Packed, rows: Range<usize>) {
     let n = acts.n;
     assert!(stride >= rows.len() && (n == 0 || out.len() >= (n - 1) * stride + rows.len()), "gemm: output size");
-    drive(acts, w, rows, |t, at, sums| out[t * stride + at..][..sums.len()].copy_from_slice(sums));
+    drive(acts, &w.operand(), rows, |t, at, sums| out[t * stride + at..][..sums.len()].copy_from_slice(sums));
 }
 
 /// `out (n, w.rows())` for all rows, split between `threads` on whole register tiles of groups
 /// (the last part takes any odd group): each thread writes its own columns of the output
 /// (`split_columns`) and streams its own weights.
-pub fn gemm_parallel(out: &mut [f32], acts: &QuantizedActs, w: &PackedQ8_0, threads: &Threads) {
-    let (n, m) = (acts.n, w.rows);
+pub fn gemm_parallel(out: &mut [f32], acts: &QuantizedActs, w: &impl Packed, threads: &Threads) {
+    let (n, m, tile) = (acts.n, w.rows(), w.tile_rows());
     assert!(out.len() >= n * m, "gemm_parallel: output size");
-    let g = w.group_rows();
     let rows: Vec<Range<usize>> = threads
-        .ranges(m.div_ceil(g), w.kernel.groups, n * m * w.cols)
+        .ranges(m.div_ceil(tile), 1, n * m * w.cols())
         .into_iter()
-        .map(|groups| groups.start * g..(groups.end * g).min(m))
+        .map(|tiles| tiles.start * tile..(tiles.end * tile).min(m))
         .collect();
     let parts = split_columns(&mut out[..n * m], m, &rows);
+    let op = w.operand();
     threads.run(rows.into_iter().zip(parts).collect(), |_, (rows, mut out): (Range<usize>, ColumnsMut<'_, f32>)| {
-        drive(acts, w, rows, |t, at, sums| out.row(t)[at..][..sums.len()].copy_from_slice(sums))
+        drive(acts, &op, rows, |t, at, sums| out.row(t)[at..][..sums.len()].copy_from_slice(sums))
     });
 }
 
 /// The products of `rows` on this thread, handed to `put(t, r - rows.start, sums)` a token and
 /// a tile of rows at a time (`sums` for rows `r ..`). Any range works; threads given ranges on
 /// whole groups (better: on whole register tiles, `w.tile_rows()`) read disjoint weights.
-pub fn gemm_into(acts: &QuantizedActs, w: &PackedQ8_0, rows: Range<usize>, put: impl FnMut(usize, usize, &[f32])) {
-    drive(acts, w, rows, put)
+pub fn gemm_into(acts: &QuantizedActs, w: &impl Packed, rows: Range<usize>, put: impl FnMut(usize, usize, &[f32])) {
+    drive(acts, &w.operand(), rows, put)
 }
 
+// SAFETY: the pointers of an `Operand` are shared reads of weights that outlive its use (it
+// is made from a borrowed `Packed` and used within that borrow).
+unsafe impl Sync for Operand {}
+
 /// The driver of `gemm` and `gemm_into`.
-fn drive(acts: &QuantizedActs, w: &PackedQ8_0, rows: Range<usize>, mut put: impl FnMut(usize, usize, &[f32])) {
-    let k = w.kernel;
-    let l = k.layout;
-    let (n, nb) = (acts.n, w.blocks());
+fn drive(acts: &QuantizedActs, w: &Operand, rows: Range<usize>, mut put: impl FnMut(usize, usize, &[f32])) {
+    let r_g = w.group_rows;
+    let (n, nb) = (acts.n, w.cols / QK8_0);
     assert_eq!(acts.cols, w.cols, "gemm: activations have {} columns, weights {}", acts.cols, w.cols);
     assert!(rows.start <= rows.end && rows.end <= w.rows, "gemm: rows {rows:?} of {}", w.rows);
     if n == 0 || rows.is_empty() || nb == 0 {
         return;
     }
-    let block_bytes = l.rows * QK8_0;
+    let block_bytes = w.block_bytes;
     // K chunks of at most `L1_WEIGHT_BYTES` of a tile's groups, of equal size.
-    let kchunks = (nb * block_bytes * k.groups).div_ceil(L1_WEIGHT_BYTES).max(1);
+    let kchunks = (nb * block_bytes * w.groups).div_ceil(L1_WEIGHT_BYTES).max(1);
     let kc = nb.div_ceil(kchunks);
     // Token chunks whose activations stay in L2, a whole number of tiles.
-    let tok_bytes = w.cols + 8 * nb;
-    let nc = (L2_ACT_BYTES / tok_bytes).max(k.tokens) / k.tokens * k.tokens;
-    let nc = nc.min(n.div_ceil(k.tokens) * k.tokens);
-    let gmax = k.groups;
+    let tok_bytes = w.cols + 16 * nb;
+    let nc = (L2_ACT_BYTES / tok_bytes).max(w.tokens) / w.tokens * w.tokens;
+    let nc = nc.min(n.div_ceil(w.tokens) * w.tokens);
+    let gmax = w.groups;
     // The accumulators: with one K chunk, one register tile's, copied out while in L1; with
     // several, the token chunk's partial sums, kept between K chunks.
-    let slots = if kc == nb { k.tokens } else { nc };
-    let mut scratch = vec![0f32; slots * gmax * l.rows];
-    let (g0, g1) = (rows.start / l.rows, rows.end.div_ceil(l.rows));
-    let vals = w.vals.as_ptr() as *const u8;
+    let slots = if kc == nb { w.tokens } else { nc };
+    let mut scratch = vec![0f32; slots * gmax * r_g];
+    let (g0, g1) = (rows.start / r_g, rows.end.div_ceil(r_g));
     for c0 in (0..n).step_by(nc) {
         let c1 = (c0 + nc).min(n);
         for g in (g0..g1).step_by(gmax) {
             let groups = gmax.min(g1 - g);
-            let r0 = g * l.rows;
-            let valid = (rows.end - r0).min(groups * l.rows);
-            let acc_stride = groups * l.rows;
+            let r0 = g * r_g;
+            let valid = (rows.end - r0).min(groups * r_g);
+            let acc_stride = groups * r_g;
             for kb0 in (0..nb).step_by(kc) {
                 let blocks = kc.min(nb - kb0);
                 let gb = g * nb + kb0;
-                for t0 in (c0..c1).step_by(k.tokens) {
-                    let ntok = k.tokens.min(c1 - t0);
+                for t0 in (c0..c1).step_by(w.tokens) {
+                    let ntok = w.tokens.min(c1 - t0);
                     let slot = if kc == nb { 0 } else { t0 - c0 };
                     let args = TileArgs {
                         // SAFETY (all pointers): groups g.., blocks kb0.., tokens t0.. are
                         // inside the weights and activations (shapes checked above); slots
                         // `slot .. slot + ntok` are inside the scratch.
-                        vals: unsafe { vals.add(gb * block_bytes) },
-                        scales: unsafe { w.scales.as_ptr().add(gb * l.rows) },
+                        vals: unsafe { w.vals.add(gb * block_bytes) },
+                        scales: unsafe { w.scales.add(gb * w.block_scales) },
                         blocks,
                         groups,
                         group_vals: nb * block_bytes,
-                        group_scales: nb * l.rows,
+                        group_scales: nb * w.block_scales,
                         qs: unsafe { acts.qs.as_ptr().add(t0 * w.cols + kb0 * QK8_0) },
                         d: unsafe { acts.d.as_ptr().add(t0 * nb + kb0) },
                         bsum: unsafe { acts.bsum.as_ptr().add(t0 * nb + kb0) },
@@ -645,11 +729,13 @@ fn drive(acts: &QuantizedActs, w: &PackedQ8_0, rows: Range<usize>, mut put: impl
                         acc: unsafe { scratch.as_mut_ptr().add(slot * acc_stride) },
                         acc_stride,
                         load: kb0 > 0,
+                        hsum: unsafe { acts.hsum.as_ptr().add(2 * (t0 * nb + kb0)) },
+                        low_bit: w.low_bit,
                     };
-                    // SAFETY: `k` is the kernel `w` was packed for, from `Gemm::available()`;
-                    // the pointers cover `groups` groups, `blocks` blocks and `ntok` tokens,
-                    // and `ntok` slots of `groups · R` floats of the scratch.
-                    unsafe { (k.tile)(&args, ntok) };
+                    // SAFETY: `w.tile` is the kernel the weights were packed for, from the
+                    // available ones; the pointers cover `groups` groups, `blocks` blocks and
+                    // `ntok` tokens, and `ntok` slots of `groups · R` floats of the scratch.
+                    unsafe { (w.tile)(&args, ntok) };
                     if kb0 + blocks == nb {
                         // The first group may begin before `rows.start`: its rows above are
                         // computed and dropped.

@@ -53,7 +53,7 @@ pub static NEON: Gemm = Gemm { name: "neon", layout: LAYOUT4, tokens: 2, groups:
 /// # Safety
 /// `p` points to 8 readable u16.
 #[inline(always)]
-unsafe fn scales8(p: *const u16) -> [float32x4_t; 2] {
+pub(super) unsafe fn scales8(p: *const u16) -> [float32x4_t; 2] {
     // SAFETY: 16 readable bytes (caller); the instructions touch only the named registers.
     unsafe {
         let h = vld1q_u16(p);
@@ -66,7 +66,7 @@ unsafe fn scales8(p: *const u16) -> [float32x4_t; 2] {
 
 /// `acc + ` each row's dot product of `w`'s four values with lane `L` (four int8) of `x`.
 #[inline(always)]
-fn sdot_lane<const L: usize>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+pub(super) fn sdot_lane<const L: usize>(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
     let mut acc = acc;
     // SAFETY: `sdot` reads and writes only the named vector registers; every caller is a
     // function enabling dotprod, reached only on CPUs with it.
@@ -92,7 +92,7 @@ fn smmla(acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
 
 /// `acc = fma(float(isum), dw · dx, acc)` per lane, the kernels' common float step.
 #[inline(always)]
-fn step(acc: float32x4_t, isum: int32x4_t, dw: float32x4_t, dx: float32x4_t) -> float32x4_t {
+pub(super) fn step(acc: float32x4_t, isum: int32x4_t, dw: float32x4_t, dx: float32x4_t) -> float32x4_t {
     // SAFETY: neon is part of the aarch64 baseline.
     unsafe { vfmaq_f32(acc, vcvtq_f32_s32(isum), vmulq_f32(dw, dx)) }
 }
@@ -102,7 +102,7 @@ fn step(acc: float32x4_t, isum: int32x4_t, dw: float32x4_t, dx: float32x4_t) -> 
 /// # Safety
 /// `a.acc` covers 8 floats per token for `T` tokens.
 #[inline(always)]
-unsafe fn load_acc<const T: usize>(a: &TileArgs) -> [[float32x4_t; 2]; T] {
+pub(super) unsafe fn load_acc<const T: usize>(a: &TileArgs) -> [[float32x4_t; 2]; T] {
     // SAFETY: the caller's contract.
     unsafe {
         std::array::from_fn(|t| {
@@ -119,7 +119,7 @@ unsafe fn load_acc<const T: usize>(a: &TileArgs) -> [[float32x4_t; 2]; T] {
 /// # Safety
 /// As `load_acc`.
 #[inline(always)]
-unsafe fn store_acc<const T: usize>(a: &TileArgs, acc: &[[float32x4_t; 2]; T]) {
+pub(super) unsafe fn store_acc<const T: usize>(a: &TileArgs, acc: &[[float32x4_t; 2]; T]) {
     for (t, acc) in acc.iter().enumerate() {
         // SAFETY: the caller's contract.
         unsafe {
@@ -169,28 +169,41 @@ unsafe fn body4<const T: usize>(a: &TileArgs, lines: impl Fn(*const i8, &[[int8x
 /// Inside a function enabling dotprod; `wp` points to 256 readable bytes.
 #[inline(always)]
 unsafe fn dotprod_lines<const T: usize>(wp: *const i8, x: &[[int8x16_t; 2]; T]) -> [[int32x4_t; 2]; T] {
+    let mut s = [[vdupq_n_s32(0); 2]; T];
     // SAFETY: the caller's contract.
     unsafe {
-        let mut s = [[vdupq_n_s32(0); 2]; T];
+        dotprod_half::<0, T>(wp, x, &mut s);
+        dotprod_half::<1, T>(wp, x, &mut s);
+    }
+    s
+}
+
+/// Adds half `V` of a block (lines `4V .. 4V + 4`, values `16V ..`) into `s` with `sdot`.
+///
+/// # Safety
+/// Inside a function enabling dotprod; `wp` points to 256 readable bytes.
+#[inline(always)]
+pub(super) unsafe fn dotprod_half<const V: usize, const T: usize>(
+    wp: *const i8,
+    x: &[[int8x16_t; 2]; T],
+    s: &mut [[int32x4_t; 2]; T],
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
         macro_rules! line {
-            ($q:literal, $v:literal, $l:literal) => {
-                let w0 = vld1q_s8(wp.add(32 * $q));
-                let w1 = vld1q_s8(wp.add(32 * $q + 16));
+            ($q:literal, $l:literal) => {
+                let w0 = vld1q_s8(wp.add(32 * (4 * V + $q)));
+                let w1 = vld1q_s8(wp.add(32 * (4 * V + $q) + 16));
                 for (s, x) in s.iter_mut().zip(x) {
-                    s[0] = sdot_lane::<$l>(s[0], w0, x[$v]);
-                    s[1] = sdot_lane::<$l>(s[1], w1, x[$v]);
+                    s[0] = sdot_lane::<$l>(s[0], w0, x[V]);
+                    s[1] = sdot_lane::<$l>(s[1], w1, x[V]);
                 }
             };
         }
-        line!(0, 0, 0);
-        line!(1, 0, 1);
-        line!(2, 0, 2);
-        line!(3, 0, 3);
-        line!(4, 1, 0);
-        line!(5, 1, 1);
-        line!(6, 1, 2);
-        line!(7, 1, 3);
-        s
+        line!(0, 0);
+        line!(1, 1);
+        line!(2, 2);
+        line!(3, 3);
     }
 }
 
@@ -210,24 +223,44 @@ unsafe fn dotprod_tile(a: &TileArgs, ntok: usize) {
 
 /// A block's sums with widening multiplies, lines `q` and `q + 1` per step: each i16 lane
 /// holds two products, `sadalp` adds pairs of lanes into two i32 lanes per row (`[r, r, r', r']`
-/// for rows `r = 4h + 2e`, `r' = r + 1`), one `addp` per block makes one lane per row.
+/// for rows `r = 4h + 2e`, `r' = r + 1`), one `addp` per block makes them one lane per row.
 ///
 /// # Safety
 /// `wp` points to 256 readable bytes.
 #[inline(always)]
 unsafe fn neon_lines<const T: usize>(wp: *const i8, x: &[[int8x16_t; 2]; T]) -> [[int32x4_t; 2]; T] {
+    let mut s = [[[vdupq_n_s32(0); 2]; 2]; T];
+    // SAFETY: the caller's contract.
+    unsafe {
+        neon_half::<0, T>(wp, x, &mut s);
+        neon_half::<1, T>(wp, x, &mut s);
+    }
+    s.map(|s| s.map(|s| vpaddq_s32(s[0], s[1])))
+}
+
+/// Adds half `V` of a block (lines `4V .. 4V + 4`) into `s[t][h][e]`: token t, rows
+/// 4h .. 4h + 4, e = 0 for the first two rows, 1 for the others (`vpaddq` of `s[t][h]` gives
+/// one lane per row).
+///
+/// # Safety
+/// `wp` points to 256 readable bytes.
+#[inline(always)]
+pub(super) unsafe fn neon_half<const V: usize, const T: usize>(
+    wp: *const i8,
+    x: &[[int8x16_t; 2]; T],
+    s: &mut [[[int32x4_t; 2]; 2]; T],
+) {
     // SAFETY: the caller's contract; lane indices are constants in range.
     unsafe {
-        // s[t][h][e]: token t, rows 4h .. 4h + 4, e = 0 for the first two rows, 1 for the others.
-        let mut s = [[[vdupq_n_s32(0); 2]; 2]; T];
         macro_rules! lines {
-            ($q:literal, $v:literal, $l:literal) => {
+            ($q:literal, $l:literal) => {
+                let q = 4 * V + $q;
                 let w = [
-                    [vld1q_s8(wp.add(32 * $q)), vld1q_s8(wp.add(32 * $q + 32))],
-                    [vld1q_s8(wp.add(32 * $q + 16)), vld1q_s8(wp.add(32 * $q + 48))],
+                    [vld1q_s8(wp.add(32 * q)), vld1q_s8(wp.add(32 * q + 32))],
+                    [vld1q_s8(wp.add(32 * q + 16)), vld1q_s8(wp.add(32 * q + 48))],
                 ];
                 for (s, x) in s.iter_mut().zip(x) {
-                    let xs = vreinterpretq_s32_s8(x[$v]);
+                    let xs = vreinterpretq_s32_s8(x[V]);
                     let xa = vreinterpretq_s8_s32(vdupq_laneq_s32::<$l>(xs));
                     let xb = vreinterpretq_s8_s32(vdupq_laneq_s32::<{ $l + 1 }>(xs));
                     for (s, [wa, wb]) in s.iter_mut().zip(w) {
@@ -239,11 +272,8 @@ unsafe fn neon_lines<const T: usize>(wp: *const i8, x: &[[int8x16_t; 2]; T]) -> 
                 }
             };
         }
-        lines!(0, 0, 0);
-        lines!(2, 0, 2);
-        lines!(4, 1, 0);
-        lines!(6, 1, 2);
-        s.map(|s| s.map(|s| vpaddq_s32(s[0], s[1])))
+        lines!(0, 0);
+        lines!(2, 2);
     }
 }
 

@@ -32,17 +32,22 @@ const PREFETCH_BLOCKS: usize = 8;
 const LAYOUT: Layout = Layout { rows: 16, interleave: 4, xor: 0x80 };
 
 pub fn available() -> Vec<&'static Gemm> {
+    by_features([&AVX512_VNNI, &AVX_VNNI, &AVX2])
+}
+
+/// Of a kernel set `[avx512vnni, avxvnni, avx2]`, those this CPU runs, in that order.
+pub(super) fn by_features([avx512, avxvnni, avx2_kernel]: [&'static Gemm; 3]) -> Vec<&'static Gemm> {
     let f = crate::kernels::cpu::features();
     let mut v: Vec<&'static Gemm> = Vec::new();
     let avx2 = f.avx2_fma && f.f16c;
     if avx2 && f.avx512_bw && f.avx512_vnni {
-        v.push(&AVX512_VNNI);
+        v.push(avx512);
     }
     if avx2 && f.avx_vnni {
-        v.push(&AVX_VNNI);
+        v.push(avxvnni);
     }
     if avx2 {
-        v.push(&AVX2);
+        v.push(avx2_kernel);
     }
     v
 }
