@@ -446,6 +446,9 @@ fn cpu_features<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
     d.set_item("features", crate::kernels::cpu::names())?;
     d.set_item("kernels", Gemm::available().iter().map(|k| k.name).collect::<Vec<_>>())?;
     d.set_item("kernel", Gemm::best().name)?;
+    let low_bit = crate::kernels::quant::gemm::lowbit::available();
+    d.set_item("low_bit_kernels", low_bit.iter().map(|k| k.name).collect::<Vec<_>>())?;
+    d.set_item("low_bit_kernel", crate::kernels::quant::gemm::lowbit::best().name)?;
     Ok(d)
 }
 
@@ -454,7 +457,7 @@ fn cpu_features<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
 /// that compare the kernels of this CPU with the scalar one.
 #[pyfunction]
 fn q8_0_matmul<'py>(py: Python<'py>, kernel: &str, w: &[u8], rows: usize, x: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-    use crate::kernels::quant::gemm::{gemm, PackedQ8_0, QuantizedActs};
+    use crate::kernels::quant::gemm::{gemm, PackedQ8_0};
     let k =
         Gemm::named(kernel).ok_or_else(|| value_error(format!("kernel {kernel:?} is not available on this CPU")))?;
     let block = std::mem::size_of::<BlockQ8_0>();
@@ -473,14 +476,59 @@ fn q8_0_matmul<'py>(py: Python<'py>, kernel: &str, w: &[u8], rows: usize, x: &[u
             BlockQ8_0 { d: u16::from_le_bytes([b[0], b[1]]), qs }
         })
         .collect();
-    let xf: Vec<f32> = x.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-    let n = xf.len() / cols;
-    let mut acts = QuantizedActs::new();
-    acts.quantize(&xf, n, cols);
-    let mut out = vec![0f32; n * rows];
+    let acts = test_acts(x, cols);
+    let mut out = vec![0f32; acts.n() * rows];
     gemm(&mut out, rows, &acts, &PackedQ8_0::for_kernel(k, &blocks, rows, cols), 0..rows);
-    let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
-    Ok(PyBytes::new(py, &bytes))
+    Ok(f32_bytes(py, &out))
+}
+
+/// Little-endian f32 `x`, `cols` per token, quantized as every matmul quantizes activations.
+fn test_acts(x: &[u8], cols: usize) -> crate::kernels::quant::gemm::QuantizedActs {
+    let xf: Vec<f32> = x.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let mut acts = crate::kernels::quant::gemm::QuantizedActs::new();
+    acts.quantize(&xf, xf.len() / cols, cols);
+    acts
+}
+
+fn f32_bytes<'py>(py: Python<'py>, v: &[f32]) -> Bound<'py, PyBytes> {
+    let bytes: Vec<u8> = v.iter().flat_map(|v| v.to_le_bytes()).collect();
+    PyBytes::new(py, &bytes)
+}
+
+/// `x (n, cols) · wᵀ` as little-endian f32 bytes `(n, rows)`, with the low-bit kernel named
+/// `kernel` on this thread: `w` is `rows` rows of GGUF blocks of `type_name` ("Q4_0", "Q4_1",
+/// "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K") kept in their bits. For tests against gguf-py.
+#[pyfunction]
+fn low_bit_matmul<'py>(
+    py: Python<'py>,
+    kernel: &str,
+    type_name: &str,
+    w: &[u8],
+    rows: usize,
+    x: &[u8],
+) -> PyResult<Bound<'py, PyBytes>> {
+    use crate::kernels::quant::gemm::{gemm, lowbit, PackedLowBit};
+    use quant::ggml::GgmlType;
+    let k = lowbit::available()
+        .into_iter()
+        .find(|k| k.name == kernel)
+        .ok_or_else(|| value_error(format!("low-bit kernel {kernel:?} is not available on this CPU")))?;
+    let t = GgmlType::ALL
+        .into_iter()
+        .find(|t| t.name() == type_name && t.low_bit().is_some())
+        .ok_or_else(|| value_error(format!("{type_name:?} is not a low-bit ggml type")))?;
+    let (bv, bb) = (t.block_values(), t.block_bytes());
+    if rows == 0 || !w.len().is_multiple_of(rows * bb) || !x.len().is_multiple_of(4) {
+        return Err(value_error(format!("weights are not `rows` rows of {type_name} blocks, or x is not f32")));
+    }
+    let cols = w.len() / rows / bb * bv;
+    if x.is_empty() || !(x.len() / 4).is_multiple_of(cols) {
+        return Err(value_error(format!("x is not a whole number of {cols}-value rows")));
+    }
+    let acts = test_acts(x, cols);
+    let mut out = vec![0f32; acts.n() * rows];
+    gemm(&mut out, rows, &acts, &PackedLowBit::for_kernel(k, t, w, rows, cols), 0..rows);
+    Ok(f32_bytes(py, &out))
 }
 
 /// GGUF tensor data of ggml type `type_name` ("Q4_K", "F16", ...; a whole number of blocks)
@@ -886,6 +934,7 @@ fn _gemma_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let testing = PyModule::new(m.py(), "_testing")?;
     testing.add_function(wrap_pyfunction!(quantize_q8_0, &testing)?)?;
     testing.add_function(wrap_pyfunction!(q8_0_matmul, &testing)?)?;
+    testing.add_function(wrap_pyfunction!(low_bit_matmul, &testing)?)?;
     testing.add_function(wrap_pyfunction!(dequantize, &testing)?)?;
     m.add_submodule(&testing)?;
     Ok(())

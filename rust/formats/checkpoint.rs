@@ -11,7 +11,7 @@ use crate::formats::safetensors::{Dtype, SafeTensors};
 use crate::kernels::matrix::{Plain, Storage};
 use crate::kernels::quant::ggml::{self, GgmlType};
 use crate::model::config::{token_ids, Config};
-use crate::model::schema::{all_tensors, TensorName, WeightType};
+use crate::model::schema::{self, all_tensors, TensorName, WeightType};
 use crate::text::tokenizer::{GgufVocab, Tokenizer};
 use serde_json::Value;
 use std::ops::Range;
@@ -150,6 +150,12 @@ impl Source {
 }
 
 impl Checkpoint {
+    /// Bytes its weights take when loaded as `weights` (each tensor's stored type decides what
+    /// `WeightType::Stored` keeps).
+    pub fn weight_bytes(&self, weights: WeightType) -> usize {
+        schema::weight_bytes(&self.config, weights, |name| self.source.tensor(name).map_or(GgmlType::F32, |t| t.ty))
+    }
+
     /// A digest that tells this model, loaded as `weights`, from any other: the config, every
     /// tensor's name, type and shape with bytes sampled across its data (17 × 64 bytes: the
     /// start, the end and 15 points between; a fine-tune or a re-quantization changes them all),

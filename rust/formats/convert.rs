@@ -9,7 +9,7 @@ use crate::formats::checkpoint::{Source, Tensor};
 use crate::kernels::half::f32_to_bf16;
 use crate::kernels::matrix::Matrix;
 use crate::kernels::ops;
-use crate::kernels::quant::gemm::PackedQ8_0;
+use crate::kernels::quant::gemm::{PackedLowBit, PackedQ8_0};
 use crate::kernels::quant::ggml::GgmlType;
 use crate::kernels::quant::{self, BlockQ8_0, QK8_0};
 use crate::kernels::threads::Threads;
@@ -64,7 +64,7 @@ impl LoadWeight for SourceLoader<'_> {
     fn matrix(&mut self, name: &TensorName, rows: usize, cols: usize) -> Result<Matrix> {
         let src = self.src;
         let t = checked(src, name, &[rows, cols])?;
-        let ty = self.weights.matrix_type(cols);
+        let ty = self.weights.matrix_type(cols, t.ty);
         let in_place = match (ty, t.ty) {
             (GgmlType::F32, GgmlType::F32) => src.in_place(&t).map(|data| Matrix::F32 { data, rows, cols }),
             (GgmlType::BF16, GgmlType::BF16) => src.in_place(&t).map(|data| Matrix::Bf16 { data, rows, cols }),
@@ -79,6 +79,7 @@ impl LoadWeight for SourceLoader<'_> {
         let m = match ty {
             GgmlType::F32 => Matrix::F32 { data: finite_f32(&t)?.into(), rows, cols },
             GgmlType::Q8_0 => Matrix::Q8_0(pack_q8_0(src, &t, rows, cols, threads, &mut |b| self.advance(b))?),
+            ty if ty.low_bit().is_some() => Matrix::LowBit(pack_low_bit(src, &t, threads, &mut |b| self.advance(b))?),
             GgmlType::BF16 => {
                 let mut bits = Vec::with_capacity(rows * cols);
                 for_slabs(&t, rows, cols, |r0, x| {
@@ -97,6 +98,27 @@ impl LoadWeight for SourceLoader<'_> {
         }
         Ok(m)
     }
+}
+
+/// The low-bit matrix `t` (checked 2-D) kept in its bits, packed for the low-bit GEMM kernel a
+/// slab of row groups at a time, each slab's pages released once packed.
+fn pack_low_bit(
+    src: &Source,
+    t: &Tensor,
+    threads: &Threads,
+    advanced: &mut dyn FnMut(u64) -> Result<()>,
+) -> Result<PackedLowBit> {
+    let [rows, cols] = t.shape[..] else { unreachable!("a matrix") };
+    let row_bytes = t.ty.row_bytes(cols).expect("whole blocks (checked by matrix_type)");
+    let mut packed = PackedLowBit::zeroed(t.ty, rows, cols);
+    let slab = (SLAB_BYTES / row_bytes.max(1)).max(1).next_multiple_of(64);
+    for r0 in (0..rows).step_by(slab) {
+        let r1 = (r0 + slab).min(rows);
+        packed.pack_rows(r0, &t.data[r0 * row_bytes..r1 * row_bytes], threads);
+        src.release(t, r0 * row_bytes..r1 * row_bytes);
+        advanced(((r1 - r0) * row_bytes) as u64)?;
+    }
+    Ok(packed)
 }
 
 /// Source bytes converted per step (Q8_0 packing, bf16 conversion, `pack`): the most of a

@@ -45,6 +45,7 @@ fn file_type(weights: WeightType) -> u32 {
         WeightType::F32 => 0,
         WeightType::Q8_0 => 7,
         WeightType::Bf16 => 32,
+        WeightType::Stored => unreachable!("pack refuses \"stored\""),
     }
 }
 
@@ -57,6 +58,11 @@ pub fn pack(
     threads: &Threads,
     progress: &mut dyn FnMut(u64, u64) -> Result<()>,
 ) -> Result<PackReport> {
+    if weights == WeightType::Stored {
+        return Err(Error::InvalidArgument(
+            "pack writes weights=\"q8_0\", \"bf16\" or \"f32\" (\"stored\" is a way to load a file)".into(),
+        ));
+    }
     let ck = Checkpoint::open(src)?;
     refuse_to_overwrite(&ck, dst)?;
     gemma3_gguf::check_expressible(&ck.config, &ck.path)?;
@@ -143,7 +149,7 @@ fn plan(c: &Config, weights: WeightType) -> Vec<Plan> {
                 [rows, cols] => (rows, cols, false),
                 _ => unreachable!("weights are 1-D or 2-D"),
             };
-            let ty = if norm { GgmlType::F32 } else { weights.matrix_type(cols) };
+            let ty = if norm { GgmlType::F32 } else { weights.matrix_type(cols, GgmlType::F32) };
             Plan { name, rows, cols, ty, norm }
         })
         .collect()

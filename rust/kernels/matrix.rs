@@ -1,8 +1,9 @@
 //! Weight matrices as stored in memory: f32 or bf16 bits (widened on the fly), owned or used in
 //! place from a memory-mapped model file, or GGML Q8_0 blocks repacked at load for the GEMM
-//! kernels (`quant::gemm::PackedQ8_0`).
+//! kernels (`quant::gemm::PackedQ8_0`), or GGUF low-bit blocks kept in their bits for the low-bit
+//! kernels (`quant::gemm::PackedLowBit`).
 
-use crate::kernels::quant::gemm::PackedQ8_0;
+use crate::kernels::quant::gemm::{self, PackedLowBit, PackedQ8_0};
 use crate::kernels::quant::BlockQ8_0;
 use memmap2::Mmap;
 use std::ops::Deref;
@@ -73,6 +74,8 @@ pub enum Matrix {
     },
     /// `cols / 32` blocks per row, in the row groups of the GEMM kernel.
     Q8_0(PackedQ8_0),
+    /// A GGUF low-bit type kept in its bits, in the row groups of the low-bit GEMM kernel.
+    LowBit(PackedLowBit),
 }
 
 impl Matrix {
@@ -80,6 +83,7 @@ impl Matrix {
         match self {
             Matrix::F32 { rows, .. } | Matrix::Bf16 { rows, .. } => *rows,
             Matrix::Q8_0(p) => p.rows(),
+            Matrix::LowBit(p) => gemm::Packed::rows(p),
         }
     }
 
@@ -87,6 +91,7 @@ impl Matrix {
         match self {
             Matrix::F32 { cols, .. } | Matrix::Bf16 { cols, .. } => *cols,
             Matrix::Q8_0(p) => p.cols(),
+            Matrix::LowBit(p) => gemm::Packed::cols(p),
         }
     }
 
@@ -95,6 +100,7 @@ impl Matrix {
             Matrix::F32 { data, .. } => std::mem::size_of_val(&data[..]),
             Matrix::Bf16 { data, .. } => std::mem::size_of_val(&data[..]),
             Matrix::Q8_0(p) => p.bytes(),
+            Matrix::LowBit(p) => p.bytes(),
         }
     }
 
@@ -105,6 +111,7 @@ impl Matrix {
             Matrix::F32 { data, .. } => data.iter().position(|v| !v.is_finite()),
             Matrix::Bf16 { data, .. } => data.iter().position(|&b| b & 0x7F80 == 0x7F80),
             Matrix::Q8_0(p) => p.first_non_finite(),
+            Matrix::LowBit(p) => p.first_non_finite(),
         }
     }
 
@@ -119,6 +126,7 @@ impl Matrix {
                 }
             }
             Matrix::Q8_0(p) => p.dequantize_row(r, out),
+            Matrix::LowBit(p) => p.dequantize_row(r, out),
         }
     }
 }

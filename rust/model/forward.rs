@@ -360,9 +360,10 @@ impl Transformer {
         buf: &'a mut QuantizedActs,
         threads: &Threads,
     ) -> Activations<'a> {
-        match self.weights {
-            WeightType::Q8_0 => Activations::quantized(x, n, cols, threads, buf),
-            WeightType::F32 | WeightType::Bf16 => Activations::f32(x, n, cols),
+        if self.weights.quantized() {
+            Activations::quantized(x, n, cols, threads, buf)
+        } else {
+            Activations::f32(x, n, cols)
         }
     }
 

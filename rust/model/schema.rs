@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::kernels::matrix::Matrix;
 use crate::kernels::ops;
-use crate::kernels::quant::gemm::PackedQ8_0;
+use crate::kernels::quant::gemm::{PackedLowBit, PackedQ8_0};
 use crate::kernels::quant::ggml::GgmlType;
 use crate::kernels::quant::QK8_0;
 use crate::model::config::Config;
@@ -21,6 +21,10 @@ pub enum WeightType {
     Bf16,
     /// GGML Q8_0 blocks; a matrix whose rows are not whole blocks stays bf16.
     Q8_0,
+    /// Each matrix in its file's type when the kernels multiply that type natively (GGUF's
+    /// Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K and Q8_0), else as `Q8_0`: what llama.cpp does
+    /// with a GGUF file; a Hugging Face checkpoint (f32, f16, bf16) loads as `Q8_0`.
+    Stored,
 }
 
 impl WeightType {
@@ -29,7 +33,10 @@ impl WeightType {
             "f32" => Ok(WeightType::F32),
             "bf16" => Ok(WeightType::Bf16),
             "q8_0" => Ok(WeightType::Q8_0),
-            _ => Err(Error::InvalidArgument(format!("weights must be \"q8_0\", \"bf16\" or \"f32\", got {s:?}"))),
+            "stored" => Ok(WeightType::Stored),
+            _ => Err(Error::InvalidArgument(format!(
+                "weights must be \"stored\", \"q8_0\", \"bf16\" or \"f32\", got {s:?}"
+            ))),
         }
     }
 
@@ -38,16 +45,23 @@ impl WeightType {
             WeightType::F32 => "f32",
             WeightType::Bf16 => "bf16",
             WeightType::Q8_0 => "q8_0",
+            WeightType::Stored => "stored",
         }
     }
 
-    /// The ggml type a matrix of `cols` columns is held (and packed) as.
-    pub fn matrix_type(self, cols: usize) -> GgmlType {
+    /// The ggml type a matrix of `cols` columns, stored as `stored`, is held (and packed) as.
+    pub fn matrix_type(self, cols: usize, stored: GgmlType) -> GgmlType {
         match self {
             WeightType::F32 => GgmlType::F32,
-            WeightType::Q8_0 if cols.is_multiple_of(QK8_0) => GgmlType::Q8_0,
-            WeightType::Bf16 | WeightType::Q8_0 => GgmlType::BF16,
+            WeightType::Stored if stored.low_bit().is_some() && stored.row_bytes(cols).is_some() => stored,
+            WeightType::Q8_0 | WeightType::Stored if cols.is_multiple_of(QK8_0) => GgmlType::Q8_0,
+            WeightType::Bf16 | WeightType::Q8_0 | WeightType::Stored => GgmlType::BF16,
         }
+    }
+
+    /// Whether the matrices take activations quantized to 8 bits (`Q8_0` and the low-bit types).
+    pub fn quantized(self) -> bool {
+        matches!(self, WeightType::Q8_0 | WeightType::Stored)
     }
 }
 
@@ -125,13 +139,14 @@ impl TensorName {
         self.spec.dims.iter().map(|d| d.of(c)).collect()
     }
 
-    /// Bytes this tensor is held in when loaded with `weights`.
-    pub fn bytes(&self, c: &Config, weights: WeightType) -> usize {
+    /// Bytes this tensor, stored as `stored`, is held in when loaded with `weights`.
+    pub fn bytes(&self, c: &Config, weights: WeightType, stored: GgmlType) -> usize {
         match (self.spec.kind, &self.shape(c)[..]) {
             (Kind::Norm, &[n]) => 4 * n,
-            (Kind::Matrix, &[rows, cols]) => match weights.matrix_type(cols) {
-                // Repacked for the GEMM kernel: its row groups' padding counts.
+            (Kind::Matrix, &[rows, cols]) => match weights.matrix_type(cols, stored) {
+                // Repacked for the GEMM kernels: their row groups' padding counts.
                 GgmlType::Q8_0 => PackedQ8_0::bytes_for(rows, cols),
+                ty if ty.low_bit().is_some() => PackedLowBit::bytes_for(ty, rows, cols),
                 ty => rows * ty.row_bytes(cols).expect("whole blocks"),
             },
             (kind, shape) => unreachable!("a {kind:?} of shape {shape:?}"),
@@ -277,9 +292,10 @@ pub fn all_tensors(c: &Config) -> Vec<TensorName> {
     outer.chain(blocks).collect()
 }
 
-/// Bytes the weights of a model of config `c` take when loaded with `weights`.
-pub fn weight_bytes(c: &Config, weights: WeightType) -> usize {
-    all_tensors(c).iter().map(|t| t.bytes(c, weights)).sum()
+/// Bytes the weights of a model of config `c` take when loaded with `weights`, each tensor
+/// stored as `stored(name)`.
+pub fn weight_bytes(c: &Config, weights: WeightType, stored: impl Fn(&TensorName) -> GgmlType) -> usize {
+    all_tensors(c).iter().map(|t| t.bytes(c, weights, stored(t))).sum()
 }
 
 #[cfg(test)]

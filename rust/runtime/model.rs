@@ -11,7 +11,7 @@ use crate::model::config::Config;
 use crate::model::forward::{Transformer, CHUNK};
 use crate::model::kv_cache::{KvCache, KvDtype};
 use crate::model::memory::{Memory, SessionPlan};
-use crate::model::schema::{self, all_tensors, WeightType};
+use crate::model::schema::{all_tensors, WeightType};
 use crate::runtime::constraint::Vocabulary;
 use crate::runtime::session::{Session, Slot};
 use crate::runtime::{Cancel, Progress};
@@ -40,7 +40,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             max_inference_len: None,
-            weights: WeightType::Q8_0,
+            weights: WeightType::Stored,
             threads: None,
             memory_limit: None,
             kv_dtype: KvDtype::F32,
@@ -57,7 +57,7 @@ fn plan(ck: &Checkpoint, weights: WeightType, sp: &SessionPlan, sessions: usize)
         checked(&ck.source, &name, &name.shape(c))?;
     }
     let tokenizer = ck.tokenizer.as_ref().map_or(0, Tokenizer::memory_bytes);
-    Ok(Memory::new(c, schema::weight_bytes(c, weights), tokenizer, sp, sessions))
+    Ok(Memory::new(c, ck.weight_bytes(weights), tokenizer, sp, sessions))
 }
 
 /// The memory a model at `path` would hold when loaded with `opts` and used through `sessions`

@@ -176,13 +176,12 @@ fn sliding_rings_give_the_bits_of_a_full_cache() {
 /// holds. The two agree for every weight type, mapped in place or converted.
 #[test]
 fn planned_weight_bytes_are_the_loaded_ones() {
-    use crate::model::schema;
     let dir = fixtures().join("tiny").join("tiny-gqa");
-    for weights in [WeightType::F32, WeightType::Bf16, WeightType::Q8_0] {
+    for weights in [WeightType::F32, WeightType::Bf16, WeightType::Q8_0, WeightType::Stored] {
         let opts = LoadOptions { weights, threads: Some(1), ..Default::default() };
         let m = Model::load(&dir, &opts).unwrap();
-        let c = m.config();
-        assert_eq!(m.transformer.weight_bytes(), schema::weight_bytes(c, weights), "{weights:?}");
+        let ck = crate::formats::checkpoint::Checkpoint::open(&dir).unwrap();
+        assert_eq!(m.transformer.weight_bytes(), ck.weight_bytes(weights), "{weights:?}");
         assert_eq!(crate::runtime::memory_plan(&dir, &opts, 1).unwrap(), m.memory(), "{weights:?}");
     }
 }

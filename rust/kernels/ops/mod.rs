@@ -6,7 +6,7 @@
 //! was computed in, so prefill in one pass and token-by-token decoding give identical bits.
 
 use crate::kernels::matrix::Matrix;
-use crate::kernels::quant::gemm::{self, PackedQ8_0, QuantizedActs};
+use crate::kernels::quant::gemm::{self, QuantizedActs};
 use crate::kernels::quant::QK8_0;
 use crate::kernels::threads::{split_columns, ColumnsMut, Threads};
 use std::ops::Range;
@@ -245,8 +245,12 @@ pub fn matmul(out: &mut [f32], x: &Activations, w: &Matrix, rows: Range<usize>, 
     let (n, cols, m) = (x.n, w.cols(), rows.len());
     assert!(rows.end <= w.rows() && out.len() >= n * m && x.cols == cols, "matmul shapes");
     let parts = match w {
-        Matrix::Q8_0(p) => {
-            let tile = p.tile_rows();
+        Matrix::Q8_0(_) | Matrix::LowBit(_) => {
+            let tile = match w {
+                Matrix::Q8_0(p) => p.tile_rows(),
+                Matrix::LowBit(p) => gemm::Packed::tile_rows(p),
+                _ => unreachable!(),
+            };
             let first = rows.start / tile;
             threads
                 .ranges(rows.end.div_ceil(tile) - first, 1, n * m * cols)
@@ -269,13 +273,15 @@ pub fn matmul(out: &mut [f32], x: &Activations, w: &Matrix, rows: Range<usize>, 
             Matrix::Bf16 { data, .. } => {
                 matmul_float(RowKernel::<u16>::best(), Out { cols, row0: rows.start }, x, data, part)
             }
-            Matrix::Q8_0(p) => matmul_q8_0(cols, x, p, part),
+            Matrix::Q8_0(p) => matmul_packed(cols, x, p, part),
+            Matrix::LowBit(p) => matmul_packed(cols, x, p, part),
         }
     });
 }
 
-/// Rows `rows` of a packed Q8_0 weight applied to the quantized `x`, into a thread's columns.
-fn matmul_q8_0(mut out: ColumnsMut<'_, f32>, x: &Activations, w: &PackedQ8_0, rows: Range<usize>) {
+/// Rows `rows` of a packed Q8_0 or low-bit weight applied to the quantized `x`, into a thread's
+/// columns.
+fn matmul_packed(mut out: ColumnsMut<'_, f32>, x: &Activations, w: &impl gemm::Packed, rows: Range<usize>) {
     gemm::gemm_into(x.quantized_acts(), w, rows, |t, at, sums| out.row(t)[at..][..sums.len()].copy_from_slice(sums));
 }
 
@@ -846,7 +852,7 @@ mod tests {
     fn q8_0(w: &[f32], rows: usize, cols: usize) -> Matrix {
         let mut data = vec![crate::kernels::quant::BlockQ8_0::default(); rows * cols / QK8_0];
         crate::kernels::quant::quantize_row_q8_0(w, &mut data);
-        Matrix::Q8_0(PackedQ8_0::new(&data, rows, cols))
+        Matrix::Q8_0(crate::kernels::quant::gemm::PackedQ8_0::new(&data, rows, cols))
     }
 
     #[test]
