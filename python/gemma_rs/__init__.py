@@ -726,7 +726,7 @@ def load(
     path: str | os.PathLike[str],
     max_inference_len: int | None = None,
     *,
-    weights: Literal["q8_0", "bf16", "f32"] = "q8_0",
+    weights: Literal["stored", "q8_0", "bf16", "f32"] = "stored",
     threads: int | None = None,
     memory_limit: int | None = None,
     progress: bool | Callable[[int, int], object] | None = None,
@@ -741,17 +741,20 @@ def load(
     model.safetensors.index.json) and optionally tokenizer.json and generation_config.json; or a
     ``.gguf`` file (llama.cpp's format: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K
     and Q6_K tensors), or a directory holding one GGUF and no safetensors. A GGUF's tokenizer
-    comes from its metadata unless a tokenizer.json lies beside it. A Q8_0 GGUF loaded with
-    ``weights="q8_0"`` is not requantized: its blocks are regrouped for the matrix kernels.
+    comes from its metadata unless a tokenizer.json lies beside it. A GGUF's quantized blocks
+    are never requantized: they are regrouped for the matrix kernels.
 
     ``max_inference_len`` caps prompt + generated tokens of one sequence; the KV cache is sized
     from it once, here. ``None`` means ``min(max_position_embeddings, 4096)``.
 
-    ``weights`` is how the matmul weights are held: ``"q8_0"`` (GGML Q8_0 blocks, quantized at
-    load unless the file holds them already, the tied embedding / lm_head included: about a
-    quarter of f32, and the fastest), ``"bf16"`` (half of f32) or ``"f32"`` (exact to the
-    checkpoint). ``threads`` is the number of worker threads (``None``: every CPU this process
-    may use).
+    ``weights`` is how the matmul weights are held: ``"stored"`` (the default, as llama.cpp
+    does) keeps each matrix of a GGUF in its stored type when the kernels multiply that type
+    natively — Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K and Q8_0 — and holds any other (f32,
+    f16, bf16: every Hugging Face checkpoint) as Q8_0; ``"q8_0"`` holds every matrix as GGML
+    Q8_0 blocks (quantized at load unless the file holds them already: about a quarter of f32;
+    a low-bit GGUF is widened exactly, then quantized); ``"bf16"`` (half of f32) or ``"f32"``
+    (exact to the checkpoint). ``threads`` is the number of worker threads (``None``: every
+    CPU this process may use).
 
     ``memory_limit`` (bytes): when :func:`memory_plan` says the model would hold more, loading
     stops before reading any weight with a ``MemoryError`` that gives the plan.
@@ -873,7 +876,7 @@ class _Progress:
 def memory_plan(
     path: str | os.PathLike[str],
     max_inference_len: int | None = None,
-    weights: Literal["q8_0", "bf16", "f32"] = "q8_0",
+    weights: Literal["stored", "q8_0", "bf16", "f32"] = "stored",
     *,
     threads: int | None = None,
     sessions: int = 1,
@@ -906,6 +909,12 @@ class CpuFeatures:
     kernel: str
     """The kernel every model of this process uses: the first of ``kernels``, or the one named by
     the environment variable ``GEMMA_RS_KERNEL`` when this CPU runs it (read once)."""
+    low_bit_kernels: tuple[str, ...] = ()
+    """The kernels of the low-bit types (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), fastest
+    first; ``"scalar"`` is always last."""
+    low_bit_kernel: str = "scalar"
+    """The low-bit kernel every model uses: the one named as ``kernel`` when there is one, else
+    the first of ``low_bit_kernels``."""
 
 
 def cpu_features() -> CpuFeatures:
@@ -916,7 +925,14 @@ def cpu_features() -> CpuFeatures:
     True
     """
     f = _gemma_rs.cpu_features()
-    return CpuFeatures(f["arch"], tuple(f["features"]), tuple(f["kernels"]), f["kernel"])
+    return CpuFeatures(
+        f["arch"],
+        tuple(f["features"]),
+        tuple(f["kernels"]),
+        f["kernel"],
+        tuple(f["low_bit_kernels"]),
+        f["low_bit_kernel"],
+    )
 
 
 @dataclass(frozen=True)

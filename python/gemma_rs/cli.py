@@ -604,7 +604,10 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=None, metavar="N", help="None: every CPU allowed")
     p.add_argument(
-        "--weights", choices=["q8_0", "bf16", "f32"], default="q8_0", help="how weights are held"
+        "--weights",
+        choices=["stored", "q8_0", "bf16", "f32"],
+        default="stored",
+        help="how weights are held (stored: a GGUF's types as they are, else Q8_0)",
     )
     p.add_argument(
         "--verify",
