@@ -216,6 +216,7 @@ fn load_options(
         memory_limit: positive_arg("memory_limit", memory_limit)?,
         kv_dtype: KvDtype::parse(kv_dtype)?,
         verify: false,
+        fast_lm_head: false,
     })
 }
 
@@ -281,7 +282,7 @@ impl Sampling {
 }
 
 #[pyfunction]
-#[pyo3(signature = (path, max_inference_len, weights, threads, memory_limit, kv_dtype="f32", progress=None, verify=false))]
+#[pyo3(signature = (path, max_inference_len, weights, threads, memory_limit, kv_dtype="f32", progress=None, verify=false, fast_lm_head=false))]
 #[allow(clippy::too_many_arguments)]
 fn load(
     py: Python<'_>,
@@ -293,8 +294,13 @@ fn load(
     kv_dtype: &str,
     progress: Option<Py<PyAny>>,
     verify: bool,
+    fast_lm_head: bool,
 ) -> PyResult<Model> {
-    let opts = LoadOptions { verify, ..load_options(max_inference_len, weights, threads, memory_limit, kv_dtype)? };
+    let opts = LoadOptions {
+        verify,
+        fast_lm_head,
+        ..load_options(max_inference_len, weights, threads, memory_limit, kv_dtype)?
+    };
     let mut raised: Option<PyErr> = None;
     // Each slab of weights: on the main thread Ctrl-C is looked for (loading holds no lock of a
     // model's, so taking the GIL here is safe), and the caller's callback, if any, is told.
@@ -325,7 +331,8 @@ fn memory_dict<'py>(py: Python<'py>, m: &Memory) -> PyResult<Bound<'py, PyDict>>
 
 /// The bytes a model would hold once loaded (`Model.memory`), without loading its weights.
 #[pyfunction]
-#[pyo3(signature = (path, max_inference_len, weights, threads, sessions, kv_dtype="f32"))]
+#[pyo3(signature = (path, max_inference_len, weights, threads, sessions, kv_dtype="f32", fast_lm_head=false))]
+#[allow(clippy::too_many_arguments)]
 fn memory_plan<'py>(
     py: Python<'py>,
     path: PathBuf,
@@ -334,8 +341,9 @@ fn memory_plan<'py>(
     threads: Option<&Bound<'py, PyAny>>,
     sessions: &Bound<'py, PyAny>,
     kv_dtype: &str,
+    fast_lm_head: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let opts = load_options(max_inference_len, weights, threads, None, kv_dtype)?;
+    let opts = LoadOptions { fast_lm_head, ..load_options(max_inference_len, weights, threads, None, kv_dtype)? };
     let sessions = count_arg("sessions", sessions)?;
     let plan = compute(py, || crate::runtime::memory_plan(&path, &opts, sessions))?;
     memory_dict(py, &plan)
@@ -656,6 +664,11 @@ struct PyCompletion {
     decode_seconds: f64,
     /// Time spent computing a constraint's token masks (part of the two above); 0 without one.
     constraint_seconds: f64,
+    /// Greedy tokens chosen by the fast lm_head, tokens where it could not decide (the full head
+    /// ran), and the rows it rescored in all (`load(fast_lm_head=...)`).
+    fast_head_tokens: usize,
+    fast_head_fallbacks: usize,
+    fast_head_candidates: usize,
 }
 
 impl From<Completion> for PyCompletion {
@@ -669,6 +682,9 @@ impl From<Completion> for PyCompletion {
             prefill_seconds: c.prefill_seconds,
             decode_seconds: c.decode_seconds,
             constraint_seconds: c.constraint_seconds,
+            fast_head_tokens: c.fast_head_tokens,
+            fast_head_fallbacks: c.fast_head_fallbacks,
+            fast_head_candidates: c.fast_head_candidates,
         }
     }
 }

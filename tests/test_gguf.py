@@ -200,7 +200,7 @@ def test_pack_from_gguf_and_with_other_weights(real_model_gguf, tmp_path, ref):
     assert [d for d, _ in events] == sorted(d for d, _ in events)
     ids = ref["generate"][0]["prompt_ids"]
     a = gemma_rs.load(q8, max_inference_len=64).logits(ids)
-    b = gemma_rs.load(real_model_gguf, max_inference_len=64).logits(ids)
+    b = gemma_rs.load(real_model_gguf, weights="q8_0", max_inference_len=64).logits(ids)
     assert np.array_equal(a, b)
     f32 = gemma_rs.pack(q8, tmp_path / "f32.gguf", "f32", progress=False)
     c = gemma_rs.load(f32, weights="f32", max_inference_len=64).logits(ids)

@@ -86,3 +86,25 @@ def test_the_q4_k_m_file_loads_as_stored_and_matches_the_reference(
             np.testing.assert_allclose(
                 logits[i][step["top_ids"]], step["top_logits"], atol=1.0, rtol=0
             )
+
+
+def test_the_fast_lm_head_picks_the_full_heads_argmax(real_model_gguf: Path):
+    """`fast_lm_head=True`: every greedy token is the argmax of the exact teacher-forced logits
+    at its step, the shadow decided (it rarely cannot), its bytes are in memory and memory_plan;
+    sampling never uses it."""
+    model = gemma_rs.load(real_model_gguf, max_inference_len=256, fast_lm_head=True)
+    plan = gemma_rs.memory_plan(real_model_gguf, 256, fast_lm_head=True)
+    assert plan == model.memory
+    without = gemma_rs.memory_plan(real_model_gguf, 256)["weights"]
+    assert 130e6 < model.memory["weights"] - without < 145e6
+    decided = 0
+    for prompt in ["The capital of France is", "def fibonacci(n):", "Once upon a time, a fox"]:
+        ids = model.tokenize(prompt)
+        c = model.complete(ids, 48, stop=None)
+        assert c.fast_head_tokens + c.fast_head_fallbacks >= len(c.token_ids)
+        decided += c.fast_head_tokens
+        logits = model.logits(ids + list(c.token_ids)[:-1])[len(ids) - 1 :]
+        assert [int(np.argmax(row)) for row in logits] == list(c.token_ids), prompt
+    assert decided >= 100, decided
+    sampled = model.complete("The capital of France is", 8, temperature=0.8, seed=1)
+    assert sampled.fast_head_tokens == sampled.fast_head_fallbacks == 0

@@ -54,6 +54,9 @@ class Completion:
     prefill_seconds: float
     decode_seconds: float
     constraint_seconds: float
+    fast_head_tokens: int
+    fast_head_fallbacks: int
+    fast_head_candidates: int
 
 @final
 class Model:
@@ -107,6 +110,7 @@ def load(
     kv_dtype: str = "f32",
     progress: Callable[[int, int], object] | None = None,
     verify: bool = False,
+    fast_lm_head: bool = False,
 ) -> Model: ...
 def memory_plan(
     path: str,
@@ -115,6 +119,7 @@ def memory_plan(
     threads: int | None,
     sessions: int,
     kv_dtype: str = "f32",
+    fast_lm_head: bool = False,
 ) -> dict[str, int]: ...
 def pack(
     src: str,

@@ -11,7 +11,7 @@ use crate::formats::safetensors::{Dtype, SafeTensors};
 use crate::kernels::matrix::{Plain, Storage};
 use crate::kernels::quant::ggml::{self, GgmlType};
 use crate::model::config::{token_ids, Config};
-use crate::model::schema::{self, all_tensors, TensorName, WeightType};
+use crate::model::schema::{self, all_tensors, Kind, TensorName, WeightType};
 use crate::text::tokenizer::{GgufVocab, Tokenizer};
 use serde_json::Value;
 use std::ops::Range;
@@ -150,6 +150,19 @@ impl Source {
 }
 
 impl Checkpoint {
+    /// Bytes the fast lm_head's shadow takes when loaded as `weights`: what `FastHead::new`
+    /// holds when the tied head is held as Q8_0, else 0.
+    pub fn fast_head_bytes(&self, weights: WeightType) -> usize {
+        let c = &self.config;
+        let embed = schema::embedding();
+        let held = self.source.tensor(&embed).map_or(GgmlType::F32, |t| weights.matrix_type(c.hidden_size, t.ty));
+        if held == GgmlType::Q8_0 {
+            crate::model::fast_head::FastHead::bytes_for(c.vocab_size, c.hidden_size)
+        } else {
+            0
+        }
+    }
+
     /// Bytes its weights take when loaded as `weights` (each tensor's stored type decides what
     /// `WeightType::Stored` keeps).
     pub fn weight_bytes(&self, weights: WeightType) -> usize {
@@ -157,7 +170,8 @@ impl Checkpoint {
     }
 
     /// A digest that tells this model, loaded as `weights`, from any other: the config, every
-    /// tensor's name, type and shape with bytes sampled across its data (17 × 64 bytes: the
+    /// tensor's name, stored type, held type (so two `weights` that hold the same, as `"stored"`
+    /// and `"q8_0"` do for a Q8_0 file, agree) and shape with bytes sampled across its data (17 × 64 bytes: the
     /// start, the end and 15 points between; a fine-tune or a re-quantization changes them all),
     /// the tokenizer's vocabulary and the chat template. About 4 000 small reads, so `load`
     /// does not slow down; the same on every host (nothing of the kernel's layout enters it).
@@ -165,11 +179,15 @@ impl Checkpoint {
         let c = &self.config;
         let mut d = Digest::new(0x6765_6d6d_615f_7273); // "gemma_rs"
         d.field(format!("{c:?}").as_bytes());
-        d.field(weights.name().as_bytes());
         for name in all_tensors(c) {
             let t = self.source.tensor(&name)?;
             d.field(name.hf().as_bytes());
             d.field(t.ty.name().as_bytes());
+            let held = match (name.spec.kind, &t.shape[..]) {
+                (Kind::Matrix, &[_, cols]) => weights.matrix_type(cols, t.ty),
+                _ => GgmlType::F32,
+            };
+            d.field(held.name().as_bytes());
             for &n in &t.shape {
                 d.u64(n as u64);
             }

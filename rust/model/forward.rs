@@ -5,10 +5,12 @@
 //! turns hidden states into logits with the tied embedding.
 
 use crate::error::Result;
+use crate::kernels::matrix::Matrix;
 use crate::kernels::ops::{self, Activations, Values};
 use crate::kernels::quant::gemm::QuantizedActs;
 use crate::kernels::threads::{split_rows, Threads};
 use crate::model::config::{Config, LayerType};
+use crate::model::fast_head::{Choice, FastHead};
 use crate::model::kv_cache::{KvCache, KvDtype};
 use crate::model::schema::{Layer, LoadWeight, Outer, TensorName, WeightRef, WeightType};
 
@@ -28,6 +30,9 @@ pub struct Transformer {
     pub outer: Outer,
     pub layers: Vec<Layer>,
     pub weights: WeightType,
+    /// The shadow of a tied Q8_0 head that decides greedy tokens reading fewer bytes
+    /// (`fast_head`); None unless `with_fast_head` made one.
+    pub fast_head: Option<FastHead>,
     /// `sqrt(hidden_size)` rounded to f32, the embedding multiplier.
     embed_scale: f32,
     /// `query_pre_attn_scalar ** -0.5`.
@@ -104,6 +109,7 @@ impl Transformer {
             outer,
             layers,
             weights,
+            fast_head: None,
             embed_scale: (c.hidden_size as f64).sqrt() as f32,
             attn_scale: c.query_pre_attn_scalar.powf(-0.5) as f32,
             inv_freq_local: ops::rope_inv_freq(c.rope_local_base_freq, c.head_dim),
@@ -132,7 +138,27 @@ impl Transformer {
     /// Bytes of all weights, owned or used in place from a mapped file (those become resident
     /// as file pages once read); `schema::weight_bytes` predicts it from the config.
     pub fn weight_bytes(&self) -> usize {
-        self.tensors().map(|(_, w)| w.bytes()).sum()
+        self.tensors().map(|(_, w)| w.bytes()).sum::<usize>() + self.fast_head.as_ref().map_or(0, FastHead::bytes)
+    }
+
+    /// Builds the fast head's shadow when the tied head is held as Q8_0 (see `fast_head`).
+    pub fn with_fast_head(&mut self, threads: &Threads) {
+        if let Matrix::Q8_0(head) = &self.outer.embed_tokens {
+            self.fast_head = FastHead::new(head, threads);
+        }
+    }
+
+    /// The greedy token of `x` (one token) as the full lm_head's argmax would choose it, read
+    /// from the fast head's shadow; None when there is none, the config soft-caps the logits
+    /// (which may merge distinct logits into ties), or the shadow cannot decide (the caller then
+    /// runs `lm_head`). `scores` (vocab floats) is scratch.
+    pub fn greedy_token(&self, x: &Activations, scores: &mut [f32], threads: &Threads) -> Option<Choice> {
+        let (fast, acts) = (self.fast_head.as_ref()?, x.quantized_parts()?);
+        let Matrix::Q8_0(head) = &self.outer.embed_tokens else { return None };
+        if self.config.final_logit_softcapping.is_some() || acts.n() != 1 {
+            return None;
+        }
+        fast.argmax(head, acts, scores, threads)
     }
 
     /// Runs `tokens` (at most `CHUNK`), at positions `start..start + tokens.len()`, through the

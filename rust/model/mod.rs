@@ -3,6 +3,7 @@
 //! [`schema::LoadWeight`].
 
 pub mod config;
+pub mod fast_head;
 pub mod forward;
 pub mod kv_cache;
 pub mod memory;

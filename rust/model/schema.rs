@@ -292,6 +292,11 @@ pub fn all_tensors(c: &Config) -> Vec<TensorName> {
     outer.chain(blocks).collect()
 }
 
+/// The tied embedding / lm_head.
+pub fn embedding() -> TensorName {
+    TensorName { spec: &Outer::SPECS[0], layer: None }
+}
+
 /// Bytes the weights of a model of config `c` take when loaded with `weights`, each tensor
 /// stored as `stored(name)`.
 pub fn weight_bytes(c: &Config, weights: WeightType, stored: impl Fn(&TensorName) -> GgmlType) -> usize {

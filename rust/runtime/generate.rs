@@ -59,6 +59,11 @@ pub struct Completion {
     pub decode_seconds: f64,
     /// Time spent in the constraint (masks and advancing it), part of the two above.
     pub constraint_seconds: f64,
+    /// Greedy tokens the fast lm_head chose (`model::fast_head`), tokens where it could not
+    /// decide and the full head ran, and the rows it rescored in all.
+    pub fast_head_tokens: usize,
+    pub fast_head_fallbacks: usize,
+    pub fast_head_candidates: usize,
 }
 
 /// One prompt's decode loop. `run` holds the session for the whole generation; each `step`
@@ -86,6 +91,9 @@ pub struct Generation {
     prefill_seconds: f64,
     decode_seconds: f64,
     constraint_seconds: f64,
+    fast_head_tokens: usize,
+    fast_head_fallbacks: usize,
+    fast_head_candidates: usize,
 }
 
 impl Generation {
@@ -141,6 +149,9 @@ impl Generation {
             prefill_seconds: 0.0,
             decode_seconds: 0.0,
             constraint_seconds: 0.0,
+            fast_head_tokens: 0,
+            fast_head_fallbacks: 0,
+            fast_head_candidates: 0,
             params,
         })
     }
@@ -186,16 +197,26 @@ impl Generation {
         let logits = &mut scratch.logits[..vocab];
         let x = &scratch.x[last_row * h..(last_row + 1) * h];
         let x = tf.activations(x, 1, h, &mut scratch.xq, &model.threads);
-        tf.lm_head(logits, &x, 0..vocab, &model.threads);
-        if ops::first_non_finite(logits).is_some() {
-            return Err(model.non_finite(self.seq.len() - 1));
-        }
-        if let Some(c) = &mut self.constraint {
-            let t = Instant::now();
-            c.mask(logits)?;
-            self.constraint_seconds += t.elapsed().as_secs_f64();
-        }
-        let tok = self.sampler.sample(logits, &self.seq);
+        // Greedy without a constraint: the fast head's shadow picks the full head's argmax.
+        let fast = self.constraint.is_none() && self.sampler.is_greedy() && tf.fast_head.is_some();
+        let choice = if fast { tf.greedy_token(&x, logits, &model.threads) } else { None };
+        let tok = if let Some(c) = choice {
+            self.fast_head_tokens += 1;
+            self.fast_head_candidates += c.candidates;
+            c.token
+        } else {
+            self.fast_head_fallbacks += fast as usize;
+            tf.lm_head(logits, &x, 0..vocab, &model.threads);
+            if ops::first_non_finite(logits).is_some() {
+                return Err(model.non_finite(self.seq.len() - 1));
+            }
+            if let Some(c) = &mut self.constraint {
+                let t = Instant::now();
+                c.mask(logits)?;
+                self.constraint_seconds += t.elapsed().as_secs_f64();
+            }
+            self.sampler.sample(logits, &self.seq)
+        };
         if self.generated().is_empty() {
             self.reused_tokens = reused;
             self.prefill_seconds = t0.elapsed().as_secs_f64();
@@ -264,6 +285,9 @@ impl Generation {
             prefill_seconds: self.prefill_seconds,
             decode_seconds: self.decode_seconds,
             constraint_seconds: self.constraint_seconds,
+            fast_head_tokens: self.fast_head_tokens,
+            fast_head_fallbacks: self.fast_head_fallbacks,
+            fast_head_candidates: self.fast_head_candidates,
         })
     }
 }

@@ -109,6 +109,13 @@ impl Sampler {
         Ok(Sampler { params, rng: Rng::new(seed), candidates: Vec::new(), penalized: Vec::new() })
     }
 
+    /// Whether `sample` is the argmax of the logits as given (greedy, no repetition penalty):
+    /// then it needs only the largest logit.
+    pub fn is_greedy(&self) -> bool {
+        let p = &self.params;
+        p.repetition_penalty == 1.0 && (p.temperature == 0.0 || !(1.0 / p.temperature).is_finite())
+    }
+
     /// The next token given `logits` (modified in place) and the sequence so far.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;

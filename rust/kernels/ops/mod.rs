@@ -170,6 +170,11 @@ impl<'a> Activations<'a> {
         &self.x[t * self.cols..(t + 1) * self.cols]
     }
 
+    /// The 8-bit activations, when quantized.
+    pub fn quantized_parts(&self) -> Option<&'a QuantizedActs> {
+        self.q
+    }
+
     fn quantized_acts(&self) -> &QuantizedActs {
         self.q.expect("Q8_0 weights need quantized activations (Activations::quantized)")
     }

@@ -140,12 +140,12 @@ pub(crate) fn choose<K>(all: Vec<&'static K>, var: &str, name: fn(&K) -> &'stati
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// xorshift floats in [-scale, scale), value `i` replaced by `special(i)` where that is
     /// `Some` (the sequence advances either way).
-    pub(super) fn random_with(n: usize, seed: u64, scale: f32, special: impl Fn(usize) -> Option<f32>) -> Vec<f32> {
+    pub(crate) fn random_with(n: usize, seed: u64, scale: f32, special: impl Fn(usize) -> Option<f32>) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..n)
             .map(|i| {

@@ -48,6 +48,7 @@ macro_rules! by_type {
         match ($a.low_bit.hi_bits, $a.low_bit.split, $ntok) {
             $((0, false, $t) => $body::<0, false, $t>($a),)*
             $((1, false, $t) => $body::<1, false, $t>($a),)*
+            $((2, false, $t) => $body::<2, false, $t>($a),)*
             $((2, true, $t) => $body::<2, true, $t>($a),)*
             (h, s, n) => unreachable!("low-bit tile: {h} high bits, split {s}, {n} tokens"),
         }
@@ -116,7 +117,9 @@ impl Geometry {
 pub struct PackedLowBit {
     rows: usize,
     cols: usize,
-    ty: GgmlType,
+    lb: LowBit,
+    /// The GGUF type the blocks came from; None for a matrix made from sub-blocks.
+    ty: Option<GgmlType>,
     kernel: &'static Gemm,
     vals: Vec<Line>,
     /// Per group, per block: `block_scales` u16 (f32 as two, little-endian); u32 storage keeps
@@ -135,11 +138,16 @@ impl PackedLowBit {
     pub fn zeroed_for(kernel: &'static Gemm, ty: GgmlType, rows: usize, cols: usize) -> PackedLowBit {
         let lb = ty.low_bit().unwrap_or_else(|| panic!("PackedLowBit: {} is not a low-bit type", ty.name()));
         assert!(ty.row_bytes(cols).is_some(), "PackedLowBit: {cols} columns is not whole {} blocks", ty.name());
+        PackedLowBit::zeroed_as(kernel, lb, Some(ty), rows, cols)
+    }
+
+    fn zeroed_as(kernel: &'static Gemm, lb: LowBit, ty: Option<GgmlType>, rows: usize, cols: usize) -> PackedLowBit {
+        assert!(cols.is_multiple_of(QK8_0), "PackedLowBit: {cols} columns is not whole blocks");
         let g = Geometry { r: kernel.layout.rows, lb };
         let (groups, nb) = (rows.div_ceil(g.r), cols / QK8_0);
         let vals = vec![Line([0; 64]); (groups * nb * g.block_bytes()).div_ceil(64)];
         let scales = vec![0u32; (groups * nb * g.block_scales()).div_ceil(2)];
-        PackedLowBit { rows, cols, ty, kernel, vals, scales }
+        PackedLowBit { rows, cols, lb, ty, kernel, vals, scales }
     }
 
     /// `bytes` (whole rows of `ty` as stored in GGUF) packed for `best()`.
@@ -154,27 +162,52 @@ impl PackedLowBit {
         p
     }
 
+    /// A `(rows, cols)` matrix of integers read as `lb` says, for `best()`: `fill(r, subs)`
+    /// writes row `r`'s `cols / 32` sub-blocks. Groups are split between `threads`.
+    pub fn from_subs(
+        lb: LowBit,
+        rows: usize,
+        cols: usize,
+        threads: &Threads,
+        fill: impl Fn(usize, &mut [Sub]) + Sync,
+    ) -> PackedLowBit {
+        let mut p = PackedLowBit::zeroed_as(best(), lb, None, rows, cols);
+        p.fill_groups(0, rows, threads, |r, subs| fill(r, subs));
+        p
+    }
+
     fn geometry(&self) -> Geometry {
-        Geometry { r: self.kernel.layout.rows, lb: self.ty.low_bit().expect("a low-bit type") }
+        Geometry { r: self.kernel.layout.rows, lb: self.lb }
     }
 
     /// Packs `bytes`, the stored blocks of whole rows `first ..`: `first` is a multiple of
     /// `group_rows()`, and so is the row count unless the rows reach the end. Groups are split
     /// between `threads`.
     pub fn pack_rows(&mut self, first: usize, bytes: &[u8], threads: &Threads) {
-        let row_bytes = self.ty.row_bytes(self.cols).expect("whole blocks");
-        let g = self.geometry();
+        let ty = self.ty.expect("pack_rows: a matrix of GGUF blocks");
+        let row_bytes = ty.row_bytes(self.cols).expect("whole blocks");
         let n = bytes.len().checked_div(row_bytes).unwrap_or(0);
         assert!(
-            bytes.len() == n * row_bytes
-                && first.is_multiple_of(g.r)
-                && (n.is_multiple_of(g.r) || first + n == self.rows)
-                && first + n <= self.rows,
-            "pack_rows: {} bytes at row {first} of ({}, {}) {}",
+            bytes.len() == n * row_bytes,
+            "pack_rows: {} bytes is not whole {} rows of {} columns",
             bytes.len(),
+            ty.name(),
+            self.cols
+        );
+        self.fill_groups(first, n, threads, |r, subs| {
+            sub_blocks(ty, &bytes[(r - first) * row_bytes..][..row_bytes], subs)
+        });
+    }
+
+    /// Packs rows `first .. first + n` (`first` on a group boundary, `n` whole groups unless
+    /// the rows reach the end), each row's sub-blocks written by `fill(r, subs)`.
+    fn fill_groups(&mut self, first: usize, n: usize, threads: &Threads, fill: impl Fn(usize, &mut [Sub]) + Sync) {
+        let g = self.geometry();
+        assert!(
+            first.is_multiple_of(g.r) && (n.is_multiple_of(g.r) || first + n == self.rows) && first + n <= self.rows,
+            "pack: {n} rows at row {first} of ({}, {})",
             self.rows,
-            self.cols,
-            self.ty.name()
+            self.cols
         );
         let nb = self.cols / QK8_0;
         let (gv, gs) = (nb * g.block_bytes(), nb * g.block_scales());
@@ -184,20 +217,22 @@ impl PackedLowBit {
         let ranges = threads.ranges(g1 - g0, 1, (g1 - g0) * gv);
         let parts: Vec<_> =
             ranges.iter().cloned().zip(split_rows(vals, gv, &ranges)).zip(split_rows(scales, gs, &ranges)).collect();
-        let (ty, layout) = (self.ty, self.kernel.layout);
+        let layout = self.kernel.layout;
         threads.run(parts, |_, ((part, v), s)| {
             let mut subs = vec![Sub::default(); g.r * nb];
             for (i, grp) in part.enumerate() {
-                let valid = (n - grp * g.r).min(g.r);
                 subs.fill(Sub::default());
-                let src = &bytes[grp * g.r * row_bytes..(grp * g.r + valid) * row_bytes];
-                sub_blocks(ty, src, &mut subs[..valid * nb]);
+                let row0 = first + grp * g.r;
+                for (ri, row) in subs.chunks_exact_mut(nb).enumerate().take((first + n - row0).min(g.r)) {
+                    fill(row0 + ri, row);
+                }
                 pack_group(layout, g, &subs, nb, &mut v[i * gv..][..gv], &mut s[i * gs..][..gs]);
             }
         });
     }
 
-    pub fn ty(&self) -> GgmlType {
+    /// The GGUF type the blocks came from (None for a matrix made `from_subs`).
+    pub fn ty(&self) -> Option<GgmlType> {
         self.ty
     }
 
@@ -218,7 +253,11 @@ impl PackedLowBit {
 
     /// Bytes a `(rows, cols)` matrix of `ty` takes packed for `best()`.
     pub fn bytes_for(ty: GgmlType, rows: usize, cols: usize) -> usize {
-        let lb = ty.low_bit().expect("a low-bit type");
+        PackedLowBit::bytes_for_low_bit(ty.low_bit().expect("a low-bit type"), rows, cols)
+    }
+
+    /// Bytes a `(rows, cols)` matrix read as `lb` takes packed for `best()`.
+    pub fn bytes_for_low_bit(lb: LowBit, rows: usize, cols: usize) -> usize {
         let g = Geometry { r: best().layout.rows, lb };
         let (groups, nb) = (rows.div_ceil(g.r), cols / QK8_0);
         (groups * nb * g.block_bytes()).div_ceil(64) * 64 + (groups * nb * g.block_scales()).div_ceil(2) * 4

@@ -92,10 +92,16 @@ unsafe fn avx512_body<const HB: usize, const SPLIT: bool, const T: usize>(a: &Ti
                 if HB > 0 {
                     let (v, shift, mask) = high(HB, c);
                     let h = _mm512_load_si512(wp.add(256 + 64 * v) as *const __m512i);
-                    let h = if shift >= 0 {
-                        _mm512_sll_epi16(h, _mm_cvtsi32_si128(shift))
-                    } else {
-                        _mm512_srl_epi16(h, _mm_cvtsi32_si128(-shift))
+                    // Immediate shifts (the match folds away once `c` is unrolled).
+                    let h = match shift {
+                        4 => _mm512_slli_epi16::<4>(h),
+                        3 => _mm512_slli_epi16::<3>(h),
+                        2 => _mm512_slli_epi16::<2>(h),
+                        1 => _mm512_slli_epi16::<1>(h),
+                        0 => h,
+                        -1 => _mm512_srli_epi16::<1>(h),
+                        -2 => _mm512_srli_epi16::<2>(h),
+                        _ => _mm512_srli_epi16::<3>(h),
                     };
                     w = _mm512_or_si512(w, _mm512_and_si512(h, _mm512_set1_epi8(mask)));
                 }

@@ -506,6 +506,19 @@ impl QuantizedActs {
         self.hsum.resize(2 * n * nb, 0);
     }
 
+    /// The Euclidean norm of token `t`'s values as quantized (`Σ_b d_b² Σ q²`, in f64), the
+    /// length every product with these activations sees.
+    pub fn norm(&self, t: usize) -> f64 {
+        let nb = self.cols / QK8_0;
+        let qs = &self.qs[t * self.cols..(t + 1) * self.cols];
+        let sq: f64 = qs
+            .chunks_exact(QK8_0)
+            .zip(&self.d[t * nb..(t + 1) * nb])
+            .map(|(q, &d)| (d as f64).powi(2) * q.iter().map(|&v| (v as i32 * v as i32) as f64).sum::<f64>())
+            .sum();
+        sq.sqrt()
+    }
+
     /// Quantizes `x` (`n` rows of `cols`) on this thread.
     pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize) {
         self.quantize_parallel(x, n, cols, &Threads::new(1))
