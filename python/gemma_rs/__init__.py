@@ -726,7 +726,7 @@ def load(
     path: str | os.PathLike[str],
     max_inference_len: int | None = None,
     *,
-    weights: Literal["stored", "q8_0", "bf16", "f32"] = "stored",
+    weights: Literal["stored", "q8_0", "q4_k_m", "q4_0", "bf16", "f32"] = "stored",
     threads: int | None = None,
     memory_limit: int | None = None,
     progress: bool | Callable[[int, int], object] | None = None,
@@ -889,7 +889,7 @@ class _Progress:
 def memory_plan(
     path: str | os.PathLike[str],
     max_inference_len: int | None = None,
-    weights: Literal["stored", "q8_0", "bf16", "f32"] = "stored",
+    weights: Literal["stored", "q8_0", "q4_k_m", "q4_0", "bf16", "f32"] = "stored",
     *,
     threads: int | None = None,
     sessions: int = 1,
@@ -1004,7 +1004,7 @@ def inspect(path: str | os.PathLike[str]) -> ModelInfo:
 def pack(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
-    weights: Literal["q8_0", "bf16", "f32"] = "q8_0",
+    weights: Literal["q8_0", "q4_k_m", "q4_0", "bf16", "f32"] = "q8_0",
     *,
     threads: int | None = None,
     progress: bool | Callable[[int, int], object] | None = None,
@@ -1014,7 +1014,10 @@ def pack(
 
     Matrices are stored as ``weights`` (Q8_0 by default, quantized exactly as :func:`load`
     quantizes, so the packed file and its source, both loaded with ``weights="q8_0"``, give the
-    same logits to the bit), norms as F32
+    same logits to the bit); ``"q4_k_m"`` writes llama.cpp's Q4_K_M mix (Q4_K, Q6_K for some
+    ``attn_v`` and ``ffn_down``, Q5_0 and Q8_0 where rows are not whole super-blocks; blocks the
+    source holds in the wanted type are copied), ``"q4_0"`` Q4_0 (the tied embedding Q8_0 in
+    both, as llama.cpp keeps its output matrix); norms as F32
     ``1 + w`` (GGUF's convention for Gemma), with llama.cpp's ``gemma3.*`` metadata, the
     tokenizer and the chat template when the source has them, and a digest of the header and of
     every tensor (:func:`verify` checks them). The file is written to ``dst + ".partial"`` and

@@ -605,7 +605,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="None: every CPU allowed")
     p.add_argument(
         "--weights",
-        choices=["stored", "q8_0", "bf16", "f32"],
+        choices=["stored", "q8_0", "q4_k_m", "q4_0", "bf16", "f32"],
         default="stored",
         help="how weights are held (stored: a GGUF's types as they are, else Q8_0)",
     )
@@ -749,7 +749,7 @@ def parser() -> argparse.ArgumentParser:
     )
     pk.add_argument("src", help="a Hugging Face model directory or a .gguf file")
     pk.add_argument("dst", help="the GGUF file to write")
-    pk.add_argument("--weights", choices=["q8_0", "bf16", "f32"], default="q8_0")
+    pk.add_argument("--weights", choices=["q8_0", "q4_k_m", "q4_0", "bf16", "f32"], default="q8_0")
     pk.add_argument("--threads", type=int, default=None)
     pk.add_argument(
         "--tools",

@@ -155,7 +155,7 @@ impl Checkpoint {
     pub fn fast_head_bytes(&self, weights: WeightType) -> usize {
         let c = &self.config;
         let embed = schema::embedding();
-        let held = self.source.tensor(&embed).map_or(GgmlType::F32, |t| weights.matrix_type(c.hidden_size, t.ty));
+        let held = self.source.tensor(&embed).map_or(GgmlType::F32, |t| weights.matrix_type(&embed, c, t.ty));
         if held == GgmlType::Q8_0 {
             crate::model::fast_head::FastHead::bytes_for(c.vocab_size, c.hidden_size)
         } else {
@@ -184,7 +184,7 @@ impl Checkpoint {
             d.field(name.hf().as_bytes());
             d.field(t.ty.name().as_bytes());
             let held = match (name.spec.kind, &t.shape[..]) {
-                (Kind::Matrix, &[_, cols]) => weights.matrix_type(cols, t.ty),
+                (Kind::Matrix, [_, _]) => weights.matrix_type(&name, c, t.ty),
                 _ => GgmlType::F32,
             };
             d.field(held.name().as_bytes());

@@ -11,7 +11,7 @@ use crate::kernels::matrix::Matrix;
 use crate::kernels::ops;
 use crate::kernels::quant::gemm::{PackedLowBit, PackedQ8_0};
 use crate::kernels::quant::ggml::GgmlType;
-use crate::kernels::quant::{self, BlockQ8_0, QK8_0};
+use crate::kernels::quant::{self, ggml, quantize, BlockQ8_0, QK8_0};
 use crate::kernels::threads::Threads;
 use crate::model::config::Config;
 use crate::model::schema::{all_tensors, LoadWeight, Norm, TensorName, WeightType};
@@ -20,6 +20,7 @@ use crate::model::schema::{all_tensors, LoadWeight, Norm, TensorName, WeightType
 /// `weights`; `progress(done, total)` is told the source bytes read after each slab.
 pub struct SourceLoader<'a> {
     src: &'a Source,
+    c: Config,
     weights: WeightType,
     threads: &'a Threads,
     progress: &'a mut dyn FnMut(u64, u64) -> Result<()>,
@@ -40,7 +41,7 @@ impl<'a> SourceLoader<'a> {
         for name in all_tensors(c) {
             total += checked(src, &name, &name.shape(c))?.data.len() as u64;
         }
-        Ok(SourceLoader { src, weights, threads, progress, done: 0, total })
+        Ok(SourceLoader { src, c: c.clone(), weights, threads, progress, done: 0, total })
     }
 
     fn advance(&mut self, bytes: u64) -> Result<()> {
@@ -64,7 +65,7 @@ impl LoadWeight for SourceLoader<'_> {
     fn matrix(&mut self, name: &TensorName, rows: usize, cols: usize) -> Result<Matrix> {
         let src = self.src;
         let t = checked(src, name, &[rows, cols])?;
-        let ty = self.weights.matrix_type(cols, t.ty);
+        let ty = self.weights.matrix_type(name, &self.c, t.ty);
         let in_place = match (ty, t.ty) {
             (GgmlType::F32, GgmlType::F32) => src.in_place(&t).map(|data| Matrix::F32 { data, rows, cols }),
             (GgmlType::BF16, GgmlType::BF16) => src.in_place(&t).map(|data| Matrix::Bf16 { data, rows, cols }),
@@ -79,7 +80,9 @@ impl LoadWeight for SourceLoader<'_> {
         let m = match ty {
             GgmlType::F32 => Matrix::F32 { data: finite_f32(&t)?.into(), rows, cols },
             GgmlType::Q8_0 => Matrix::Q8_0(pack_q8_0(src, &t, rows, cols, threads, &mut |b| self.advance(b))?),
-            ty if ty.low_bit().is_some() => Matrix::LowBit(pack_low_bit(src, &t, threads, &mut |b| self.advance(b))?),
+            ty if ty.low_bit().is_some() => {
+                Matrix::LowBit(pack_low_bit(src, &t, ty, threads, &mut |b| self.advance(b))?)
+            }
             GgmlType::BF16 => {
                 let mut bits = Vec::with_capacity(rows * cols);
                 for_slabs(&t, rows, cols, |r0, x| {
@@ -100,25 +103,69 @@ impl LoadWeight for SourceLoader<'_> {
     }
 }
 
-/// The low-bit matrix `t` (checked 2-D) kept in its bits, packed for the low-bit GEMM kernel a
-/// slab of row groups at a time, each slab's pages released once packed.
+/// The matrix `t` (checked 2-D) as the low-bit type `ty`, packed for the low-bit GEMM kernel a
+/// slab of row groups at a time, each slab's pages released once packed: blocks of the file
+/// kept in their bits when it holds `ty`, else quantized from its values.
 fn pack_low_bit(
     src: &Source,
     t: &Tensor,
+    ty: GgmlType,
     threads: &Threads,
     advanced: &mut dyn FnMut(u64) -> Result<()>,
 ) -> Result<PackedLowBit> {
     let [rows, cols] = t.shape[..] else { unreachable!("a matrix") };
-    let row_bytes = t.ty.row_bytes(cols).expect("whole blocks (checked by matrix_type)");
-    let mut packed = PackedLowBit::zeroed(t.ty, rows, cols);
-    let slab = (SLAB_BYTES / row_bytes.max(1)).max(1).next_multiple_of(64);
-    for r0 in (0..rows).step_by(slab) {
-        let r1 = (r0 + slab).min(rows);
-        packed.pack_rows(r0, &t.data[r0 * row_bytes..r1 * row_bytes], threads);
-        src.release(t, r0 * row_bytes..r1 * row_bytes);
-        advanced(((r1 - r0) * row_bytes) as u64)?;
+    let mut packed = PackedLowBit::zeroed(ty, rows, cols);
+    if t.ty == ty {
+        let row_bytes = ty.row_bytes(cols).expect("whole blocks (checked by matrix_type)");
+        let slab = (SLAB_BYTES / row_bytes.max(1)).max(1).next_multiple_of(64);
+        for r0 in (0..rows).step_by(slab) {
+            let r1 = (r0 + slab).min(rows);
+            packed.pack_rows(r0, &t.data[r0 * row_bytes..r1 * row_bytes], threads);
+            src.release(t, r0 * row_bytes..r1 * row_bytes);
+            advanced(((r1 - r0) * row_bytes) as u64)?;
+        }
+    } else {
+        let mut bytes = Vec::new();
+        for_slabs(t, rows, cols, |r0, x| {
+            quantize_low_bit(t, ty, x, cols, &mut bytes, threads)?;
+            packed.pack_rows(r0, &bytes, threads);
+            let range = t.byte_range(r0 * cols..r0 * cols + x.len());
+            let n = range.len() as u64;
+            src.release(t, range);
+            advanced(n)
+        })?;
     }
     Ok(packed)
+}
+
+/// The rows of `x (n, cols)` of tensor `t` quantized to the low-bit `ty` into `out` (resized),
+/// split across threads; an error if a block's f16 scale overflowed.
+pub fn quantize_low_bit(
+    t: &Tensor,
+    ty: GgmlType,
+    x: &[f32],
+    cols: usize,
+    out: &mut Vec<u8>,
+    threads: &Threads,
+) -> Result<()> {
+    let row_bytes = ty.row_bytes(cols).expect("whole blocks");
+    out.resize(x.len() / cols * row_bytes, 0);
+    threads.for_rows_mut(out, row_bytes, 1, x.len() * 8, |r, b| {
+        quantize::quantize(ty, &x[r.start * cols..r.end * cols], b);
+    });
+    let mut back = vec![0f32; x.len()];
+    ggml::dequantize(ty, out, &mut back);
+    match ops::first_non_finite(&back) {
+        None => Ok(()),
+        Some(i) => Err(Error::format(
+            t.path(),
+            format!(
+                "tensor {} has values too large for {} (value {i}); load it with weights=\"bf16\" or \"f32\"",
+                t.name,
+                ty.name()
+            ),
+        )),
+    }
 }
 
 /// Source bytes converted per step (Q8_0 packing, bf16 conversion, `pack`): the most of a

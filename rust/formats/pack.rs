@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::formats::checkpoint::{Checkpoint, Source};
-use crate::formats::convert::{check_q8_0_scales, checked, finite_f32, for_slabs, quantize_rows};
+use crate::formats::convert::{check_q8_0_scales, checked, finite_f32, for_slabs, quantize_low_bit, quantize_rows};
 use crate::formats::gemma3_gguf;
 use crate::formats::gguf::Writer;
 use crate::formats::integrity::DIGESTS_KEY;
@@ -39,12 +39,14 @@ struct Plan {
 }
 
 /// ggml's `llama_ftype` of a file whose matrices are `weights` (llama.h: ALL_F32 0,
-/// MOSTLY_Q8_0 7, MOSTLY_BF16 32).
+/// MOSTLY_Q4_0 2, MOSTLY_Q8_0 7, MOSTLY_Q4_K_M 15, MOSTLY_BF16 32).
 fn file_type(weights: WeightType) -> u32 {
     match weights {
         WeightType::F32 => 0,
         WeightType::Q8_0 => 7,
         WeightType::Bf16 => 32,
+        WeightType::Q4_0 => 2,
+        WeightType::Q4KM => 15,
         WeightType::Stored => unreachable!("pack refuses \"stored\""),
     }
 }
@@ -149,7 +151,7 @@ fn plan(c: &Config, weights: WeightType) -> Vec<Plan> {
                 [rows, cols] => (rows, cols, false),
                 _ => unreachable!("weights are 1-D or 2-D"),
             };
-            let ty = if norm { GgmlType::F32 } else { weights.matrix_type(cols, GgmlType::F32) };
+            let ty = if norm { GgmlType::F32 } else { weights.matrix_type(&name, c, GgmlType::F32) };
             Plan { name, rows, cols, ty, norm }
         })
         .collect()
@@ -262,6 +264,7 @@ fn write_tensor(
             }
             GgmlType::BF16 => x.iter().for_each(|&v| bytes.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),
             GgmlType::F32 => x.iter().for_each(|&v| bytes.extend_from_slice(&v.to_le_bytes())),
+            ty if ty.low_bit().is_some() => quantize_low_bit(&t, ty, x, p.cols, &mut bytes, threads)?,
             other => unreachable!("pack writes no {}", other.name()),
         }
         let range = t.byte_range(r0 * p.cols..(r0 + n) * p.cols);

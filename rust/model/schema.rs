@@ -8,7 +8,6 @@ use crate::kernels::matrix::Matrix;
 use crate::kernels::ops;
 use crate::kernels::quant::gemm::{PackedLowBit, PackedQ8_0};
 use crate::kernels::quant::ggml::GgmlType;
-use crate::kernels::quant::QK8_0;
 use crate::model::config::Config;
 
 /// A norm weight, `(n)`, stored as `1 + w` (Gemma's RMSNorm multiplies by `1 + weight`).
@@ -25,6 +24,13 @@ pub enum WeightType {
     /// Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K and Q8_0), else as `Q8_0`: what llama.cpp does
     /// with a GGUF file; a Hugging Face checkpoint (f32, f16, bf16) loads as `Q8_0`.
     Stored,
+    /// GGML Q4_0 blocks (the tied embedding / lm_head Q8_0, as llama.cpp's Q4_0 files keep their
+    /// output matrix); quantized at load unless the file holds them.
+    Q4_0,
+    /// llama.cpp's Q4_K_M mix: Q4_K, and Q6_K for `attn_v` and `ffn_down` of the first and last
+    /// eighth of the layers and every third between; a matrix whose rows are not whole 256-value
+    /// super-blocks takes Q5_0 for Q4_K and Q8_0 for Q6_K; the tied embedding Q8_0.
+    Q4KM,
 }
 
 impl WeightType {
@@ -34,8 +40,10 @@ impl WeightType {
             "bf16" => Ok(WeightType::Bf16),
             "q8_0" => Ok(WeightType::Q8_0),
             "stored" => Ok(WeightType::Stored),
+            "q4_0" => Ok(WeightType::Q4_0),
+            "q4_k_m" => Ok(WeightType::Q4KM),
             _ => Err(Error::InvalidArgument(format!(
-                "weights must be \"stored\", \"q8_0\", \"bf16\" or \"f32\", got {s:?}"
+                "weights must be \"stored\", \"q8_0\", \"q4_k_m\", \"q4_0\", \"bf16\" or \"f32\", got {s:?}"
             ))),
         }
     }
@@ -46,22 +54,47 @@ impl WeightType {
             WeightType::Bf16 => "bf16",
             WeightType::Q8_0 => "q8_0",
             WeightType::Stored => "stored",
+            WeightType::Q4_0 => "q4_0",
+            WeightType::Q4KM => "q4_k_m",
         }
     }
 
-    /// The ggml type a matrix of `cols` columns, stored as `stored`, is held (and packed) as.
-    pub fn matrix_type(self, cols: usize, stored: GgmlType) -> GgmlType {
-        match self {
-            WeightType::F32 => GgmlType::F32,
-            WeightType::Stored if stored.low_bit().is_some() && stored.row_bytes(cols).is_some() => stored,
-            WeightType::Q8_0 | WeightType::Stored if cols.is_multiple_of(QK8_0) => GgmlType::Q8_0,
-            WeightType::Bf16 | WeightType::Q8_0 | WeightType::Stored => GgmlType::BF16,
+    /// The ggml type the matrix `name` of a model of config `c`, stored as `stored`, is held
+    /// (and packed) as.
+    pub fn matrix_type(self, name: &TensorName, c: &Config, stored: GgmlType) -> GgmlType {
+        let cols = name.shape(c)[1];
+        let fits = |t: GgmlType| t.row_bytes(cols).is_some();
+        let q8_0 = if fits(GgmlType::Q8_0) { GgmlType::Q8_0 } else { GgmlType::BF16 };
+        let embedding = name.spec.gguf == "token_embd";
+        let wanted = match self {
+            WeightType::F32 => return GgmlType::F32,
+            WeightType::Bf16 => return GgmlType::BF16,
+            WeightType::Q8_0 => return q8_0,
+            WeightType::Stored if stored.low_bit().is_some() && fits(stored) => return stored,
+            WeightType::Stored => return q8_0,
+            WeightType::Q4_0 | WeightType::Q4KM if embedding => return q8_0,
+            WeightType::Q4_0 => GgmlType::Q4_0,
+            WeightType::Q4KM => {
+                // llama.cpp's `use_more_bits` (src/llama-quant.cpp).
+                let (i, n) = (name.layer.unwrap_or(0), c.num_hidden_layers);
+                let more = i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
+                match name.spec.gguf {
+                    "attn_v" | "ffn_down" if more => GgmlType::Q6_K,
+                    _ => GgmlType::Q4_K,
+                }
+            }
+        };
+        match wanted {
+            t if fits(t) => t,
+            GgmlType::Q4_K if fits(GgmlType::Q5_0) => GgmlType::Q5_0,
+            GgmlType::Q4_0 | GgmlType::Q4_K | GgmlType::Q6_K => q8_0,
+            t => unreachable!("{t:?}"),
         }
     }
 
-    /// Whether the matrices take activations quantized to 8 bits (`Q8_0` and the low-bit types).
+    /// Whether the matrices take activations quantized to 8 bits (all but f32 and bf16).
     pub fn quantized(self) -> bool {
-        matches!(self, WeightType::Q8_0 | WeightType::Stored)
+        !matches!(self, WeightType::F32 | WeightType::Bf16)
     }
 }
 
@@ -143,7 +176,7 @@ impl TensorName {
     pub fn bytes(&self, c: &Config, weights: WeightType, stored: GgmlType) -> usize {
         match (self.spec.kind, &self.shape(c)[..]) {
             (Kind::Norm, &[n]) => 4 * n,
-            (Kind::Matrix, &[rows, cols]) => match weights.matrix_type(cols, stored) {
+            (Kind::Matrix, &[rows, cols]) => match weights.matrix_type(self, c, stored) {
                 // Repacked for the GEMM kernels: their row groups' padding counts.
                 GgmlType::Q8_0 => PackedQ8_0::bytes_for(rows, cols),
                 ty if ty.low_bit().is_some() => PackedLowBit::bytes_for(ty, rows, cols),

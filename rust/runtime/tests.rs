@@ -36,14 +36,17 @@ fn tiny_checkpoints_match_transformers_in_one_pass_and_token_by_token() {
     for name in ["tiny-gqa", "tiny-mqa-softcap"] {
         let dir = fixtures().join("tiny").join(name);
         let (ids, want) = reference(&dir);
-        // bf16 and Q8_0 round the weights (Q8_0 the activations too), an f16 cache the keys and
-        // values: close, not exact.
+        // bf16, Q8_0 and the low-bit types round the weights (all but bf16 the activations too),
+        // an f16 cache the keys and values: close, not exact.
         let cases = [
             (WeightType::F32, KvDtype::F32, 1e-3),
             (WeightType::F32, KvDtype::F16, 0.05),
             (WeightType::Bf16, KvDtype::F32, 0.25),
             (WeightType::Q8_0, KvDtype::F32, 1.0),
             (WeightType::Q8_0, KvDtype::F16, 1.0),
+            // The tiny models' 64-wide rows take Q5_0 for Q4_K and Q8_0 for Q6_K.
+            (WeightType::Q4_0, KvDtype::F32, 5.0),
+            (WeightType::Q4KM, KvDtype::F32, 2.5),
         ];
         for (weights, kv_dtype, tol) in cases {
             for threads in [1, 2] {
@@ -177,7 +180,9 @@ fn sliding_rings_give_the_bits_of_a_full_cache() {
 #[test]
 fn planned_weight_bytes_are_the_loaded_ones() {
     let dir = fixtures().join("tiny").join("tiny-gqa");
-    for weights in [WeightType::F32, WeightType::Bf16, WeightType::Q8_0, WeightType::Stored] {
+    let all =
+        [WeightType::F32, WeightType::Bf16, WeightType::Q8_0, WeightType::Stored, WeightType::Q4_0, WeightType::Q4KM];
+    for weights in all {
         let opts = LoadOptions { weights, threads: Some(1), ..Default::default() };
         let m = Model::load(&dir, &opts).unwrap();
         let ck = crate::formats::checkpoint::Checkpoint::open(&dir).unwrap();

@@ -418,17 +418,6 @@ mod tests {
         out
     }
 
-    /// Packs 8 scales and 8 mins (each < 64) as `get_scale_min_k4` reads them.
-    fn pack_k4(sc: [u8; 8], m: [u8; 8]) -> [u8; 12] {
-        let mut s = [0u8; 12];
-        for j in 0..4 {
-            s[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
-            s[j + 4] = m[j] | ((m[j + 4] >> 4) << 6);
-            s[j + 8] = (sc[j + 4] & 0xF) | ((m[j + 4] & 0xF) << 4);
-        }
-        s
-    }
-
     #[test]
     fn ids_names_and_sizes() {
         for t in GgmlType::ALL {
@@ -524,14 +513,14 @@ mod tests {
     fn scale_min_k4_unpacks_what_was_packed() {
         let sc = [0, 1, 17, 63, 32, 15, 48, 63];
         let m = [63, 2, 40, 0, 5, 63, 16, 33];
-        assert_eq!(scales_mins_k4(&pack_k4(sc, m)), (sc, m));
+        assert_eq!(scales_mins_k4(&crate::kernels::quant::quantize::pack_scales_k4(sc, m)), (sc, m));
     }
 
     #[test]
     fn q4_k_and_q5_k() {
         let sc = [1, 2, 3, 4, 60, 61, 62, 63];
         let m = [0, 1, 10, 20, 30, 40, 50, 63];
-        let scales = pack_k4(sc, m);
+        let scales = crate::kernels::quant::quantize::pack_scales_k4(sc, m);
         // qs byte 32i + l holds l & 15 (sub-block 2i) and 15 - (l & 15) (sub-block 2i + 1).
         let qs: Vec<u8> = (0..128u8).map(|k| (k & 15) | ((15 - (k & 15)) << 4)).collect();
         let nib = |s: usize, l: usize| if s.is_multiple_of(2) { l & 15 } else { 15 - (l & 15) };

@@ -18,6 +18,7 @@ use crate::kernels::half::{f16_to_f32, f32_to_f16};
 
 pub mod gemm;
 pub mod ggml;
+pub mod quantize;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
