@@ -121,10 +121,21 @@ def gguf_tensor_bytes(path: Path) -> int:
 class Ours:
     name = "gemma_rs"
 
-    def __init__(self, model: Path, ctx: int, weights: str, threads: int) -> None:
+    def __init__(
+        self, model: Path, ctx: int, weights: str, threads: int, fast: bool = False
+    ) -> None:
         t0 = time.perf_counter()
-        self.model = gemma_rs.load(model, ctx, weights=weights, threads=threads)
+        self.model = gemma_rs.load(model, ctx, weights=weights, threads=threads, fast_lm_head=fast)
         self.load_seconds = time.perf_counter() - t0
+        self.argmax_checked = 0
+        self.argmax_mismatches = 0
+
+    def check_argmax(self, ids: list[int], toks: list[int]) -> None:
+        """Each greedy token against the argmax of the teacher-forced exact logits at its step."""
+        logits = self.model.logits(ids + toks[:-1])[len(ids) - 1 :]
+        for row, t in zip(logits, toks):
+            self.argmax_checked += 1
+            self.argmax_mismatches += int(row.argmax()) != t
 
     def prefill(self, ids: list[int]) -> float:
         c = self.model.complete(ids, 1, stop=None)
@@ -327,6 +338,9 @@ def main() -> int:
     p.add_argument(
         "--weights", default="stored", help="gemma_rs weights (stored: the file's types)"
     )
+    p.add_argument(
+        "--fast-lm-head", action="store_true", help="gemma_rs loads with fast_lm_head=True"
+    )
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--decode-prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -383,7 +397,7 @@ def main() -> int:
 
     long_ids = [] if a.no_long_prompt else tools_prompt_ids(a.model)
     ctx = max(a.prefill_tokens + 1, a.decode_prompt_tokens + a.new_tokens, len(long_ids) + 1)
-    ours = Ours(a.model, ctx, a.weights, a.threads)
+    ours = Ours(a.model, ctx, a.weights, a.threads, a.fast_lm_head)
     llama = Llama(a.gguf, ctx, a.threads, a.llama_flash_attn)
     engines = (ours, llama)
     print(
@@ -407,6 +421,8 @@ def main() -> int:
             seconds = e.prefill(pre_ids)
             toks, dec_seconds = e.decode(dec_ids, a.new_tokens)
             outs[e.name] = toks
+            if e is ours and timed:
+                ours.check_argmax(dec_ids, toks)
             if long_ids:
                 if e is ours:
                     ours.model.reset()
@@ -468,6 +484,11 @@ def main() -> int:
     print(
         f"\ngemma_rs new tokens per decode run: {counts} (llama.cpp: always {a.new_tokens}); "
         f"greedy tokens identical to llama.cpp's before the first difference: {agree}"
+    )
+    print(
+        f"gemma_rs greedy tokens equal to the argmax of its exact teacher-forced logits(): "
+        f"{ours.argmax_checked - ours.argmax_mismatches} of {ours.argmax_checked}"
+        + (" (fast lm_head)" if a.fast_lm_head else "")
     )
 
     busy = other_cpu / wall
