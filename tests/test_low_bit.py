@@ -108,6 +108,16 @@ def test_the_fast_lm_head_picks_the_full_heads_argmax(real_model_gguf: Path):
     assert decided >= 100, decided
     sampled = model.complete("The capital of France is", 8, temperature=0.8, seed=1)
     assert sampled.fast_head_tokens == sampled.fast_head_fallbacks == 0
+    # Top-k sampling (k <= 64) takes it too, and draws what the full head's logits draw.
+    plain = gemma_rs.load(real_model_gguf, max_inference_len=256)
+    for k, seed in [(1, 5), (10, 6), (64, 7)]:
+        args = dict(temperature=0.9, top_k=k, top_p=0.95, seed=seed, stop=None)
+        a = model.complete("Once upon a time", 32, **args)
+        b = plain.complete("Once upon a time", 32, **args)
+        assert a.token_ids == b.token_ids, k
+        # Where more than 4096 rows could survive, the full head runs (a fallback).
+        assert a.fast_head_tokens > 0 and b.fast_head_tokens == 0, (k, a.fast_head_tokens)
+        assert a.fast_head_tokens + a.fast_head_fallbacks >= len(a.token_ids)
 
 
 def test_pack_writes_the_q4_k_m_mix(

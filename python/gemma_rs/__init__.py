@@ -780,14 +780,15 @@ def load(
     raises :class:`GemmaError` instead of loading.
 
     ``fast_lm_head=True`` (when the tied embedding / lm_head is held as Q8_0; off by default):
-    greedy tokens are chosen from a 6-bit shadow of the head and an error bound per row, which
-    leave about a hundred rows to score exactly; the token is the full head's argmax, bit for
-    bit, while about 245 MB of weights are read per token instead of 285 MB for Gemma 3 270M
-    (decode 1.11× in one run on an Intel Xeon, ``bench/fast_head.py``). The shadow is held
-    besides (+137 MB in ``memory["weights"]``, about 2 s more to load), hence off by default.
-    Sampling, ``logits()`` and ``logprobs()`` always use the full head.
-    ``Completion.fast_head_tokens``, ``fast_head_fallbacks`` and ``fast_head_candidates`` count
-    its work.
+    greedy tokens, and top-k sampling with ``top_k <= 64``, are decided from a 6-bit shadow of
+    the head and an error bound per row, which leave about a hundred rows to score exactly; the
+    token is the one the full head's logits give (its argmax, or the same seeded draw), while
+    about 245 MB of weights are read per greedy token instead of 285 MB for Gemma 3 270M
+    (decode 1.11× in one run on an Intel Xeon, ``bench/fast_head.py``). When more than 4096 rows
+    could still be chosen, the full head runs. The shadow is held besides (+137 MB in
+    ``memory["weights"]``, about 2 s more to load), hence off by default. Sampling otherwise,
+    ``logits()`` and ``logprobs()`` always use the full head. ``Completion.fast_head_tokens``,
+    ``fast_head_fallbacks`` and ``fast_head_candidates`` count its work.
 
     ``path`` (and ``prompt_cache``) may be ``str``, ``bytes`` or ``os.PathLike``.
 

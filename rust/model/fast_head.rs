@@ -99,69 +99,116 @@ impl FastHead {
         scores: &mut [f32],
         threads: &Threads,
     ) -> Option<Choice> {
-        assert_eq!(x.n(), 1, "FastHead::argmax: one token");
+        let candidates = self.candidates(head, x, 1, scores, threads)?;
+        let mut best: Option<(f32, u32)> = None;
+        rescore(head, x, &candidates, |r, v| {
+            if best.is_none_or(|(b, _)| v > b) {
+                best = Some((v, r));
+            }
+        })?;
+        best.map(|(_, token)| Choice { token, candidates: candidates.len() })
+    }
+
+    /// The full head's logits of the one token of `x` for every row that can be among the `k`
+    /// largest (ties with the k-th included, also after a multiplication by 1 / temperature),
+    /// and −inf for every other, into `logits`: what top-k sampling keeps of the full logits.
+    /// Returns the rows rescored, or None as `argmax` does.
+    pub fn top_k(
+        &self,
+        head: &PackedQ8_0,
+        x: &QuantizedActs,
+        k: usize,
+        logits: &mut [f32],
+        threads: &Threads,
+    ) -> Option<usize> {
+        let candidates = self.candidates(head, x, k, logits, threads)?;
+        logits[..head.rows()].fill(f32::NEG_INFINITY);
+        rescore(head, x, &candidates, |r, v| logits[r as usize] = v)?;
+        Some(candidates.len())
+    }
+
+    /// The rows whose full logit can be among the `k` largest: with `L` the k-th largest
+    /// `S − B`, every row with `S + B` within a relative 1e-5 of `L` or above (the margin keeps
+    /// rows that a rounding of `logit / temperature` could tie with the k-th).
+    fn candidates(
+        &self,
+        head: &PackedQ8_0,
+        x: &QuantizedActs,
+        k: usize,
+        scores: &mut [f32],
+        threads: &Threads,
+    ) -> Option<Vec<u32>> {
+        assert!(x.n() == 1 && k >= 1, "FastHead: one token, k >= 1");
         let rows = head.rows();
+        if k > rows {
+            return None;
+        }
         let scores = &mut scores[..rows];
         gemm::gemm_parallel(scores, x, &self.shadow, threads);
         // ‖x̂‖ rounded up by far more than its f64 error.
         let nx = x.norm(0) * (1.0 + 1e-12);
         let scores = &*scores;
-        // L = max (S − B) over every row, each thread over its own rows (NaN if a score is not
-        // finite, which the comparison below turns into no decision).
+        // Each thread's k largest `S − B` (NaN if a score is not finite: no decision).
         let parts = threads.ranges(rows, 1024, rows * 16);
-        let mut lows = vec![f64::NEG_INFINITY; parts.len()];
-        let slots =
-            crate::kernels::threads::split_rows(&mut lows, 1, &(0..parts.len()).map(|i| i..i + 1).collect::<Vec<_>>());
+        let mut tops: Vec<Vec<f64>> = vec![Vec::new(); parts.len()];
         threads.run(
-            parts.iter().cloned().zip(slots).collect(),
-            |_, (part, low): (std::ops::Range<usize>, &mut [f64])| {
-                let (s, c) = (&scores[part.clone()], &self.bound[part]);
-                low[0] = s.iter().zip(c).fold(f64::NEG_INFINITY, |m, (&s, &c)| {
-                    let v = s as f64 - c as f64 * nx;
-                    if s.is_finite() {
-                        m.max(v)
-                    } else {
-                        f64::NAN
+            parts.iter().cloned().zip(tops.iter_mut()).collect(),
+            |_, (part, top): (std::ops::Range<usize>, &mut Vec<f64>)| {
+                for (&s, &c) in scores[part.clone()].iter().zip(&self.bound[part]) {
+                    if !s.is_finite() {
+                        *top = vec![f64::NAN];
+                        return;
                     }
-                });
+                    let v = s as f64 - c as f64 * nx;
+                    if top.len() < k || v > top[k - 1] {
+                        let at = top.partition_point(|&t| t >= v);
+                        top.insert(at, v);
+                        top.truncate(k);
+                    }
+                }
             },
         );
-        if lows.iter().any(|l| l.is_nan()) {
+        let mut all: Vec<f64> = tops.concat();
+        if all.iter().any(|v| v.is_nan()) || all.len() < k {
             return None;
         }
-        let low = lows.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        all.sort_unstable_by(|a, b| b.total_cmp(a));
+        let low = all[k - 1];
         let mut candidates: Vec<u32> = Vec::new();
         for (r, (&s, &c)) in scores.iter().zip(&self.bound).enumerate() {
-            if s as f64 + c as f64 * nx >= low {
+            let (s, b) = (s as f64, c as f64 * nx);
+            if s + b + 1e-5 * (s.abs() + b + 1.0) >= low {
                 if candidates.len() == MAX_CANDIDATES {
                     return None;
                 }
                 candidates.push(r as u32);
             }
         }
-        // Rescore the candidates' groups with the full head; the first largest logit wins.
-        let g = head.group_rows();
-        let mut best: Option<(f32, u32)> = None;
-        let mut i = 0;
-        while i < candidates.len() {
-            let group = candidates[i] as usize / g;
-            let range = group * g..((group + 1) * g).min(rows);
-            let mut exact = vec![0f32; range.len()];
-            gemm::gemm(&mut exact, range.len(), x, head, range.clone());
-            while i < candidates.len() && candidates[i] as usize / g == group {
-                let r = candidates[i];
-                let v = exact[r as usize - range.start];
-                if !v.is_finite() {
-                    return None;
-                }
-                if best.is_none_or(|(b, _)| v > b) {
-                    best = Some((v, r));
-                }
-                i += 1;
-            }
-        }
-        best.map(|(_, token)| Choice { token, candidates: candidates.len() })
+        Some(candidates)
     }
+}
+
+/// The full head's logits of `candidates` (sorted rows), a group of rows at a time, handed to
+/// `put(row, logit)` in row order; None if one is not finite.
+fn rescore(head: &PackedQ8_0, x: &QuantizedActs, candidates: &[u32], mut put: impl FnMut(u32, f32)) -> Option<()> {
+    let (g, rows) = (head.group_rows(), head.rows());
+    let mut exact = vec![0f32; g];
+    let mut i = 0;
+    while i < candidates.len() {
+        let group = candidates[i] as usize / g;
+        let range = group * g..((group + 1) * g).min(rows);
+        gemm::gemm(&mut exact, range.len(), x, head, range.clone());
+        while i < candidates.len() && candidates[i] as usize / g == group {
+            let r = candidates[i];
+            let v = exact[r as usize - range.start];
+            if !v.is_finite() {
+                return None;
+            }
+            put(r, v);
+            i += 1;
+        }
+    }
+    Some(())
 }
 
 /// The shadow integer of an int8 value: `round(q / 4)` (half away from zero), clamped to 6 bits.
@@ -252,5 +299,35 @@ mod tests {
             }
         }
         assert!(decided >= 30, "{decided} of 40 decided");
+    }
+
+    /// Top-k: every row that could survive top-k of the full logits gets its exact logit, every
+    /// other −inf and strictly below the k-th largest; so a sampler sees the same survivors.
+    #[test]
+    fn top_k_keeps_every_row_that_can_survive() {
+        let (rows, cols) = (3000, 640);
+        let (_, full) = head(rows, cols, 7);
+        let threads = Threads::new(2);
+        let fast = FastHead::new(&full, &threads).expect("scales fit");
+        for (t, k) in [(0u64, 1usize), (1, 5), (2, 40), (3, 64)] {
+            let x = crate::kernels::quant::tests::random_with(cols, 300 + t, 3.0, |_| None);
+            let mut a = QuantizedActs::new();
+            a.quantize(&x, 1, cols);
+            let mut want = vec![0f32; rows];
+            gemm::gemm_parallel(&mut want, &a, &full, &threads);
+            let mut sorted = want.clone();
+            sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+            let kth = sorted[k - 1];
+            let mut got = vec![0f32; rows];
+            let n = fast.top_k(&full, &a, k, &mut got, &threads).expect("decided");
+            assert!(n >= k);
+            for (r, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                if g == f32::NEG_INFINITY {
+                    assert!(w < kth, "k {k}: row {r} ({w}) dropped but not below the k-th ({kth})");
+                } else {
+                    assert_eq!(g.to_bits(), w.to_bits(), "k {k}: row {r}");
+                }
+            }
+        }
     }
 }

@@ -161,6 +161,18 @@ impl Transformer {
         fast.argmax(head, acts, scores, threads)
     }
 
+    /// The lm_head's logits of `x` (one token) for the rows that can be among the `k` largest,
+    /// −inf for the others, from the fast head's shadow (see `greedy_token` for when there is
+    /// none); the rows rescored.
+    pub fn top_k_logits(&self, x: &Activations, k: usize, logits: &mut [f32], threads: &Threads) -> Option<usize> {
+        let (fast, acts) = (self.fast_head.as_ref()?, x.quantized_parts()?);
+        let Matrix::Q8_0(head) = &self.outer.embed_tokens else { return None };
+        if self.config.final_logit_softcapping.is_some() || acts.n() != 1 {
+            return None;
+        }
+        fast.top_k(head, acts, k, logits, threads)
+    }
+
     /// Runs `tokens` (at most `CHUNK`), at positions `start..start + tokens.len()`, through the
     /// model. Positions before `start` must already be in `cache`. Afterwards `s.x` holds the
     /// final-normed hidden state of each token, `(tokens.len(), hidden)`.

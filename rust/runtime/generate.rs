@@ -66,6 +66,9 @@ pub struct Completion {
     pub fast_head_candidates: usize,
 }
 
+/// Top-k sampling up to this k takes the fast lm_head (`model::fast_head`).
+const FAST_TOP_K: usize = 64;
+
 /// One prompt's decode loop. `run` holds the session for the whole generation; each `step`
 /// takes it for one token only (a stream), so other calls may interleave, and the session then
 /// recomputes what they displaced.
@@ -197,13 +200,20 @@ impl Generation {
         let logits = &mut scratch.logits[..vocab];
         let x = &scratch.x[last_row * h..(last_row + 1) * h];
         let x = tf.activations(x, 1, h, &mut scratch.xq, &model.threads);
-        // Greedy without a constraint: the fast head's shadow picks the full head's argmax.
-        let fast = self.constraint.is_none() && self.sampler.is_greedy() && tf.fast_head.is_some();
-        let choice = if fast { tf.greedy_token(&x, logits, &model.threads) } else { None };
-        let tok = if let Some(c) = choice {
+        // Greedy or small top-k without a constraint: the fast head's shadow finds the rows of
+        // the full head that can be chosen, and only those are computed.
+        let fast_top_k = self.sampler.top_k_only(FAST_TOP_K);
+        let fast =
+            self.constraint.is_none() && tf.fast_head.is_some() && (self.sampler.is_greedy() || fast_top_k.is_some());
+        let choice = match fast_top_k {
+            _ if !fast => None,
+            None => tf.greedy_token(&x, logits, &model.threads).map(|c| (Some(c.token), c.candidates)),
+            Some(k) => tf.top_k_logits(&x, k, logits, &model.threads).map(|n| (None, n)),
+        };
+        let tok = if let Some((token, rows)) = choice {
             self.fast_head_tokens += 1;
-            self.fast_head_candidates += c.candidates;
-            c.token
+            self.fast_head_candidates += rows;
+            token.unwrap_or_else(|| self.sampler.sample(logits, &self.seq))
         } else {
             self.fast_head_fallbacks += fast as usize;
             tf.lm_head(logits, &x, 0..vocab, &model.threads);

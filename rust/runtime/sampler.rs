@@ -116,6 +116,14 @@ impl Sampler {
         p.repetition_penalty == 1.0 && (p.temperature == 0.0 || !(1.0 / p.temperature).is_finite())
     }
 
+    /// `Some(k)` when `sample` keeps only the `k ≤ max_k` largest logits (and ties) of the logits
+    /// as given (top-k sampling without a repetition penalty): then it needs only those rows,
+    /// every other may be −inf.
+    pub fn top_k_only(&self, max_k: usize) -> Option<usize> {
+        let p = &self.params;
+        (!self.is_greedy() && p.repetition_penalty == 1.0 && p.top_k > 0 && p.top_k <= max_k).then_some(p.top_k)
+    }
+
     /// The next token given `logits` (modified in place) and the sequence so far.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;
@@ -153,6 +161,9 @@ impl Sampler {
             c.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
             let kth = c[p.top_k - 1].1;
             c.retain(|x| x.1 >= kth);
+            // In one order whatever the logits' other rows were (the fast lm_head passes only
+            // the rows that can survive): the same sums and the same draw.
+            c.sort_unstable_by(by_logit_desc);
         }
         // Softmax over the survivors.
         let max = c.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
