@@ -366,7 +366,7 @@ def test_unknown_file_is_refused(tmp_path):
 def test_bad_pack_arguments(tmp_path, fixtures_dir):
     src = fixtures_dir / "tiny" / "tiny-gqa"
     with pytest.raises(ValueError, match="weights"):
-        gemma_rs.pack(src, tmp_path / "x.gguf", "q4_0")
+        gemma_rs.pack(src, tmp_path / "x.gguf", "q3_k")
     with pytest.raises(ValueError, match="threads"):
         gemma_rs.pack(src, tmp_path / "x.gguf", threads=0)
     with pytest.raises(FileNotFoundError):

@@ -121,7 +121,11 @@ impl Model {
         if let Some(limit) = opts.memory_limit {
             let plan = plan(&ck, opts, &sp, 1)?;
             if plan.total() > limit {
-                let hint = if opts.weights == WeightType::Q8_0 { "" } else { " or use weights=\"q8_0\"" };
+                let hint = match opts.weights {
+                    WeightType::F32 | WeightType::Bf16 => " or use weights=\"q8_0\"",
+                    WeightType::Q8_0 | WeightType::Stored => " or use weights=\"q4_k_m\"",
+                    WeightType::Q4_0 | WeightType::Q4KM => "",
+                };
                 return Err(Error::MemoryLimit(format!(
                     "{}: loading would take {:.1} MB (weights {:.1}, KV cache {:.1}, scratch {:.1}, \
                      tokenizer {:.1}), more than memory_limit {:.1} MB; lower max_inference_len \
