@@ -7,7 +7,7 @@
 use crate::error::Result;
 use crate::kernels::matrix::Matrix;
 use crate::kernels::ops::{self, Activations, Values};
-use crate::kernels::quant::gemm::QuantizedActs;
+use crate::kernels::quant::gemm::{PackedQ8_0, QuantizedActs};
 use crate::kernels::threads::{split_rows, Threads};
 use crate::model::config::{Config, LayerType};
 use crate::model::fast_head::{Choice, FastHead};
@@ -153,23 +153,23 @@ impl Transformer {
     /// (which may merge distinct logits into ties), or the shadow cannot decide (the caller then
     /// runs `lm_head`). `scores` (vocab floats) is scratch.
     pub fn greedy_token(&self, x: &Activations, scores: &mut [f32], threads: &Threads) -> Option<Choice> {
+        let (fast, head, acts) = self.fast_parts(x)?;
+        fast.argmax(head, acts, scores, threads)
+    }
+
+    /// The fast head, the Q8_0 head it shadows and `x`'s one quantized token, when the fast head
+    /// may decide (see `greedy_token`).
+    fn fast_parts<'a>(&'a self, x: &Activations<'a>) -> Option<(&'a FastHead, &'a PackedQ8_0, &'a QuantizedActs)> {
         let (fast, acts) = (self.fast_head.as_ref()?, x.quantized_parts()?);
         let Matrix::Q8_0(head) = &self.outer.embed_tokens else { return None };
-        if self.config.final_logit_softcapping.is_some() || acts.n() != 1 {
-            return None;
-        }
-        fast.argmax(head, acts, scores, threads)
+        (self.config.final_logit_softcapping.is_none() && acts.n() == 1).then_some((fast, head, acts))
     }
 
     /// The lm_head's logits of `x` (one token) for the rows that can be among the `k` largest,
     /// −inf for the others, from the fast head's shadow (see `greedy_token` for when there is
     /// none); the rows rescored.
     pub fn top_k_logits(&self, x: &Activations, k: usize, logits: &mut [f32], threads: &Threads) -> Option<usize> {
-        let (fast, acts) = (self.fast_head.as_ref()?, x.quantized_parts()?);
-        let Matrix::Q8_0(head) = &self.outer.embed_tokens else { return None };
-        if self.config.final_logit_softcapping.is_some() || acts.n() != 1 {
-            return None;
-        }
+        let (fast, head, acts) = self.fast_parts(x)?;
         fast.top_k(head, acts, k, logits, threads)
     }
 

@@ -388,6 +388,16 @@ fn q6_k_subs(b: &[u8], out: &mut [Sub]) {
     }
 }
 
+impl Sub {
+    /// The 32 values as `l` reads them (the type's formula, gguf-py's bits).
+    pub fn dequantize(&self, l: LowBit, y: &mut [f32]) {
+        for (j, (y, &q)) in y.iter_mut().zip(&self.q).enumerate() {
+            let ws = self.ws[j / 16];
+            *y = if l.min { ws * q as f32 + self.wb } else { (q as i32 - l.offset) as f32 * ws };
+        }
+    }
+}
+
 /// Dequantizes whole blocks of a low-bit type through [`sub_blocks`].
 fn dequantize_low_bit(t: GgmlType, l: LowBit, bytes: &[u8], out: &mut [f32]) {
     let mut subs = [Sub::default(); 8];
@@ -395,10 +405,7 @@ fn dequantize_low_bit(t: GgmlType, l: LowBit, bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(t.block_bytes()).zip(out.chunks_exact_mut(t.block_values())) {
         sub_blocks(t, b, &mut subs[..per]);
         for (s, y) in subs[..per].iter().zip(y.chunks_exact_mut(32)) {
-            for (j, (y, &q)) in y.iter_mut().zip(&s.q).enumerate() {
-                let ws = s.ws[j / 16];
-                *y = if l.min { ws * q as f32 + s.wb } else { (q as i32 - l.offset) as f32 * ws };
-            }
+            s.dequantize(l, y);
         }
     }
 }

@@ -301,10 +301,7 @@ impl PackedLowBit {
         assert_eq!(out.len(), self.cols, "dequantize_row: {} values for {} columns", out.len(), self.cols);
         let lb = self.geometry().lb;
         for (s, y) in self.row_subs(r).iter().zip(out.chunks_exact_mut(QK8_0)) {
-            for (j, (y, &q)) in y.iter_mut().zip(&s.q).enumerate() {
-                let ws = s.ws[j / 16];
-                *y = if lb.min { ws * q as f32 + s.wb } else { (q as i32 - lb.offset) as f32 * ws };
-            }
+            s.dequantize(lb, y);
         }
     }
 }
