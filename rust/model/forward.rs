@@ -99,6 +99,14 @@ impl Scratch {
     }
 }
 
+/// One sequence's part of a `forward_segments` pass: `tokens` at positions `start..`, whose
+/// keys and values go to (and whose queries read) `cache`.
+pub struct Segment<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    pub start: usize,
+}
+
 impl Transformer {
     /// The weights of a model of `config`, every tensor of the schema read through `from`.
     pub fn load(config: Config, from: &mut dyn LoadWeight, weights: WeightType) -> Result<Transformer> {
@@ -177,23 +185,36 @@ impl Transformer {
     /// model. Positions before `start` must already be in `cache`. Afterwards `s.x` holds the
     /// final-normed hidden state of each token, `(tokens.len(), hidden)`.
     pub fn forward(&self, s: &mut Scratch, cache: &mut KvCache, tokens: &[u32], start: usize, threads: &Threads) {
+        self.forward_segments(s, &mut [Segment { cache, tokens, start }], threads);
+    }
+
+    /// `forward` of several sequences at once, each its own cache (at most `CHUNK` tokens in
+    /// all): the matmuls read each weight once for all their tokens (batched decoding), and
+    /// attention reads each segment's own cache. `s.x` then holds the segments' hidden states
+    /// one after the other. Every token gets the bits `forward` of its segment alone gives.
+    pub fn forward_segments(&self, s: &mut Scratch, segments: &mut [Segment<'_>], threads: &Threads) {
         let c = &self.config;
-        let n = tokens.len();
-        assert!(n <= CHUNK && start + n <= cache.positions(), "forward: chunk out of range");
+        let n: usize = segments.iter().map(|g| g.tokens.len()).sum();
+        assert!(n <= CHUNK, "forward: more than CHUNK tokens");
+        for g in segments.iter() {
+            assert!(g.start + g.tokens.len() <= g.cache.positions(), "forward: segment out of range");
+        }
         let (h, hd, half) = (c.hidden_size, c.head_dim, c.head_dim / 2);
         let (q_dim, kv_dim, inter) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
+        // Row `t` of the scratch: the token and its position.
+        let at = || segments.iter().flat_map(|g| g.tokens.iter().enumerate().map(move |(i, &tok)| (tok, g.start + i)));
 
         // Embedding rows, scaled by sqrt(hidden_size).
-        for (t, &tok) in tokens.iter().enumerate() {
+        for (t, (tok, _)) in at().enumerate() {
             let row = &mut s.x[t * h..(t + 1) * h];
             self.outer.embed_tokens.row_to_f32(tok as usize, row);
             row.iter_mut().for_each(|v| *v *= self.embed_scale);
         }
         // RoPE angles of these positions, for both bases.
         for (b, inv_freq) in [&self.inv_freq_local, &self.inv_freq_global].into_iter().enumerate() {
-            for t in 0..n {
+            for (t, (_, pos)) in at().enumerate() {
                 let r = t * half..(t + 1) * half;
-                ops::rope_cos_sin(start + t, inv_freq, &mut s.cos[b][r.clone()], &mut s.sin[b][r]);
+                ops::rope_cos_sin(pos, inv_freq, &mut s.cos[b][r.clone()], &mut s.sin[b][r]);
             }
         }
 
@@ -217,10 +238,16 @@ impl Transformer {
                     }
                 });
             }
-            for t in 0..n {
-                cache.store(l, start + t, &s.k[t * kv_dim..(t + 1) * kv_dim], &s.v[t * kv_dim..(t + 1) * kv_dim]);
+            let mut row = 0;
+            for g in segments.iter_mut() {
+                let rows = row..row + g.tokens.len();
+                for (t, pos) in rows.clone().zip(g.start..) {
+                    g.cache.store(l, pos, &s.k[t * kv_dim..(t + 1) * kv_dim], &s.v[t * kv_dim..(t + 1) * kv_dim]);
+                }
+                let (q, att) = (&s.q[rows.start * q_dim..rows.end * q_dim], &mut s.att[rows.start * q_dim..]);
+                self.attention(q, att, &mut s.scores, g.cache, l, g.start, threads);
+                row = rows.end;
             }
-            self.attention(s, cache, l, n, start, threads);
             let att = self.activations(&s.att, n, q_dim, &mut s.xq, threads);
             ops::matmul(&mut s.xb, &att, &layer.o_proj, 0..h, threads);
             // post_attention_layernorm, then the residual.
@@ -246,15 +273,27 @@ impl Transformer {
         }
     }
 
-    /// Grouped-query attention of the chunk's queries `s.q` over the cached keys and values,
-    /// into `s.att`. A query at position `p` sees keys `p - sliding_window < k <= p` on sliding
-    /// layers and `k <= p` on global ones. No soft-cap on the scores: transformers' Gemma 3
+    /// Grouped-query attention of one segment's queries `q (n, q_dim)`, at positions `start..`,
+    /// over `cache`'s keys and values, into `att`'s first `n` rows (`scores`: the scratch's).
+    /// A query at position `p` sees keys `p - sliding_window < k <= p` on sliding layers and
+    /// `k <= p` on global ones. No soft-cap on the scores: transformers' Gemma 3
     /// attention ignores `attn_logit_softcapping` (the tiny-mqa-softcap fixture sets it to 50 and
     /// its reference logits are those of uncapped scores).
-    fn attention(&self, s: &mut Scratch, cache: &KvCache, layer: usize, n: usize, start: usize, threads: &Threads) {
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &[f32],
+        att: &mut [f32],
+        scores: &mut [f32],
+        cache: &KvCache,
+        layer: usize,
+        start: usize,
+        threads: &Threads,
+    ) {
+        let n = q.len() / self.config.q_dim();
         // An f16 cache is widened a block at a time, which the tiled path does.
         if n >= 2 * TOKEN_TILE * threads.count() || cache.dtype() == KvDtype::F16 {
-            return self.attention_tiled(s, cache, layer, n, start, threads);
+            return self.attention_tiled(q, att, scores, cache, layer, start, threads);
         }
         let c = &self.config;
         let (hd, heads) = (c.head_dim, c.num_attention_heads);
@@ -272,14 +311,13 @@ impl Transformer {
         let items_per_token = heads / per_item;
         // Token `t` reads `min(start + t + 1, window)` keys: the threads get runs of items of
         // about equal work. Item `i` is token `i / items_per_token`, heads from `per_item * (i %
-        // items_per_token)`, and its output the `i`-th `per_item * hd` values of `s.att`.
+        // items_per_token)`, and its output the `i`-th `per_item * hd` values of `att`.
         let keys_of = |t: usize| (start + t + 1).min(window);
         let work = n * heads * keys_of(n - 1) * hd * 2;
         let ranges = threads.ranges_by_weight(n * items_per_token, work, |i| keys_of(i / items_per_token));
-        let outs = split_rows(&mut s.att[..n * q_dim], per_item * hd, &ranges);
-        let scores = s.scores.chunks_mut(per_item * capacity);
+        let outs = split_rows(&mut att[..n * q_dim], per_item * hd, &ranges);
+        let scores = scores.chunks_mut(per_item * capacity);
         assert!(scores.len() >= ranges.len(), "scores buffer sized for fewer threads");
-        let q = &s.q;
         let parts = ranges.into_iter().zip(outs).zip(scores).collect();
         threads.run(parts, |_, ((items, out), scores_buf)| {
             for (item, out) in items.zip(out.chunks_exact_mut(per_item * hd)) {
@@ -308,16 +346,19 @@ impl Transformer {
     /// is in L1: per key/value group, the tile's scores block by block, a softmax per row, then
     /// the weighted values block by block, each sum continuing from the blocks before it in key
     /// order. Threads take runs of tiles of about equal key work.
+    #[allow(clippy::too_many_arguments)]
     fn attention_tiled(
         &self,
-        s: &mut Scratch,
+        q: &[f32],
+        att: &mut [f32],
+        scores: &mut [f32],
         cache: &KvCache,
         layer: usize,
-        n: usize,
         start: usize,
         threads: &Threads,
     ) {
         let c = &self.config;
+        let n = q.len() / c.q_dim();
         let (hd, kv_heads) = (c.head_dim, c.num_key_value_heads);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let group = c.num_attention_heads / kv_heads;
@@ -334,10 +375,9 @@ impl Transformer {
         let work = n * c.num_attention_heads * keys_of(n - 1) * hd * 2;
         let by_tile = threads.ranges_by_weight(tiles, work, |i| tile_tokens(i).map(keys_of).sum());
         let by_token: Vec<_> = by_tile.iter().map(|r| r.start * TOKEN_TILE..(r.end * TOKEN_TILE).min(n)).collect();
-        let outs = split_rows(&mut s.att[..n * q_dim], q_dim, &by_token);
-        let scores = s.scores.chunks_mut(TOKEN_TILE * group * capacity);
+        let outs = split_rows(&mut att[..n * q_dim], q_dim, &by_token);
+        let scores = scores.chunks_mut(TOKEN_TILE * group * capacity);
         assert!(scores.len() >= by_token.len(), "scores buffer sized for fewer threads");
-        let q = &s.q;
         let scale = self.attn_scale;
         let parts = by_token.into_iter().zip(outs).zip(scores).collect();
         threads.run(parts, |_, ((tokens, out), buf)| {

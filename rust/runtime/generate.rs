@@ -73,8 +73,8 @@ const FAST_TOP_K: usize = 64;
 /// takes it for one token only (a stream), so other calls may interleave, and the session then
 /// recomputes what they displaced.
 pub struct Generation {
-    model: Arc<Model>,
-    slot: Arc<Slot>,
+    pub(crate) model: Arc<Model>,
+    pub(crate) slot: Arc<Slot>,
     params: GenerateParams,
     sampler: Sampler,
     constraint: Option<Constraint>,
@@ -168,7 +168,8 @@ impl Generation {
     pub fn step(&mut self, cancel: Cancel<'_>) -> Result<Option<String>> {
         let slot = Arc::clone(&self.slot);
         let mut session = slot.lock_or_cancel(cancel)?;
-        Ok(self.step_with(&mut session, cancel)?.map(|piece| self.text[piece].to_string()))
+        let range = self.step_with(&mut session, cancel)?;
+        Ok(self.piece(range))
     }
 
     /// Steps until the end, holding the session throughout, and returns the completion;
@@ -181,13 +182,8 @@ impl Generation {
     }
 
     /// One token; returns the range of `text` that became final.
-    fn step_with(&mut self, s: &mut Session, cancel: Cancel<'_>) -> Result<Option<Range<usize>>> {
-        if self.finish.is_none()
-            && (self.generated().len() >= self.params.max_new_tokens || self.seq.len() >= self.model.max_inference_len)
-        {
-            self.finish = Some(FinishReason::Length);
-        }
-        if self.finish.is_some() {
+    pub(crate) fn step_with(&mut self, s: &mut Session, cancel: Cancel<'_>) -> Result<Option<Range<usize>>> {
+        if self.at_end() {
             return Ok(self.flush());
         }
         let t0 = Instant::now();
@@ -217,23 +213,63 @@ impl Generation {
         } else {
             self.fast_head_fallbacks += fast as usize;
             tf.lm_head(logits, &x, 0..vocab, &model.threads);
-            if ops::first_non_finite(logits).is_some() {
-                return Err(model.non_finite(self.seq.len() - 1));
-            }
-            if let Some(c) = &mut self.constraint {
-                let t = Instant::now();
-                c.mask(logits)?;
-                self.constraint_seconds += t.elapsed().as_secs_f64();
-            }
-            self.sampler.sample(logits, &self.seq)
+            self.choose(logits)?
         };
+        self.timed(t0.elapsed().as_secs_f64(), reused);
+        self.accept(tok)
+    }
+
+    /// Whether the generation is over: finished, or at `max_new_tokens` or `max_inference_len`
+    /// (which finish it).
+    pub(crate) fn at_end(&mut self) -> bool {
+        if self.finish.is_none()
+            && (self.generated().len() >= self.params.max_new_tokens || self.seq.len() >= self.model.max_inference_len)
+        {
+            self.finish = Some(FinishReason::Length);
+        }
+        self.finish.is_some()
+    }
+
+    /// Whether `s` holds all of the sequence but its last token, so that the next step is that
+    /// one token's forward pass (which `batch` runs for several generations at once).
+    pub(crate) fn decode_ready(&self, s: &Session) -> bool {
+        s.tokens.len() + 1 == self.seq.len() && self.seq.starts_with(&s.tokens)
+    }
+
+    /// The last token of the sequence, and its position.
+    pub(crate) fn last(&self) -> (u32, usize) {
+        (self.seq[self.seq.len() - 1], self.seq.len() - 1)
+    }
+
+    /// The next token from the full lm_head's `logits` of the last token: the constraint's
+    /// mask, then the sampler.
+    pub(crate) fn choose(&mut self, logits: &mut [f32]) -> Result<u32> {
+        if ops::first_non_finite(logits).is_some() {
+            return Err(self.model.non_finite(self.seq.len() - 1));
+        }
+        if let Some(c) = &mut self.constraint {
+            let t = Instant::now();
+            c.mask(logits)?;
+            self.constraint_seconds += t.elapsed().as_secs_f64();
+        }
+        Ok(self.sampler.sample(logits, &self.seq))
+    }
+
+    /// Counts a step of `seconds` (which reused `reused` cached tokens) as prefill when it gave
+    /// the first token, else as decoding.
+    pub(crate) fn timed(&mut self, seconds: f64, reused: usize) {
         if self.generated().is_empty() {
             self.reused_tokens = reused;
-            self.prefill_seconds = t0.elapsed().as_secs_f64();
+            self.prefill_seconds = seconds;
         } else {
-            self.decode_seconds += t0.elapsed().as_secs_f64();
+            self.decode_seconds += seconds;
         }
+    }
 
+    /// Takes the chosen token `tok`: the end, or one more token of text and of the constraint;
+    /// returns the range of `text` that became final.
+    pub(crate) fn accept(&mut self, tok: u32) -> Result<Option<Range<usize>>> {
+        let model = &*self.model;
         if model.eos_token_ids.contains(&tok) {
             self.finish = Some(FinishReason::Eos);
             return Ok(self.flush());
@@ -252,6 +288,11 @@ impl Generation {
             }
         }
         Ok(Some(self.release()))
+    }
+
+    /// `range` of the text, as `step` returns it.
+    pub(crate) fn piece(&self, range: Option<Range<usize>>) -> Option<String> {
+        range.map(|r| self.text[r].to_string())
     }
 
     /// Cuts the text decoded so far at the first stop string and returns the range that may be

@@ -1,8 +1,9 @@
 //! A loaded model at work: [`Model`] (the transformer, its tokenizer and a session: a KV cache
 //! with scratch, behind a lock), prefill with prefix reuse ([`session`]), the generation loop with
-//! stop strings ([`generate`]), the sampler and the constraint that masks its choices
+//! stop strings ([`generate`]), several generations' decode steps in one pass ([`batch`]), the sampler and the constraint that masks its choices
 //! ([`constraint`]).
 
+pub mod batch;
 pub mod constraint;
 pub mod generate;
 pub mod model;

@@ -373,3 +373,64 @@ fn pack_over(src: &Path, dst: &Path) -> String {
     let threads = Threads::new(1);
     crate::formats::pack::pack(src, dst, WeightType::Q8_0, &threads, &mut |_, _| Ok(())).unwrap_err().to_string()
 }
+
+#[test]
+fn batched_decoding_gives_each_generation_its_own_tokens() {
+    use crate::runtime::batch::Batch;
+    let dir = fixtures().join("tiny").join("tiny-gqa");
+    let (ids, _) = reference(&dir);
+    let prompts: [&[u32]; 4] = [&ids[..5], &ids[3..30], &ids[..1], &ids[10..12]];
+    let sampling = |i: usize| match i % 2 {
+        0 => SamplingParams::default(),
+        _ => SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(i as u64), ..Default::default() },
+    };
+    let params = |i: usize| GenerateParams { max_new_tokens: 6 + 5 * i, sampling: sampling(i), ..Default::default() };
+    for (weights, kv_dtype) in
+        [(WeightType::F32, KvDtype::F32), (WeightType::Q8_0, KvDtype::F16), (WeightType::Q4KM, KvDtype::F32)]
+    {
+        for threads in [1, 2] {
+            let opts = LoadOptions { weights, kv_dtype, threads: Some(threads), ..Default::default() };
+            let model = Arc::new(Model::load(&dir, &opts).unwrap());
+            let alone: Vec<_> = (0..4)
+                .map(|i| {
+                    let slot = Arc::new(model.new_slot());
+                    let mut g = Generation::in_session(model.clone(), slot, prompts[i].to_vec(), params(i)).unwrap();
+                    g.run(&mut never).unwrap().token_ids
+                })
+                .collect();
+            let mut gens: Vec<_> = (0..4)
+                .map(|i| {
+                    let slot = Arc::new(model.new_slot());
+                    Generation::in_session(model.clone(), slot, prompts[i].to_vec(), params(i)).unwrap()
+                })
+                .collect();
+            let mut batch = Batch::new();
+            let mut live: Vec<usize> = (0..4).collect();
+            while !live.is_empty() {
+                let mut refs: Vec<&mut Generation> =
+                    gens.iter_mut().enumerate().filter(|(i, _)| live.contains(i)).map(|(_, g)| g).collect();
+                let steps = batch.step(&mut refs, &mut never).unwrap();
+                let done: Vec<usize> =
+                    live.iter().zip(steps).filter(|(_, r)| r.as_ref().unwrap().is_none()).map(|(&i, _)| i).collect();
+                live.retain(|i| !done.contains(i));
+            }
+            for (i, g) in gens.iter().enumerate() {
+                let c = g.completion().unwrap();
+                assert_eq!(c.token_ids, alone[i], "{weights:?} {kv_dtype:?} threads {threads}: generation {i}");
+                assert_eq!(c.token_ids.len(), params(i).max_new_tokens, "generation {i} ran to its length");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_batch_refuses_two_generations_of_one_session() {
+    use crate::runtime::batch::Batch;
+    let dir = fixtures().join("tiny").join("tiny-gqa");
+    let model = Arc::new(Model::load(&dir, &tiny_opts(64, WeightType::F32, 1)).unwrap());
+    let params = GenerateParams { max_new_tokens: 2, ..Default::default() };
+    let mut a = Generation::new(model.clone(), vec![1, 2], params.clone()).unwrap();
+    let mut b = Generation::new(model.clone(), vec![1, 3], params).unwrap();
+    let err = Batch::new().step(&mut [&mut a, &mut b], &mut never).err().unwrap();
+    assert!(err.to_string().contains("own session"), "{err}");
+}
