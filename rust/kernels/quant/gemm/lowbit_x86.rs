@@ -14,6 +14,7 @@ use std::arch::x86_64::*;
 
 /// As the Q8_0 matrix-vector product: one token streams the weights once, so fetch ahead.
 const PREFETCH_BLOCKS: usize = 8;
+use crate::kernels::quant::gemm::x86::DECODE_TOKENS;
 
 const LAYOUT: super::Layout = super::Layout { rows: 16, interleave: 4, xor: 0 };
 
@@ -71,7 +72,7 @@ unsafe fn avx512_body<const HB: usize, const SPLIT: bool, const T: usize>(a: &Ti
         }
         for b in 0..a.blocks {
             let wp = a.vals.add(b * bb);
-            if T == 1 {
+            if T <= DECODE_TOKENS {
                 for q in 0..bb / 64 {
                     // A hint: past the end of the weights it fetches nothing and cannot fault.
                     _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BLOCKS * bb + 64 * q) as *const i8);
@@ -171,7 +172,7 @@ unsafe fn ymm_body<const HB: usize, const SPLIT: bool, const T: usize>(
         }
         for b in 0..a.blocks {
             let wp = a.vals.add(b * bb);
-            if T == 1 {
+            if T <= DECODE_TOKENS {
                 for q in 0..bb / 64 {
                     // As in `avx512_body`.
                     _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BLOCKS * bb + 64 * q) as *const i8);

@@ -28,6 +28,9 @@ use std::arch::x86_64::*;
 /// slower on Sapphire Rapids (Gemma 3 270M Q8_0, 2 threads: 57 → 71 tok/s; 4 and 16 blocks
 /// ahead measured the same as 8).
 const PREFETCH_BLOCKS: usize = 8;
+/// Tiles of at most this many tokens prefetch: they too stream the weights by about once (a
+/// server's batched decode steps), while wider tiles reuse each block enough to hide its load.
+pub(in crate::kernels::quant::gemm) const DECODE_TOKENS: usize = 4;
 
 const LAYOUT: Layout = Layout { rows: 16, interleave: 4, xor: 0x80 };
 
@@ -81,7 +84,7 @@ unsafe fn avx512_body<const G: usize, const T: usize>(a: &TileArgs) {
             let wp = a.vals.add(b * 512);
             let mut isum: [[__m512i; G]; T] =
                 std::array::from_fn(|t| [_mm512_set1_epi32(*a.bsum.add(t * a.nb_stride + b)); G]);
-            if T == 1 {
+            if T <= DECODE_TOKENS {
                 // One token streams the weights once: fetch PREFETCH_BLOCKS blocks ahead.
                 for g in 0..G {
                     for q in 0..8 {
@@ -184,7 +187,7 @@ unsafe fn ymm_body<const T: usize, P: Copy>(
                     *isum = [s, s];
                 }
             }
-            if T == 1 {
+            if T <= DECODE_TOKENS {
                 for q in 0..8 {
                     // As in `avx512_body`.
                     _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(PREFETCH_BLOCKS * 512 + 64 * q) as *const i8);
