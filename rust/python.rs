@@ -929,6 +929,47 @@ impl Stream {
     }
 }
 
+/// Steps several streams at once (`runtime::batch`), each in its own session of one model:
+/// those that are decoding share one pass over the weights.
+#[pyclass(module = "gemma_rs._gemma_rs")]
+struct Batch {
+    inner: Mutex<crate::runtime::batch::Batch>,
+}
+
+#[pymethods]
+impl Batch {
+    #[new]
+    fn new() -> Batch {
+        Batch { inner: Mutex::new(crate::runtime::batch::Batch::new()) }
+    }
+
+    /// One step of each stream: its new text (possibly empty), `None` once it is finished and
+    /// all its text was returned, or the exception its step raised (the others still step).
+    fn step(&self, py: Python<'_>, streams: Vec<PyRef<'_, Stream>>) -> PyResult<Vec<Py<PyAny>>> {
+        let streams: Vec<&Stream> = streams.iter().map(|s| &**s).collect();
+        for (i, s) in streams.iter().enumerate() {
+            if streams[..i].iter().any(|o| std::ptr::eq(*o, *s)) {
+                return Err(value_error("a stream appears twice in the batch".into()));
+            }
+        }
+        let steps = compute(py, || {
+            let mut batch = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guards: Vec<_> =
+                streams.iter().map(|s| s.generation.lock().unwrap_or_else(|e| e.into_inner())).collect();
+            let mut gens: Vec<&mut Generation> = guards.iter_mut().map(|g| &mut **g).collect();
+            batch.step(&mut gens, &mut crate::runtime::never)
+        })?;
+        steps
+            .into_iter()
+            .map(|r| match r {
+                Ok(Some(text)) => Ok(text.into_pyobject(py)?.into_any().unbind()),
+                Ok(None) => Ok(py.None()),
+                Err(e) => Ok(PyErr::from(e).into_value(py).into_any()),
+            })
+            .collect()
+    }
+}
+
 #[pymodule]
 fn _gemma_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("GemmaError", m.py().get_type::<GemmaError>())?;
@@ -944,6 +985,7 @@ fn _gemma_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_load_options, m)?)?;
     m.add_class::<Model>()?;
     m.add_class::<Stream>()?;
+    m.add_class::<Batch>()?;
     m.add_class::<Sampling>()?;
     m.add_class::<PyCompletion>()?;
     // Kernels exposed for the tests alone (against gguf-py and between SIMD kernels).

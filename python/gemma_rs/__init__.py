@@ -176,12 +176,10 @@ class ChatStream:
     that could begin one); :attr:`result` is the turn's :class:`ChatResult`."""
 
     def __init__(self, stream: Stream) -> None:
-        from .tools import CALL_END, CALL_START
+        from .tools import CallTextFilter
 
         self._stream = stream
-        self._start, self._end = CALL_START, CALL_END
-        self._held = ""  # text that may begin a call block, or is inside one
-        self._in_call = False
+        self._filter = CallTextFilter()
         self._result: ChatResult | None = None
 
     def __iter__(self) -> ChatStream:
@@ -193,39 +191,14 @@ class ChatStream:
                 piece = next(self._stream)
             except StopIteration:
                 self._result = _chat_result(self._stream.completion)
-                tail, self._held = ("" if self._in_call else self._held), ""
+                tail = self._filter.end()
                 if tail:
                     return tail
                 break
-            out = self._visible(piece)
+            out = self._filter.feed(piece)
             if out:
                 return out
         raise StopIteration
-
-    def _visible(self, piece: str) -> str:
-        text, out = self._held + piece, []
-        while True:
-            if self._in_call:
-                j = text.find(self._end)
-                if j < 0:
-                    self._held = text[-(len(self._end) - 1) :]
-                    return "".join(out)
-                text, self._in_call = text[j + len(self._end) :], False
-                continue
-            i = text.find(self._start)
-            if i >= 0:
-                out.append(text[:i])
-                text, self._in_call = text[i + len(self._start) :], True
-                continue
-            # Hold back a tail that could be the beginning of a call block.
-            keep = next(
-                (k for k in range(min(len(text), len(self._start) - 1), 0, -1)
-                 if self._start.startswith(text[-k:])),
-                0,
-            )  # fmt: skip
-            self._held = text[len(text) - keep :]
-            out.append(text[: len(text) - keep])
-            return "".join(out)
 
     @property
     def result(self) -> ChatResult:

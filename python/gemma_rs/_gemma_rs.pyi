@@ -20,6 +20,7 @@ __all__ = [
     "check_load_options",
     "Model",
     "Stream",
+    "Batch",
     "Sampling",
     "Completion",
     "_testing",
@@ -100,6 +101,11 @@ class Stream:
     def __next__(self) -> str: ...
     @property
     def completion(self) -> Completion: ...
+
+@final
+class Batch:
+    def __init__(self) -> None: ...
+    def step(self, streams: Sequence[Stream]) -> list[str | None | BaseException]: ...
 
 def load(
     path: str,

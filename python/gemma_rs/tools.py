@@ -266,6 +266,46 @@ def parse_tool_calls(text: str) -> ParsedOutput:
     return ParsedOutput(text="".join(pieces), tool_calls=calls)
 
 
+class CallTextFilter:
+    """The text of a reply as it streams, without its function-call blocks: :meth:`feed` takes
+    each generated piece and returns what may be shown (text that could begin a call block is
+    held back from its first ``<``), :meth:`end` the held text that turned out not to be one."""
+
+    def __init__(self) -> None:
+        self._held = ""  # text that may begin a call block, or is inside one
+        self._in_call = False
+
+    def feed(self, piece: str) -> str:
+        text, out = self._held + piece, []
+        while True:
+            if self._in_call:
+                j = text.find(CALL_END)
+                if j < 0:
+                    self._held = text[-(len(CALL_END) - 1) :]
+                    return "".join(out)
+                text, self._in_call = text[j + len(CALL_END) :], False
+                continue
+            i = text.find(CALL_START)
+            if i >= 0:
+                out.append(text[:i])
+                text, self._in_call = text[i + len(CALL_START) :], True
+                continue
+            # Hold back a tail that could be the beginning of a call block.
+            keep = next(
+                (k for k in range(min(len(text), len(CALL_START) - 1), 0, -1)
+                 if CALL_START.startswith(text[-k:])),
+                0,
+            )  # fmt: skip
+            self._held = text[len(text) - keep :]
+            out.append(text[: len(text) - keep])
+            return "".join(out)
+
+    def end(self) -> str:
+        """At the end of the reply: the held text, unless it is inside a call block."""
+        tail, self._held = ("" if self._in_call else self._held), ""
+        return tail
+
+
 def _check_name(name: object, what: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"{what} must be a str, not {type(name).__name__}")
