@@ -1,19 +1,24 @@
-//! Batched decoding: a step of several generations, each in its own session, where those that
-//! only need their last token's forward pass share one pass over the weights
-//! (`Transformer::forward_segments`) and one lm_head GEMM. Decoding one token reads every weight
-//! for little arithmetic, so n streams cost little more than one (a server's `--parallel` slots).
+//! Batched decoding: a step of several generations, each in its own session, in one pass over
+//! the weights (`Transformer::forward_segments`) and one lm_head GEMM. Decoding one token reads
+//! every weight for little arithmetic, so n streams cost little more than one (a server's
+//! `--parallel` slots). A generation that needs a prefill (a new prompt) adds a chunk of it to
+//! the pass, so that the others keep decoding while it prefills, a chunk a step.
 //! Each generation gets the bits it would get alone: every row of a batched matmul is computed
-//! as the single-row one.
+//! as the single-row one, and attention reads only its own cache.
 
 use crate::error::{Error, Result};
-use crate::model::forward::{Segment, CHUNK};
+use crate::kernels::threads::Threads;
+use crate::model::forward::{Segment, Transformer, CHUNK};
 use crate::runtime::generate::Generation;
 use crate::runtime::session::Session;
 use crate::runtime::Cancel;
 use std::sync::{Arc, MutexGuard};
 use std::time::Instant;
 
-/// The logits of a batch's tokens, kept between steps (grown to the largest batch seen).
+/// Decode tokens per pass at most: the rest of the pass's `CHUNK` rows take a prefill chunk.
+const MAX_DECODE: usize = CHUNK / 2;
+
+/// The logits of a pass's tokens, kept between steps (grown to the largest pass seen).
 #[derive(Default)]
 pub struct Batch {
     logits: Vec<f32>,
@@ -25,9 +30,12 @@ impl Batch {
     }
 
     /// One step of every generation in `gens` (of one model, each in its own session): what
-    /// `Generation::step` would return for each, in order. Generations that need a prefill (a
-    /// new prompt, or a session another call displaced) run theirs alone first; the others
-    /// decode their next token together. An error of one generation is its own result.
+    /// `Generation::step` would return for each, in order, except that a generation still
+    /// prefilling returns empty text until its first token. The generations that only need
+    /// their last token's forward pass decode together; the first that needs a prefill adds a
+    /// chunk of it (the others wait for theirs). One generation alone and decoding takes
+    /// `Generation::step`'s path (and the fast lm_head, when loaded). An error of one
+    /// generation is its own result.
     pub fn step(&mut self, gens: &mut [&mut Generation], cancel: Cancel<'_>) -> Result<Vec<Result<Option<String>>>> {
         let Some(first) = gens.first() else { return Ok(Vec::new()) };
         let model = Arc::clone(&first.model);
@@ -40,73 +48,117 @@ impl Batch {
             }
         }
         let slots: Vec<_> = gens.iter().map(|g| Arc::clone(&g.slot)).collect();
-        let mut sessions =
-            slots.iter().map(|s| s.lock_or_cancel(cancel)).collect::<Result<Vec<MutexGuard<'_, Session>>>>()?;
-        let mut out: Vec<Option<Result<Option<String>>>> = (0..gens.len()).map(|_| None).collect();
-        let mut ready = Vec::new();
+        let mut sessions = slots.iter().map(|s| s.lock_or_cancel(cancel)).collect::<Result<Vec<_>>>()?;
+        let mut out: Vec<Result<Option<String>>> = (0..gens.len()).map(|_| Ok(Some(String::new()))).collect();
+        let (mut ready, mut waiting) = (Vec::new(), Vec::new());
         for (i, (g, s)) in gens.iter_mut().zip(sessions.iter_mut()).enumerate() {
-            if !g.at_end() && g.decode_ready(s) {
+            if g.at_end() {
+                out[i] = g.step_with(s, cancel).map(|r| g.piece(r)); // the rest of its text
+            } else if g.decode_ready(s) {
                 ready.push(i);
             } else {
-                out[i] = Some(g.step_with(s, cancel).map(|r| g.piece(r)));
+                waiting.push(i);
             }
         }
-        if let [i] = ready[..] {
-            out[i] = Some(gens[i].step_with(&mut sessions[i], cancel).map(|r| gens[i].piece(r)));
-        } else {
-            for group in ready.chunks(CHUNK) {
-                let steps = self.decode(&model.transformer, &model.threads, gens, &mut sessions, group);
-                for (&i, r) in group.iter().zip(steps) {
-                    out[i] = Some(r);
-                }
+        if let ([i], []) = (&ready[..], &waiting[..]) {
+            let i = *i;
+            out[i] = gens[i].step_with(&mut sessions[i], cancel).map(|r| gens[i].piece(r));
+            return Ok(out);
+        }
+        let mut prefill = waiting.first().copied();
+        if ready.is_empty() && prefill.is_none() {
+            return Ok(out); // every generation was at its end
+        }
+        let groups: Vec<&[usize]> = if ready.is_empty() { vec![&[]] } else { ready.chunks(MAX_DECODE).collect() };
+        for group in groups {
+            let tf = &model.transformer;
+            for (i, r) in self.pass(tf, &model.threads, gens, &mut sessions, group, prefill.take()) {
+                out[i] = r;
             }
         }
-        Ok(out.into_iter().map(|r| r.expect("every generation stepped")).collect())
+        Ok(out)
     }
 
-    /// The next token of generations `which` (decode-ready, at most `CHUNK`): their last
-    /// tokens' forward pass in one, the lm_head over all of them in one, then each one's
-    /// constraint and sampler on its row.
-    fn decode(
+    /// One forward pass: the last tokens of generations `decode` (decode-ready) and, for
+    /// `prefill`, its next chunk; then the lm_head over the rows that give a token (the decode
+    /// rows, and the prefill's last row when the chunk ends its prompt), and each of those
+    /// generations' constraint and sampler on its row.
+    fn pass(
         &mut self,
-        tf: &crate::model::forward::Transformer,
-        threads: &crate::kernels::threads::Threads,
+        tf: &Transformer,
+        threads: &Threads,
         gens: &mut [&mut Generation],
         sessions: &mut [MutexGuard<'_, Session>],
-        which: &[usize],
-    ) -> Vec<Result<Option<String>>> {
+        decode: &[usize],
+        prefill: Option<usize>,
+    ) -> Vec<(usize, Result<Option<String>>)> {
         let t0 = Instant::now();
-        let (vocab, h, m) = (tf.config.vocab_size, tf.config.hidden_size, which.len());
-        let last: Vec<(u32, usize)> = which.iter().map(|&i| gens[i].last()).collect();
-        let mut chosen: Vec<&mut Session> =
-            sessions.iter_mut().enumerate().filter(|(i, _)| which.contains(i)).map(|(_, s)| &mut **s).collect();
-        let (head, rest) = chosen.split_first_mut().expect("a non-empty batch");
-        let Session { cache, scratch, tokens } = &mut **head;
-        let mut segments = vec![Segment { cache, tokens: std::slice::from_ref(&last[0].0), start: last[0].1 }];
-        for (s, (tok, pos)) in rest.iter_mut().zip(&last[1..]) {
-            segments.push(Segment { cache: &mut s.cache, tokens: std::slice::from_ref(tok), start: *pos });
-        }
-        tf.forward_segments(scratch, &mut segments, threads);
-        tokens.push(last[0].0);
-        for (s, (tok, _)) in rest.iter_mut().zip(&last[1..]) {
-            s.tokens.push(*tok);
-        }
-        if self.logits.len() < m * vocab {
-            self.logits.resize(m * vocab, 0.0);
-        }
-        let x = tf.activations(&scratch.x[..m * h], m, h, &mut scratch.xq, threads);
-        tf.lm_head(&mut self.logits[..m * vocab], &x, 0..vocab, threads);
-        let seconds = t0.elapsed().as_secs_f64();
-        let rows = self.logits.chunks_exact_mut(vocab);
-        which
+        let (vocab, h, m) = (tf.config.vocab_size, tf.config.hidden_size, decode.len());
+        // Each part: its generation, tokens and first position.
+        let mut parts: Vec<(usize, Vec<u32>, usize)> = decode
             .iter()
-            .zip(rows)
-            .map(|(&i, logits)| {
-                let g = &mut *gens[i];
-                let tok = g.choose(logits)?;
-                g.timed(seconds, g.last().1);
-                g.accept(tok).map(|r| g.piece(r))
+            .map(|&i| {
+                let (tok, pos) = gens[i].last();
+                (i, vec![tok], pos)
             })
-            .collect()
+            .collect();
+        // The prefill resumes after what its session can reuse, up to the pass's free rows.
+        let mut reused = 0;
+        if let Some(i) = prefill {
+            let seq = gens[i].seq();
+            reused = sessions[i].reusable(tf, seq);
+            sessions[i].tokens.truncate(reused);
+            let end = (reused + CHUNK - m).min(seq.len());
+            parts.push((i, seq[reused..end].to_vec(), reused));
+        }
+        let ends_prompt = prefill.is_some_and(|i| parts[m].2 + parts[m].1.len() == gens[i].seq().len());
+
+        let mut by_index: Vec<Option<&mut Session>> = sessions.iter_mut().map(|s| Some(&mut **s)).collect();
+        let mut chosen: Vec<&mut Session> =
+            parts.iter().map(|(i, ..)| by_index[*i].take().expect("distinct sessions")).collect();
+        {
+            let (head, rest) = chosen.split_first_mut().expect("a non-empty pass");
+            let Session { cache, scratch, .. } = &mut **head;
+            let mut segments = vec![Segment { cache, tokens: &parts[0].1, start: parts[0].2 }];
+            for (s, (_, tokens, start)) in rest.iter_mut().zip(&parts[1..]) {
+                segments.push(Segment { cache: &mut s.cache, tokens, start: *start });
+            }
+            tf.forward_segments(scratch, &mut segments, threads);
+        }
+        for (s, (_, tokens, _)) in chosen.iter_mut().zip(&parts) {
+            s.tokens.extend_from_slice(tokens);
+        }
+        // The rows that give a token, together: the decode rows, then the prompt's last.
+        let rows = m + ends_prompt as usize;
+        let scratch = &mut chosen[0].scratch;
+        if ends_prompt {
+            let last = m + parts[m].1.len() - 1;
+            scratch.x.copy_within(last * h..(last + 1) * h, m * h);
+        }
+        if self.logits.len() < rows * vocab {
+            self.logits.resize(rows * vocab, 0.0);
+        }
+        if rows > 0 {
+            let x = tf.activations(&scratch.x[..rows * h], rows, h, &mut scratch.xq, threads);
+            tf.lm_head(&mut self.logits[..rows * vocab], &x, 0..vocab, threads);
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let mut out = Vec::with_capacity(parts.len());
+        for (k, (i, _, start)) in parts.iter().enumerate() {
+            let g = &mut *gens[*i];
+            let r = if k < rows {
+                let logits = &mut self.logits[k * vocab..(k + 1) * vocab];
+                let first = if k < m { *start } else { reused };
+                g.choose(logits).and_then(|tok| {
+                    g.timed(seconds, first);
+                    g.accept(tok).map(|r| g.piece(r))
+                })
+            } else {
+                g.timed(seconds, reused); // a prefill chunk that gives no token yet
+                Ok(Some(String::new()))
+            };
+            out.push((*i, r));
+        }
+        out
     }
 }

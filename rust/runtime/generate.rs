@@ -90,7 +90,8 @@ pub struct Generation {
     flushed: bool,
     /// A stop string cut `text`: what the decoder still holds came after it.
     cut: bool,
-    reused_tokens: usize,
+    /// Set by the first step that works on the prompt.
+    reused_tokens: Option<usize>,
     prefill_seconds: f64,
     decode_seconds: f64,
     constraint_seconds: f64,
@@ -148,7 +149,7 @@ impl Generation {
             finish: None,
             flushed: false,
             cut: false,
-            reused_tokens: 0,
+            reused_tokens: None,
             prefill_seconds: 0.0,
             decode_seconds: 0.0,
             constraint_seconds: 0.0,
@@ -255,15 +256,21 @@ impl Generation {
         Ok(self.sampler.sample(logits, &self.seq))
     }
 
-    /// Counts a step of `seconds` (which reused `reused` cached tokens) as prefill when it gave
-    /// the first token, else as decoding.
+    /// Counts a step of `seconds` (whose prefill, if any, started after `reused` cached tokens)
+    /// as prefill until it gives the first token (a batch prefills a long prompt in several
+    /// steps), then as decoding.
     pub(crate) fn timed(&mut self, seconds: f64, reused: usize) {
         if self.generated().is_empty() {
-            self.reused_tokens = reused;
-            self.prefill_seconds = seconds;
+            self.reused_tokens.get_or_insert(reused);
+            self.prefill_seconds += seconds;
         } else {
             self.decode_seconds += seconds;
         }
+    }
+
+    /// The prompt, then the generated ids.
+    pub(crate) fn seq(&self) -> &[u32] {
+        &self.seq
     }
 
     /// Takes the chosen token `tok`: the end, or one more token of text and of the constraint;
@@ -332,7 +339,7 @@ impl Generation {
             token_ids: self.generated().to_vec(),
             finish_reason,
             prompt_tokens: self.prompt_len,
-            reused_tokens: self.reused_tokens,
+            reused_tokens: self.reused_tokens.unwrap_or(0),
             prefill_seconds: self.prefill_seconds,
             decode_seconds: self.decode_seconds,
             constraint_seconds: self.constraint_seconds,

@@ -60,7 +60,7 @@ impl Session {
     /// whole of `seq`, whose last token must be recomputed for its logits), or none when a
     /// sliding layer's ring no longer holds a position that the rest of `seq` reads (the window
     /// behind the first recomputed position), as the ring's slot tags tell.
-    fn reusable(&self, model: &Transformer, seq: &[u32]) -> usize {
+    pub(crate) fn reusable(&self, model: &Transformer, seq: &[u32]) -> usize {
         let common = self.tokens.iter().zip(seq).take_while(|(a, b)| a == b).count();
         let reused = common.min(seq.len() - 1);
         let first = (reused + 1).saturating_sub(model.config.sliding_window);

@@ -379,7 +379,9 @@ fn batched_decoding_gives_each_generation_its_own_tokens() {
     use crate::runtime::batch::Batch;
     let dir = fixtures().join("tiny").join("tiny-gqa");
     let (ids, _) = reference(&dir);
-    let prompts: [&[u32]; 4] = [&ids[..5], &ids[3..30], &ids[..1], &ids[10..12]];
+    // A prompt of more than CHUNK tokens is prefilled a chunk a step beside the others' decoding.
+    let long: Vec<u32> = ids.iter().cycle().take(200).copied().collect();
+    let prompts: [&[u32]; 5] = [&ids[..5], &ids[3..30], &ids[..1], &long, &ids[10..12]];
     let sampling = |i: usize| match i % 2 {
         0 => SamplingParams::default(),
         _ => SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(i as u64), ..Default::default() },
@@ -391,21 +393,21 @@ fn batched_decoding_gives_each_generation_its_own_tokens() {
         for threads in [1, 2] {
             let opts = LoadOptions { weights, kv_dtype, threads: Some(threads), ..Default::default() };
             let model = Arc::new(Model::load(&dir, &opts).unwrap());
-            let alone: Vec<_> = (0..4)
+            let alone: Vec<_> = (0..prompts.len())
                 .map(|i| {
                     let slot = Arc::new(model.new_slot());
                     let mut g = Generation::in_session(model.clone(), slot, prompts[i].to_vec(), params(i)).unwrap();
                     g.run(&mut never).unwrap().token_ids
                 })
                 .collect();
-            let mut gens: Vec<_> = (0..4)
+            let mut gens: Vec<_> = (0..prompts.len())
                 .map(|i| {
                     let slot = Arc::new(model.new_slot());
                     Generation::in_session(model.clone(), slot, prompts[i].to_vec(), params(i)).unwrap()
                 })
                 .collect();
             let mut batch = Batch::new();
-            let mut live: Vec<usize> = (0..4).collect();
+            let mut live: Vec<usize> = (0..prompts.len()).collect();
             while !live.is_empty() {
                 let mut refs: Vec<&mut Generation> =
                     gens.iter_mut().enumerate().filter(|(i, _)| live.contains(i)).map(|(_, g)| g).collect();
@@ -418,6 +420,7 @@ fn batched_decoding_gives_each_generation_its_own_tokens() {
                 let c = g.completion().unwrap();
                 assert_eq!(c.token_ids, alone[i], "{weights:?} {kv_dtype:?} threads {threads}: generation {i}");
                 assert_eq!(c.token_ids.len(), params(i).max_new_tokens, "generation {i} ran to its length");
+                assert_eq!((c.prompt_tokens, c.reused_tokens), (prompts[i].len(), 0), "generation {i}");
             }
         }
     }
