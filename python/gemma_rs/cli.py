@@ -849,6 +849,7 @@ def _serve(a: argparse.Namespace) -> int:
             f"(--api-key or ${serve.API_KEY_ENV})",
             stacklevel=1,
         )
+    serve.check_address(a.host, a.port)  # before the model is loaded
     path = _model_path(a.model, "serve")
     model = _load(a, path)
     limits = serve.Limits(

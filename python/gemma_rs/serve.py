@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
@@ -715,6 +716,22 @@ class Server:
         ]
         handlers = {HTTPException: http_error, Exception: server_error}
         return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)  # type: ignore[arg-type]
+
+
+def check_address(host: str, port: int) -> None:
+    """An ``OSError`` naming `host`:`port` when the server could not listen there (checked
+    before the model is loaded)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def model_id_of(path: str) -> str:
