@@ -72,6 +72,11 @@ class ApiError(Exception):
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.headers = param, code, dict(headers or {})
 
+    def response(self) -> Response:
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
     def body(self) -> dict[str, Any]:
         return {
             "error": {
@@ -539,7 +544,7 @@ class Server:
                 raise _error_of(first[1])
         except ApiError as e:
             self._log(rid, request, e.status, t0, job, note=f"error={e.message[:80]!r}")
-            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            return e.response()
         except _Gone:
             self._log(rid, request, 499, t0, job, note="client gone")
             return JSONResponse({}, status_code=499)
@@ -557,9 +562,9 @@ class Server:
             self._log(rid, request, 499, t0, job, note="client gone")
             return JSONResponse({}, status_code=499)
         if event[0] != "done":
-            e = _error_of(event[1])
-            self._log(rid, request, e.status, t0, job, note=f"error={e.message[:80]!r}")
-            return JSONResponse(e.body(), status_code=e.status)
+            err = _error_of(event[1])
+            self._log(rid, request, err.status, t0, job, note=f"error={err.message[:80]!r}")
+            return err.response()
         c = event[1]
         self._log(rid, request, 200, t0, job, c, ttft)
         return JSONResponse(self._whole(rid, kind, c))
@@ -663,14 +668,13 @@ class Server:
     async def models(self, request: Request) -> Response:
         from starlette.responses import JSONResponse
 
+        name = request.path_params.get("name")
         try:
             self._authorize(request)
+            if name is not None and name != self.model_id:
+                raise ApiError(404, f"The model '{name}' does not exist", code="model_not_found")
         except ApiError as e:
-            return JSONResponse(e.body(), status_code=e.status)
-        name = request.path_params.get("name")
-        if name is not None and name != self.model_id:
-            e = ApiError(404, f"The model '{name}' does not exist", code="model_not_found")
-            return JSONResponse(e.body(), status_code=e.status)
+            return e.response()
         if name is not None:
             return JSONResponse(self._model_card())
         return JSONResponse({"object": "list", "data": [self._model_card()]})
@@ -689,18 +693,16 @@ class Server:
 
         from starlette.applications import Starlette
         from starlette.exceptions import HTTPException
-        from starlette.responses import JSONResponse
         from starlette.routing import Route
 
         async def http_error(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, HTTPException)
-            e = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
-            return JSONResponse(e.body(), status_code=e.status, headers=exc.headers)
+            message = f"{request.method} {request.url.path}: {exc.detail}"
+            return ApiError(exc.status_code, message, headers=exc.headers).response()
 
         async def server_error(request: Request, exc: Exception) -> Response:
             log.exception("unexpected error", exc_info=exc)
-            e = ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error")
-            return JSONResponse(e.body(), status_code=500)
+            return ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error").response()
 
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
