@@ -91,3 +91,36 @@ def test_sessions_cost_their_caches_not_weights(packed_q8_0):
     per_session = (memory["kv_cache"] + memory["scratch"]) / 5
     assert grown < 4 * per_session + 16e6, (grown, per_session)
     assert grown < 0.25 * memory["weights"]
+
+
+def test_a_batch_steps_sessions_together_as_each_alone(real_model_gguf):
+    """`_gemma_rs.Batch` (the server's decode loop): streams of different sessions, one of them
+    a prompt longer than a prefill chunk and one seeded, stepped together give the texts each
+    gives alone; a stream twice, or two streams of one session, are refused."""
+    model = gemma_rs.load(real_model_gguf, max_inference_len=512)
+    long = "Once upon a time " * 40  # 161 tokens: prefilled a chunk a step beside the others
+    prompts = ["The capital of France is", long, "def fibonacci(n):"]
+    seeded = dict(temperature=0.8, seed=3)
+    options = [{}, {}, seeded]
+    want = [model.generate(p, 20, **o) for p, o in zip(prompts, options)]
+    sessions = [model.session() for _ in prompts]
+    streams = [s.stream(p, 20, **o) for s, p, o in zip(sessions, prompts, options)]
+    batch = gemma_rs._gemma_rs.Batch()
+    texts, live = [""] * 3, [0, 1, 2]
+    while live:
+        steps = batch.step([streams[i] for i in live])
+        for i, piece in zip(list(live), steps):
+            assert not isinstance(piece, BaseException), piece
+            if piece is None:
+                live.remove(i)
+            else:
+                texts[i] += piece
+    assert texts == want
+    assert [s.completion.text for s in streams] == want
+    assert streams[1].completion.prompt_tokens == len(model.tokenize(long))
+    with pytest.raises(ValueError, match="twice"):
+        batch.step([streams[0], streams[0]])
+    one = sessions[0]
+    pair = [one.stream("a", 2), one.stream("b", 2)]
+    with pytest.raises(ValueError, match="own session"):
+        batch.step(pair)
