@@ -379,7 +379,10 @@ def _arguments(value: Any) -> dict[str, Any]:
     if value is None or value == "":
         return {}
     if isinstance(value, str):
-        value = json.loads(value)
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(f"tool call arguments are not JSON ({e}): {value[:60]!r}") from None
     if not isinstance(value, Mapping):
         raise ValueError(f"tool call arguments must be an object, not {value!r}")
     return dict(value)
