@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import gemma_rs
@@ -100,8 +100,9 @@ class Job:
     ids: list[int]
     max_tokens: int
     options: dict[str, Any]
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # Made on the event loop's thread by the handler (an asyncio.Queue binds to its loop).
+    loop: Any = None
+    events: Any = None
     cancelled: bool = False
     slot: int | None = None
     stream: Any = None  # the gemma_rs Stream, while it runs
@@ -229,7 +230,7 @@ def _tools(body: Mapping[str, Any]) -> tuple[Any, Any, bool]:
     return tools or None, choice, parallel
 
 
-def chat_job(model: gemma_rs.Model, body: Mapping[str, Any], limits: Limits, loop: Any) -> Job:
+def chat_job(model: gemma_rs.Model, body: Mapping[str, Any], limits: Limits) -> Job:
     """The job of a chat completion request (the prompt rendered and tokenized, the tool
     grammar built): every check made, an :class:`ApiError` for the first that fails."""
     messages = body.get("messages")
@@ -245,12 +246,10 @@ def chat_job(model: gemma_rs.Model, body: Mapping[str, Any], limits: Limits, loo
         )  # fmt: skip
     except (TypeError, ValueError, KeyError) as e:
         raise ApiError(400, str(e).replace("Model.chat(): ", "")) from None
-    return Job("chat", ids, max_tokens, options, loop)
+    return Job("chat", ids, max_tokens, options)
 
 
-def completion_job(
-    model: gemma_rs.Model, body: Mapping[str, Any], limits: Limits, loop: Any
-) -> Job:
+def completion_job(model: gemma_rs.Model, body: Mapping[str, Any], limits: Limits) -> Job:
     """The job of a (legacy) completion request: ``prompt`` a string, a one-string list or a
     list of token ids."""
     prompt = body.get("prompt")
@@ -277,7 +276,7 @@ def completion_job(
         raise ApiError(400, "'echo', 'suffix' and 'best_of' are not supported")
     max_tokens = _max_tokens(body, limits, COMPLETIONS_DEFAULT_MAX_TOKENS)
     options = {"stop": _stop(body), "sampling": _sampling(body)}
-    return Job("completion", ids, max_tokens, options, loop)
+    return Job("completion", ids, max_tokens, options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,8 +526,8 @@ class Server:
             body = await self._body(request)
             _common(body, self.model_id)
             make = chat_job if kind == "chat" else completion_job
-            loop = asyncio.get_running_loop()
-            job = await run_in_threadpool(make, self.model, body, self.limits, loop)
+            job = await run_in_threadpool(make, self.model, body, self.limits)
+            job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
             try:
                 self.scheduler.submit(job)
             except Busy:
