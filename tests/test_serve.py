@@ -134,6 +134,15 @@ class Server:
         finally:
             conn.close()
 
+    def wait_for_line(self, match: Any, since: int, count: int = 1, timeout: float = 30) -> bool:
+        """Whether `count` log lines after the first `since` match, waiting for the reader."""
+        deadline = time.monotonic() + timeout
+        while sum(map(match, self.lines[since:])) < count:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -366,6 +375,7 @@ def test_four_concurrent_streams_complete_with_their_own_text(
                 finish = c.choices[0].finish_reason or finish
         got[i] = (text, finish)
 
+    seen = len(server.lines)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
@@ -374,13 +384,16 @@ def test_four_concurrent_streams_complete_with_their_own_text(
     # Batched decoding gives each stream the tokens it gets alone.
     assert [got[i][0] for i in range(4)] == want
     assert all(got[i][1] in ("stop", "length") for i in range(4))
-    # They ran at once, each in its own slot.
-    slots = {line.split("slot=")[1].split()[0] for line in server.lines[-4:] if "slot=" in line}
-    assert len(slots) == 4, server.lines[-4:]
+    # They ran at once, each in its own slot (their log lines follow their last chunk).
+    streamed = lambda line: "/v1/completions 200" in line and "stream" in line  # noqa: E731
+    server.wait_for_line(streamed, since=seen, count=4)
+    slots = {x.split("slot=")[1].split()[0] for x in server.lines[seen:] if streamed(x)}
+    assert len(slots) == 4, server.lines[seen:]
 
 
 def test_a_dropped_stream_frees_its_slot(server: Server, model: gemma_rs.Model) -> None:
     client = server.client()
+    seen = len(server.lines)
     stream = client.completions.create(
         model=server.model_id, prompt="Once upon a time", max_tokens=500, temperature=0,
         stream=True,
@@ -393,7 +406,7 @@ def test_a_dropped_stream_frees_its_slot(server: Server, model: gemma_rs.Model) 
     while json.loads(server.request("GET", "/health")[2])["running"]:
         assert time.monotonic() < deadline, "the dropped stream still runs"
         time.sleep(0.1)
-    assert any("cancelled" in line or " 499 " in line for line in server.lines[-3:])
+    assert server.wait_for_line(lambda line: " 499 " in line, since=seen), server.lines[seen:]
     r = client.completions.create(
         model=server.model_id, prompt="Paris is", max_tokens=8, temperature=0
     )
