@@ -19,7 +19,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -28,6 +27,9 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compare_llama_cpp import cpu_model  # noqa: E402
 
 PROMPTS = [
     "Once upon a time, in a village by the sea,",
@@ -39,16 +41,6 @@ PROMPTS = [
     "The engineer opened the old machine and found",
     "Dear diary, today I learned",
 ]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def free_port() -> int:

@@ -954,9 +954,16 @@ impl Batch {
         }
         let steps = compute(py, || {
             let mut batch = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            let mut guards: Vec<_> =
-                streams.iter().map(|s| s.generation.lock().unwrap_or_else(|e| e.into_inner())).collect();
-            let mut gens: Vec<&mut Generation> = guards.iter_mut().map(|g| &mut **g).collect();
+            // Locked in address order (then the sessions, likewise), so that batches sharing
+            // streams cannot deadlock.
+            let mut order: Vec<usize> = (0..streams.len()).collect();
+            order.sort_by_key(|&i| std::ptr::from_ref(streams[i]) as usize);
+            let mut guards: Vec<_> = streams.iter().map(|_| None).collect();
+            for i in order {
+                guards[i] = Some(streams[i].generation.lock().unwrap_or_else(|e| e.into_inner()));
+            }
+            let mut gens: Vec<&mut Generation> =
+                guards.iter_mut().map(|g| &mut **g.as_mut().expect("every stream locked")).collect();
             batch.step(&mut gens, &mut crate::runtime::never)
         })?;
         steps

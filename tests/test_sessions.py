@@ -124,3 +124,26 @@ def test_a_batch_steps_sessions_together_as_each_alone(real_model_gguf):
     pair = [one.stream("a", 2), one.stream("b", 2)]
     with pytest.raises(ValueError, match="own session"):
         batch.step(pair)
+
+
+def test_batches_sharing_streams_in_opposite_orders_do_not_deadlock(real_model_gguf):
+    """Two threads step batches of the same two streams, in opposite orders: the streams and
+    their sessions are locked in one order whatever the batch's, so both threads finish."""
+    import threading
+
+    model = gemma_rs.load(real_model_gguf, max_inference_len=256)
+    a, b = model.session().stream("One", 40), model.session().stream("Two", 40)
+    done = []
+
+    def run(streams):
+        batch = gemma_rs._gemma_rs.Batch()
+        for _ in range(30):
+            batch.step(streams)
+        done.append(True)
+
+    threads = [threading.Thread(target=run, args=(s,), daemon=True) for s in ([a, b], [b, a])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert done == [True, True]

@@ -48,7 +48,14 @@ impl Batch {
             }
         }
         let slots: Vec<_> = gens.iter().map(|g| Arc::clone(&g.slot)).collect();
-        let mut sessions = slots.iter().map(|s| s.lock_or_cancel(cancel)).collect::<Result<Vec<_>>>()?;
+        // Locked in address order, so that batches sharing sessions cannot deadlock.
+        let mut order: Vec<usize> = (0..slots.len()).collect();
+        order.sort_by_key(|&i| Arc::as_ptr(&slots[i]) as usize);
+        let mut locked: Vec<Option<MutexGuard<'_, Session>>> = (0..slots.len()).map(|_| None).collect();
+        for i in order {
+            locked[i] = Some(slots[i].lock_or_cancel(cancel)?);
+        }
+        let mut sessions: Vec<_> = locked.into_iter().map(|g| g.expect("every session locked")).collect();
         let mut out: Vec<Result<Option<String>>> = (0..gens.len()).map(|_| Ok(Some(String::new()))).collect();
         let (mut ready, mut waiting) = (Vec::new(), Vec::new());
         for (i, (g, s)) in gens.iter_mut().zip(sessions.iter_mut()).enumerate() {
